@@ -1,0 +1,25 @@
+"""The balancer: binds a strategy to the registry's dispatchable nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from coordinator.registry import Node, Registry
+from omni_rpc.strategies import Strategy
+
+
+class Balancer:
+    def __init__(self, registry: Registry, strategy: Strategy) -> None:
+        self.registry = registry
+        self.strategy = strategy
+
+    def pick(self, key: str = "", avoid: Collection[str] = ()) -> Node | None:
+        """A dispatchable node, preferring those not in ``avoid`` (nodes already tried)."""
+        nodes = self.registry.dispatchable()
+        fresh = [n for n in nodes if n.node_id not in avoid]
+        candidates = fresh or nodes
+        if not candidates:
+            return None
+        chosen = self.strategy.pick(candidates, key)
+        assert isinstance(chosen, Node)
+        return chosen

@@ -1,0 +1,245 @@
+"""Dispatch: run one Generate call across nodes until it succeeds or must fail.
+
+Each attempt relays one node's bidirectional stream to the client. Failures are classified:
+node-level errors fail over to another node (and count against the node), RESOURCE_EXHAUSTED
+tries elsewhere without blaming the node, request errors go straight back to the client.
+Attempts are spaced by full-jitter backoff and all of it happens inside the caller's deadline,
+which is passed on to each agent call explicitly (gRPC Python does not propagate it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from coordinator.balancer import Balancer
+from coordinator.registry import Node, Registry
+from omni_rpc import config
+from omni_rpc.backoff import Backoff
+from omni_rpc.logging import get_logger
+from omni_rpc.v1 import generate_pb2, node_agent_pb2
+
+log = get_logger("coordinator.dispatch")
+
+
+class Failure(enum.Enum):
+    NODE = "node"  # the node is at fault: fail over, count against it
+    BUSY = "busy"  # the node is full: try another, node is fine
+    REQUEST = "request"  # the request is at fault: return to the client
+
+
+_REQUEST_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+def classify(code: grpc.StatusCode) -> Failure:
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Failure.BUSY
+    if code in _REQUEST_ERRORS:
+        return Failure.REQUEST
+    return Failure.NODE
+
+
+class DispatchError(Exception):
+    """The call ends with this status; the service turns it into the RPC's status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class AttemptError(Exception):
+    node_id: str
+    code: grpc.StatusCode
+    details: str
+    kind: Failure = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kind = classify(self.code)
+
+    def __str__(self) -> str:
+        return f"{self.node_id}: {self.code.name} {self.details}".strip()
+
+
+@dataclass
+class DispatchCounters:
+    requests_total: int = 0
+    requests_succeeded: int = 0
+    requests_failed: int = 0
+    retries_total: int = 0
+    in_flight: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        registry: Registry,
+        balancer: Balancer,
+        max_retries: int,
+        *,
+        no_node_wait_s: float = config.NO_NODE_WAIT_S,
+    ) -> None:
+        self.registry = registry
+        self.balancer = balancer
+        self.max_retries = max_retries
+        self.no_node_wait_s = no_node_wait_s
+        self.counters = DispatchCounters()
+
+    async def generate(
+        self, request: generate_pb2.GenerateRequest, time_remaining: float | None
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """Stream the responses of ``request``; raise DispatchError when it cannot be served."""
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        deadline = time.monotonic() + time_remaining if time_remaining is not None else None
+        max_retries = request.max_retries if request.HasField("max_retries") else self.max_retries
+        bound = log.bind(request_id=request.request_id)
+        counters = self.counters
+        counters.requests_total += 1
+        counters.in_flight += 1
+        backoff = Backoff(config.RETRY_BACKOFF_BASE_S, config.RETRY_BACKOFF_CAP_S)
+        tried: list[str] = []
+        errors: list[str] = []
+        ok = False
+        try:
+            for attempt in range(1, max_retries + 2):
+                node = await self._wait_for_node(request, tried, deadline, bound)
+                tried.append(node.node_id)
+                delivered = False
+                try:
+                    async for response in self._relay(node, request, attempt, deadline):
+                        delivered = True
+                        yield response
+                    ok = True
+                    return
+                except AttemptError as exc:
+                    errors.append(f"[{attempt}] {exc}")
+                    if exc.kind is Failure.REQUEST:
+                        raise DispatchError(exc.code, exc.details) from None
+                    if delivered:
+                        # Resuming a started stream on another node needs the delivered
+                        # tokens replayed; until that exists, fail rather than duplicate.
+                        raise DispatchError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"request {request.request_id} failed after output was delivered: "
+                            + "; ".join(errors),
+                        ) from None
+                    if attempt > max_retries:
+                        break
+                    counters.retries_total += 1
+                    delay = backoff.next_delay()
+                    bound.info(
+                        "attempt failed, retrying on another node",
+                        node_id=exc.node_id,
+                        attempt=attempt,
+                        code=exc.code.name,
+                        error=exc.details,
+                        retry_in_s=round(delay, 3),
+                    )
+                    await _sleep_within(delay, deadline)
+            raise DispatchError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"request {request.request_id} failed after {len(tried)} attempt(s): "
+                + "; ".join(errors),
+            )
+        finally:
+            counters.in_flight -= 1
+            if ok:
+                counters.requests_succeeded += 1
+            else:
+                counters.requests_failed += 1
+
+    async def _wait_for_node(
+        self,
+        request: generate_pb2.GenerateRequest,
+        tried: list[str],
+        deadline: float | None,
+        bound: object,
+    ) -> Node:
+        """A node for the next attempt, waiting with backoff while there is none."""
+        give_up = time.monotonic() + self.no_node_wait_s
+        if deadline is not None:
+            # Answer a little before the caller's deadline so the reason reaches it.
+            give_up = min(give_up, deadline - min(0.05, 0.1 * (deadline - time.monotonic())))
+        backoff = Backoff(config.NO_NODE_BACKOFF_BASE_S, config.NO_NODE_BACKOFF_CAP_S)
+        while True:
+            node = self.balancer.pick(request.affinity_key or request.prompt[:256], tried)
+            if node is not None:
+                return node
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise DispatchError(grpc.StatusCode.UNAVAILABLE, "no healthy nodes available")
+            await self.registry.wait_available(min(backoff.next_delay(), left))
+
+    async def _relay(
+        self,
+        node: Node,
+        request: generate_pb2.GenerateRequest,
+        attempt: int,
+        deadline: float | None,
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """One attempt: stream the node's responses; AttemptError if the node fails."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        node.in_flight += 1
+        node.dispatched += 1
+        call = node.agent.Generate(timeout=timeout)
+        finished = False
+        try:
+            await call.write(node_agent_pb2.AgentRequest(generate=request, attempt=attempt))
+            async for response in call:
+                if response.finish_reason:
+                    finished = True
+                yield response
+            if not finished:
+                raise AttemptError(node.node_id, grpc.StatusCode.UNAVAILABLE,
+                                   "stream ended without a finish_reason")
+            node.served += 1
+            node.consecutive_failures = 0
+        except grpc.aio.AioRpcError as exc:
+            error = AttemptError(node.node_id, exc.code(), exc.details() or "")
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(deadline):
+                # The caller's own deadline: not the node's fault, nothing to retry.
+                raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+            if error.kind is Failure.NODE:
+                self._node_failed(node, error)
+            raise error from None
+        finally:
+            node.in_flight -= 1
+            if not finished:
+                # Client cancelled, deadline, or failure: make sure the agent stops too.
+                call.cancel()
+
+    def _node_failed(self, node: Node, error: AttemptError) -> None:
+        node.failures += 1
+        node.consecutive_failures += 1
+        node.last_error = str(error)
+        if error.code == grpc.StatusCode.UNAVAILABLE:
+            # Likely gone: stop sending it work now; the probe re-admits it if it answers.
+            self.registry.report_health(node, False, f"request failed: {error}")
+        node.probe_now.set()
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline - 0.01
+
+
+async def _sleep_within(delay: float, deadline: float | None) -> None:
+    if deadline is not None:
+        delay = min(delay, max(0.0, deadline - time.monotonic()))
+    await asyncio.sleep(delay)

@@ -1,0 +1,99 @@
+"""Health monitoring of each node: a Watch stream and active Checks with a deadline.
+
+The Watch stream reports a change at once (and breaks at once when the process dies); the
+periodic Check catches what a stream cannot: a frozen process keeps its socket open but stops
+answering, and only a deadline notices. Each probe also refreshes the node's reported load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from coordinator.registry import Node, Registry
+from omni_rpc import config
+from omni_rpc.backoff import Backoff
+from omni_rpc.logging import get_logger
+from omni_rpc.v1 import node_agent_pb2
+
+log = get_logger("coordinator.health")
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_REQUEST = health_pb2.HealthCheckRequest(service=config.NODE_AGENT_SERVICE)
+
+
+class HealthMonitor:
+    """Runs two tasks per registered node; started and stopped by registry events."""
+
+    def __init__(self, registry: Registry, interval_s: float, timeout_s: float) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._tasks: dict[int, list[asyncio.Task[None]]] = {}
+        registry.on_added.append(self.start)
+        registry.on_removed.append(self.stop)
+
+    def start(self, node: Node) -> None:
+        self._tasks[id(node)] = [
+            asyncio.create_task(self._watch(node), name=f"watch:{node.node_id}"),
+            asyncio.create_task(self._check_loop(node), name=f"check:{node.node_id}"),
+        ]
+
+    def stop(self, node: Node) -> None:
+        for task in self._tasks.pop(id(node), []):
+            task.cancel()
+
+    async def _watch(self, node: Node) -> None:
+        backoff = Backoff(config.NO_NODE_BACKOFF_BASE_S, config.JOIN_BACKOFF_CAP_S)
+        while True:
+            call = node.health.Watch(_REQUEST)
+            try:
+                async for response in call:
+                    backoff.reset()
+                    serving = response.status == _SERVING
+                    self.registry.report_health(
+                        node, serving, f"health watch: {_status_name(response.status)}"
+                    )
+                reason = "health watch stream ended"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"health watch stream broke: {exc.code().name}"
+            finally:
+                call.cancel()
+            self.registry.report_health(node, False, reason)
+            await backoff.sleep()
+
+    async def _check_loop(self, node: Node) -> None:
+        while True:
+            await self.probe(node)
+            node.probe_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(node.probe_now.wait(), self.interval_s)
+
+    async def probe(self, node: Node) -> None:
+        """One active Check (with a deadline) plus a load refresh."""
+        started = time.monotonic()
+        try:
+            response = await node.health.Check(_REQUEST, timeout=self.timeout_s)
+            load: node_agent_pb2.NodeLoad = await node.agent.GetLoad(
+                node_agent_pb2.GetLoadRequest(), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            node.last_health_check_at = time.time()
+            self.registry.report_health(
+                node, False, f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
+            )
+            return
+        node.last_health_check_at = time.time()
+        node.health_check_latency_ms = (time.monotonic() - started) * 1000.0
+        node.load = load
+        self.registry.report_health(
+            node, response.status == _SERVING, f"health check: {_status_name(response.status)}"
+        )
+
+
+def _status_name(status: int) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)  # type: ignore[arg-type]

@@ -1,0 +1,129 @@
+"""omni-coordinator: the registry, health monitor, balancer and dispatcher in one server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from coordinator.balancer import Balancer
+from coordinator.dispatch import Dispatcher
+from coordinator.health import HealthMonitor
+from coordinator.registry import Registry
+from coordinator.service import CoordinatorService, RegistryService
+from omni_rpc import config, servers
+from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
+from omni_rpc.strategies import STRATEGIES, make_strategy
+from omni_rpc.v1 import coordinator_pb2_grpc, registry_pb2_grpc
+
+log = get_logger("coordinator")
+
+SERVICES = [config.COORDINATOR_SERVICE, config.REGISTRY_SERVICE]
+
+
+def _float_at_least(minimum: float, exclusive: bool = False):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (value > minimum if exclusive else value >= minimum):
+            op = ">" if exclusive else ">="
+            raise argparse.ArgumentTypeError(f"must be {op} {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omni-coordinator", description=__doc__)
+    p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0: any free)")
+    p.add_argument("--strategy", default=config.DEFAULT_STRATEGY,
+                   help=f"load balancing strategy: {', '.join(sorted(STRATEGIES))}")
+    p.add_argument("--health-check-interval", type=_float_at_least(0.0, exclusive=True),
+                   default=config.DEFAULT_HEALTH_CHECK_INTERVAL_S, help="seconds between checks")
+    p.add_argument("--health-check-timeout", type=_float_at_least(0.0, exclusive=True),
+                   default=config.DEFAULT_HEALTH_CHECK_TIMEOUT_S,
+                   help="deadline of each active health check, seconds")
+    p.add_argument("--max-retries", type=_int_at_least(0), default=config.DEFAULT_MAX_RETRIES,
+                   help="further attempts on other nodes after a failure")
+    p.add_argument("--max-tokens-cap", type=_int_at_least(1), default=config.MAX_TOKENS_CAP)
+    p.add_argument("--no-node-wait", type=_float_at_least(0.0), default=config.NO_NODE_WAIT_S,
+                   help="without a caller deadline, how long Generate waits for a healthy node")
+    p.add_argument("--shutdown-grace", type=_float_at_least(0.0), default=config.SHUTDOWN_GRACE_S,
+                   help="seconds in-flight calls get to finish after SIGTERM")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--port-file", help="write the bound port to this file once serving")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    stop = servers.stop_event_on_signals()
+    registry = Registry()
+    HealthMonitor(registry, args.health_check_interval, args.health_check_timeout)
+    dispatcher = Dispatcher(
+        registry,
+        Balancer(registry, make_strategy(args.strategy)),
+        args.max_retries,
+        no_node_wait_s=args.no_node_wait,
+    )
+    coordinator = CoordinatorService(
+        registry,
+        dispatcher,
+        strategy=args.strategy,
+        health_check_interval_s=args.health_check_interval,
+        max_tokens_cap=args.max_tokens_cap,
+    )
+    server = servers.new_server()
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+    registry_pb2_grpc.add_RegistryServicer_to_server(
+        RegistryService(registry, coordinator.coordinator_id), server
+    )
+    health = servers.add_health_and_reflection(server, SERVICES)
+    port = servers.bind(server, args.listen)
+    await server.start()
+    await servers.set_serving(health, SERVICES, True)
+    servers.write_port_file(args.port_file, port)
+    log.info(
+        "coordinator serving",
+        address=servers.advertised(args.listen, port),
+        strategy=args.strategy,
+        health_check_interval_s=args.health_check_interval,
+        max_retries=args.max_retries,
+        coordinator_id=coordinator.coordinator_id,
+    )
+    await stop.wait()
+    log.info("shutting down", in_flight=dispatcher.counters.in_flight, grace_s=args.shutdown_grace)
+    await servers.set_serving(health, SERVICES, False)
+    await server.stop(grace=args.shutdown_grace)
+    await registry.close()
+    log.info("coordinator stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.strategy not in STRATEGIES:
+        parser.error(
+            f"unknown load balancing strategy {args.strategy!r} "
+            f"(known: {', '.join(sorted(STRATEGIES))})"
+        )
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return asyncio.run(serve(args))
+    except OSError as exc:
+        log.error("coordinator failed to start", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

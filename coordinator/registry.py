@@ -1,0 +1,227 @@
+"""The node registry: who is in the cluster, how to reach them, and what state each is in.
+
+A node's state is derived from three facts kept separately, so that no event can undo
+another by accident: its last health verdict (JOINING until the first answer, then HEALTHY
+or UNHEALTHY), whether an operator drained it, and whether it left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from omni_rpc import config
+from omni_rpc.logging import get_logger
+from omni_rpc.v1 import coordinator_pb2, node_agent_pb2, node_agent_pb2_grpc, registry_pb2
+
+log = get_logger("coordinator.registry")
+
+NodeState = coordinator_pb2.NodeState
+JOINING = coordinator_pb2.NODE_STATE_JOINING
+HEALTHY = coordinator_pb2.NODE_STATE_HEALTHY
+UNHEALTHY = coordinator_pb2.NODE_STATE_UNHEALTHY
+DRAINING = coordinator_pb2.NODE_STATE_DRAINING
+LEFT = coordinator_pb2.NODE_STATE_LEFT
+
+
+def state_name(state: int) -> str:
+    return coordinator_pb2.NodeState.Name(state).removeprefix("NODE_STATE_").lower()
+
+
+@dataclass(eq=False)
+class Node:
+    info: registry_pb2.JoinRequest
+    channel: grpc.aio.Channel
+    agent: node_agent_pb2_grpc.NodeAgentStub
+    health: health_pb2_grpc.HealthStub
+    joined_at: float = field(default_factory=time.time)
+    # Health verdict: JOINING, HEALTHY or UNHEALTHY.
+    verdict: int = JOINING
+    drained: bool = False
+    left: bool = False
+    state_reason: str = "joined"
+    state_since: float = field(default_factory=time.time)
+    in_flight: int = 0
+    dispatched: int = 0
+    served: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_error: str = ""
+    load: node_agent_pb2.NodeLoad | None = None
+    last_health_check_at: float = 0.0
+    health_check_latency_ms: float = 0.0
+    # Set when dispatch saw a node-level failure: the health monitor probes at once.
+    probe_now: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def node_id(self) -> str:
+        return self.info.node_id
+
+    @property
+    def address(self) -> str:
+        return self.info.address
+
+    @property
+    def capacity(self) -> int:
+        return self.info.capacity
+
+    @property
+    def state(self) -> int:
+        if self.left:
+            return LEFT
+        if self.drained:
+            return DRAINING
+        return self.verdict
+
+    @property
+    def dispatchable(self) -> bool:
+        return self.state == HEALTHY
+
+    def to_proto(self) -> coordinator_pb2.NodeInfo:
+        info = coordinator_pb2.NodeInfo(
+            node_id=self.node_id,
+            address=self.address,
+            model=self.info.model,
+            engine=self.info.engine,
+            state=self.state,  # type: ignore[arg-type]
+            state_reason=self.state_reason,
+            capacity=self.capacity,
+            gpu=self.info.gpu,
+            version=self.info.version,
+            in_flight=self.in_flight,
+            dispatched=self.dispatched,
+            served=self.served,
+            failures=self.failures,
+            consecutive_failures=self.consecutive_failures,
+            last_error=self.last_error,
+            joined_at=self.joined_at,
+            state_since=self.state_since,
+            last_health_check_at=self.last_health_check_at,
+            health_check_latency_ms=self.health_check_latency_ms,
+        )
+        if self.load is not None:
+            info.load.CopyFrom(self.load)
+        return info
+
+
+NodeListener = Callable[[Node], None]
+
+
+class Registry:
+    """All known nodes, by id. Listeners hear of nodes added and removed (health monitors)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.on_added: list[NodeListener] = []
+        self.on_removed: list[NodeListener] = []
+        # Set (and replaced) whenever a node becomes dispatchable: wakes waiting requests.
+        self._available = asyncio.Event()
+
+    def dispatchable(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.dispatchable]
+
+    def join(self, request: registry_pb2.JoinRequest) -> tuple[Node, bool]:
+        """Register or refresh a node; returns (node, whether it is new)."""
+        known = self.nodes.get(request.node_id)
+        if known is not None and known.address == request.address:
+            # A refresh: the agent's other facts may have changed (capacity, version).
+            known.info = request
+            return known, False
+        if known is not None:
+            log.info(
+                "node re-joined from a new address, replacing it",
+                node_id=request.node_id,
+                old_address=known.address,
+                address=request.address,
+            )
+            self.remove(known, "replaced by a re-join from a new address")
+        channel = grpc.aio.insecure_channel(
+            request.address,
+            options=[*config.GRPC_MESSAGE_OPTIONS, *config.KEEPALIVE_CHANNEL_OPTIONS],
+        )
+        node = Node(
+            info=request,
+            channel=channel,
+            agent=node_agent_pb2_grpc.NodeAgentStub(channel),
+            health=health_pb2_grpc.HealthStub(channel),
+        )
+        self.nodes[node.node_id] = node
+        log.info(
+            "node joined",
+            node_id=node.node_id,
+            address=node.address,
+            engine=request.engine,
+            model=request.model,
+            capacity=request.capacity,
+        )
+        for listener in self.on_added:
+            listener(node)
+        return node, True
+
+    def remove(self, node: Node, reason: str) -> None:
+        if self.nodes.get(node.node_id) is node:
+            del self.nodes[node.node_id]
+        self._transition(node, reason, lambda: setattr(node, "left", True))
+        for listener in self.on_removed:
+            listener(node)
+        # Closing cancels in-flight RPCs on the channel: callers see CANCELLED/UNAVAILABLE.
+        asyncio.get_running_loop().create_task(node.channel.close(grace=None))
+
+    def leave(self, node_id: str, reason: str) -> bool:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return False
+        self.remove(node, f"left: {reason}" if reason else "left")
+        return True
+
+    def report_health(self, node: Node, serving: bool, reason: str) -> None:
+        """A health verdict from a probe or the watch stream."""
+        verdict = HEALTHY if serving else UNHEALTHY
+        if node.verdict == verdict:
+            return
+        self._transition(node, reason, lambda: setattr(node, "verdict", verdict))
+
+    def set_drained(self, node: Node, drained: bool) -> None:
+        if node.drained == drained:
+            return
+        reason = "drained by operator" if drained else "undrained by operator"
+        self._transition(node, reason, lambda: setattr(node, "drained", drained))
+
+    def _transition(self, node: Node, reason: str, change: Callable[[], object]) -> None:
+        before = node.state
+        change()
+        after = node.state
+        if before == after:
+            return
+        node.state_reason = reason
+        node.state_since = time.time()
+        log.info(
+            "node state changed",
+            node_id=node.node_id,
+            old_state=state_name(before),
+            new_state=state_name(after),
+            reason=reason,
+        )
+        if node.dispatchable:
+            self._available.set()
+            self._available = asyncio.Event()
+
+    async def wait_available(self, timeout_s: float) -> None:
+        """Return when some node becomes dispatchable, or after ``timeout_s``."""
+        event = self._available
+        try:
+            await asyncio.wait_for(event.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            pass
+
+    async def close(self) -> None:
+        for node in list(self.nodes.values()):
+            for listener in self.on_removed:
+                listener(node)
+            await node.channel.close(grace=None)
+        self.nodes.clear()

@@ -1,0 +1,145 @@
+"""The Coordinator and Registry gRPC services: thin adapters over dispatch and the registry."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from coordinator.dispatch import DispatchError, Dispatcher
+from coordinator.registry import Registry
+from coordinator.stats import cluster_stats
+from omni_rpc import config
+from omni_rpc.logging import get_logger
+from omni_rpc.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    generate_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+from omni_rpc.validation import InvalidRequest, validate_request
+
+log = get_logger("coordinator.service")
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        *,
+        strategy: str,
+        health_check_interval_s: float,
+        max_tokens_cap: int,
+    ) -> None:
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.strategy = strategy
+        self.health_check_interval_s = health_check_interval_s
+        self.max_tokens_cap = max_tokens_cap
+        self.coordinator_id = uuid.uuid4().hex[:12]
+        self.started_at = time.time()
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self,
+        request: generate_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext[generate_pb2.GenerateRequest, generate_pb2.GenerateResponse],
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        try:
+            validate_request(request, max_tokens_cap=self.max_tokens_cap)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            async for response in self.dispatcher.generate(request, context.time_remaining()):
+                yield response
+        except DispatchError as exc:
+            log.info(
+                "request failed",
+                request_id=request.request_id,
+                code=exc.code.name,
+                error=exc.message,
+            )
+            await context.abort(exc.code, exc.message)
+
+    async def GetStats(  # noqa: N802
+        self,
+        request: coordinator_pb2.GetStatsRequest,
+        context: grpc.aio.ServicerContext[coordinator_pb2.GetStatsRequest, coordinator_pb2.ClusterStats],
+    ) -> coordinator_pb2.ClusterStats:
+        return cluster_stats(
+            self.registry,
+            self.dispatcher.counters,
+            strategy=self.strategy,
+            health_check_interval_s=self.health_check_interval_s,
+            max_retries=self.dispatcher.max_retries,
+            coordinator_id=self.coordinator_id,
+            started_at=self.started_at,
+        )
+
+    async def ListNodes(  # noqa: N802
+        self,
+        request: coordinator_pb2.ListNodesRequest,
+        context: grpc.aio.ServicerContext[coordinator_pb2.ListNodesRequest, coordinator_pb2.ListNodesResponse],
+    ) -> coordinator_pb2.ListNodesResponse:
+        nodes = sorted(self.registry.nodes.values(), key=lambda n: n.node_id)
+        return coordinator_pb2.ListNodesResponse(nodes=[n.to_proto() for n in nodes])
+
+    async def DrainNode(  # noqa: N802
+        self,
+        request: coordinator_pb2.DrainNodeRequest,
+        context: grpc.aio.ServicerContext[coordinator_pb2.DrainNodeRequest, coordinator_pb2.DrainNodeResponse],
+    ) -> coordinator_pb2.DrainNodeResponse:
+        node = self.registry.nodes.get(request.node_id)
+        if node is None:
+            known = ", ".join(sorted(self.registry.nodes)) or "none"
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no node {request.node_id!r} (known: {known})"
+            )
+        assert node is not None
+        self.registry.set_drained(node, not request.undrain)
+        return coordinator_pb2.DrainNodeResponse(
+            node=node.to_proto(), drained=node.drained and node.in_flight == 0
+        )
+
+
+class RegistryService(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, registry: Registry, coordinator_id: str) -> None:
+        self.registry = registry
+        self.coordinator_id = coordinator_id
+
+    async def Join(  # noqa: N802
+        self,
+        request: registry_pb2.JoinRequest,
+        context: grpc.aio.ServicerContext[registry_pb2.JoinRequest, registry_pb2.JoinResponse],
+    ) -> registry_pb2.JoinResponse:
+        problem = _join_problem(request)
+        if problem:
+            return registry_pb2.JoinResponse(accepted=False, reason=problem)
+        self.registry.join(request)
+        return registry_pb2.JoinResponse(
+            accepted=True,
+            coordinator_id=self.coordinator_id,
+            refresh_interval_s=config.JOIN_REFRESH_INTERVAL_S,
+        )
+
+    async def Leave(  # noqa: N802
+        self,
+        request: registry_pb2.LeaveRequest,
+        context: grpc.aio.ServicerContext[registry_pb2.LeaveRequest, registry_pb2.LeaveResponse],
+    ) -> registry_pb2.LeaveResponse:
+        self.registry.leave(request.node_id, request.reason)
+        return registry_pb2.LeaveResponse()
+
+
+def _join_problem(request: registry_pb2.JoinRequest) -> str:
+    if not request.node_id:
+        return "node_id is empty"
+    host, sep, port = request.address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return f"address must be HOST:PORT, got {request.address!r}"
+    if request.capacity < 0:
+        return f"capacity must be >= 0, got {request.capacity}"
+    return ""

@@ -1,0 +1,116 @@
+"""The engine interface a node agent drives: one engine per agent, one per GPU.
+
+The agent speaks gRPC; the engine knows nothing about it. What crosses this boundary is an
+``EngineRequest`` in and ``Delta`` objects out.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from omni_rpc.validation import Sampling
+
+
+class EngineError(Exception):
+    """The engine failed a request for a reason of its own (a node-level failure)."""
+
+
+class EngineDead(EngineError):
+    """The engine is gone; the agent reports NOT_SERVING until it is restarted."""
+
+
+class EngineOverloaded(EngineError):
+    """The engine cannot take the request now; another node may."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    sampling: Sampling
+    prompt: str = ""
+    prompt_token_ids: tuple[int, ...] = ()
+    inputs: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass
+class Delta:
+    """New output since the previous delta of the same request."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    # None until the last delta: "stop", "length" or "abort".
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def merge(self, later: Delta) -> None:
+        """Absorb a later delta of the same request (used to coalesce ready deltas)."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        self.finish_reason = later.finish_reason
+        self.prompt_tokens = later.prompt_tokens
+        self.completion_tokens = later.completion_tokens
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    running: int = 0
+    waiting: int = 0
+    capacity: int = 0
+    kv_cache_usage: float = 0.0
+    started: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+    generated_tokens: int = 0
+
+
+HealthListener = Callable[[bool], None]
+
+
+class Engine(abc.ABC):
+    """What a node agent needs from an inference engine."""
+
+    #: Short name reported to the coordinator ("sim", "vllm").
+    kind: str = ""
+    #: The model this engine serves.
+    model: str = ""
+
+    def __init__(self) -> None:
+        self._health_listeners: list[HealthListener] = []
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model; return when requests can be served."""
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        """Stream the deltas of one request. Closing the iterator aborts the request."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop a running or queued request; a no-op for unknown or finished ones."""
+
+    @abc.abstractmethod
+    def is_healthy(self) -> bool: ...
+
+    @abc.abstractmethod
+    def load(self) -> EngineLoad: ...
+
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """How many requests run at once before the rest queue."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        """Call ``listener(healthy)`` whenever the engine's health changes."""
+        self._health_listeners.append(listener)
+
+    def _notify_health(self, healthy: bool) -> None:
+        for listener in self._health_listeners:
+            listener(healthy)

@@ -1,0 +1,224 @@
+"""The simulated engine: vLLM's behaviour without a GPU, for tests, benchmarks and planning.
+
+Output is a pure function, so a test can compute what any request must return:
+
+* The prompt key is the prompt text (UTF-8) or, for token-id prompts, the ids joined by
+  commas; ``seed`` defaults to 0.
+* The token at position ``i`` (0-based, counting generated tokens) is
+  ``int.from_bytes(blake2b(blake2b(key).digest() + seed(8 bytes, signed big-endian)
+  + i(8 bytes big-endian), digest_size=8).digest()) % VOCAB_SIZE``.
+* Its text is ``" " + WORDS[token]``, two syllables per word (see ``word``).
+* Generation ends with ``length`` after ``max_tokens`` tokens, or with ``stop`` as soon as the
+  text contains a stop string: the text is cut just before it (the token that completed it is
+  still counted and returned). The simulated model never emits an end-of-sequence token, so
+  ``ignore_eos`` changes nothing. Sampling temperature, top_p and top_k do not change output.
+* Usage: ``prompt_tokens`` is the number of prompt token ids, or of whitespace-separated words
+  of a text prompt (at least 1).
+
+``simulate(...)`` computes the whole completion; the engine streams the same thing with time to
+first token ``ttft_ms`` and an inter-token latency of ``itl_ms * (1 + itl_growth * (running -
+1))``, so a busier engine is slower, as a batching engine is. At most ``max_concurrency``
+requests run; the rest wait in FIFO order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from node_agent.engine import Delta, Engine, EngineDead, EngineLoad, EngineRequest
+
+VOCAB_SIZE = 4096
+_CONSONANTS = "bdfghklmnprstvz"
+_VOWELS = "aeiou"
+_SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]  # 75
+
+
+def word(token_id: int) -> str:
+    """Text of a token: two syllables, preceded by a space."""
+    n = len(_SYLLABLES)
+    return " " + _SYLLABLES[token_id % n] + _SYLLABLES[(token_id // n) % n]
+
+
+def _prompt_digest(prompt: str, prompt_token_ids: Sequence[int]) -> bytes:
+    key = prompt.encode() if prompt else ",".join(map(str, prompt_token_ids)).encode()
+    return hashlib.blake2b(key).digest()
+
+
+def token_at(digest: bytes, seed: int, position: int) -> int:
+    material = digest + seed.to_bytes(8, "big", signed=True) + position.to_bytes(8, "big")
+    return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big") % VOCAB_SIZE
+
+
+def prompt_token_count(prompt: str, prompt_token_ids: Sequence[int]) -> int:
+    return len(prompt_token_ids) if prompt_token_ids else max(1, len(prompt.split()))
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def _find_stop(text: str, stop: Sequence[str]) -> int:
+    """Index where the earliest stop string starts in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def simulate(
+    prompt: str = "",
+    prompt_token_ids: Sequence[int] = (),
+    *,
+    max_tokens: int,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+) -> Completion:
+    """The complete output the simulated engine produces for a request."""
+    digest = _prompt_digest(prompt, prompt_token_ids)
+    text, ids = "", []
+    for position in range(max_tokens):
+        token = token_at(digest, seed or 0, position)
+        ids.append(token)
+        text += word(token)
+        cut = _find_stop(text, stop)
+        if cut >= 0:
+            return Completion(text[:cut], ids, "stop", prompt_token_count(prompt, prompt_token_ids))
+    return Completion(text, ids, "length", prompt_token_count(prompt, prompt_token_ids))
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    ttft_ms: float = 20.0
+    itl_ms: float = 5.0
+    # Relative slow-down of each token per additional running request.
+    itl_growth: float = 0.02
+    max_concurrency: int = 64
+    model: str = "sim"
+
+
+class SimEngine(Engine):
+    kind = "sim"
+
+    def __init__(self, cfg: SimConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or SimConfig()
+        self.model = self.cfg.model
+        self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
+        self._running = 0
+        self._waiting = 0
+        self._aborts: set[str] = set()
+        self._healthy = False
+        self._started = self._finished = self._aborted = self._failed = 0
+        self._generated_tokens = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.cfg.max_concurrency
+
+    async def start(self) -> None:
+        self._healthy = True
+        self._notify_health(True)
+
+    async def stop(self) -> None:
+        self._healthy = False
+        self._notify_health(False)
+
+    def is_healthy(self) -> bool:
+        return self._healthy
+
+    async def abort(self, request_id: str) -> None:
+        self._aborts.add(request_id)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            running=self._running,
+            waiting=self._waiting,
+            capacity=self.cfg.max_concurrency,
+            kv_cache_usage=self._running / self.cfg.max_concurrency,
+            started=self._started,
+            finished=self._finished,
+            aborted=self._aborted,
+            failed=self._failed,
+            generated_tokens=self._generated_tokens,
+        )
+
+    def _inter_token_s(self) -> float:
+        return self.cfg.itl_ms * (1.0 + self.cfg.itl_growth * max(0, self._running - 1)) / 1000.0
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        if not self._healthy:
+            raise EngineDead("simulated engine is not running")
+        self._started += 1
+        outcome = "aborted"  # unless the stream reaches its end or the engine fails
+        try:
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+            self._running += 1
+            try:
+                async for delta in self._stream(request):
+                    if delta.finish_reason is not None:
+                        outcome = "aborted" if delta.finish_reason == "abort" else "finished"
+                    yield delta
+            finally:
+                self._running -= 1
+                self._slots.release()
+        except EngineDead:
+            outcome = "failed"
+            raise
+        finally:
+            self._count(outcome)
+            self._aborts.discard(request.request_id)
+
+    def _count(self, outcome: str) -> None:
+        if outcome == "finished":
+            self._finished += 1
+        elif outcome == "failed":
+            self._failed += 1
+        else:
+            self._aborted += 1
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        s = request.sampling
+        digest = _prompt_digest(request.prompt, request.prompt_token_ids)
+        prompt_tokens = prompt_token_count(request.prompt, request.prompt_token_ids)
+        # Text that could still turn out to be the start of a stop string is held back, as
+        # vLLM does, so the streamed text always adds up to the final text.
+        holdback = max((len(x) for x in s.stop), default=1) - 1
+        text, emitted = "", 0
+        await asyncio.sleep(self.cfg.ttft_ms / 1000.0)
+        for position in range(s.max_tokens):
+            if request.request_id in self._aborts:
+                yield Delta(
+                    finish_reason="abort", prompt_tokens=prompt_tokens, completion_tokens=position
+                )
+                return
+            if position:
+                await asyncio.sleep(self._inter_token_s())
+            if not self._healthy:
+                raise EngineDead("simulated engine stopped mid-request")
+            token = token_at(digest, s.seed or 0, position)
+            self._generated_tokens += 1
+            text += word(token)
+            delta = Delta(
+                token_ids=[token], prompt_tokens=prompt_tokens, completion_tokens=position + 1
+            )
+            end = len(text) - holdback
+            cut = _find_stop(text, s.stop) if s.stop else -1
+            if cut >= 0:
+                end, delta.finish_reason = cut, "stop"
+            elif position + 1 == s.max_tokens:
+                end, delta.finish_reason = len(text), "length"
+            if end > emitted:
+                delta.text, emitted = text[emitted:end], end
+            yield delta
+            if delta.finish_reason:
+                return

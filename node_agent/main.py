@@ -1,0 +1,143 @@
+"""omni-agent: the sidecar that owns one engine and serves it to the coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+
+from node_agent.engine import Engine
+from node_agent.engines.sim import SimConfig, SimEngine
+from node_agent.membership import Membership
+from node_agent.service import NodeAgentService
+from omni_rpc import __version__, config, servers
+from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
+from omni_rpc.v1 import node_agent_pb2_grpc, registry_pb2
+
+log = get_logger("node_agent")
+
+ENGINES = ("sim",)
+
+
+def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float | int:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omni-agent", description=__doc__)
+    p.add_argument("--coordinator", required=True, help="coordinator HOST:PORT to join")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: any)")
+    p.add_argument("--advertise", help="HOST:PORT the coordinator dials (default: listen address)")
+    p.add_argument("--node-id", help="stable node id (default: HOSTNAME-PORT)")
+    p.add_argument("--engine", choices=ENGINES, default="sim")
+    p.add_argument("--model", default="sim", help="model name served by this agent")
+    p.add_argument("--gpu", type=int, default=-1, help="GPU index owned by this agent (-1: none)")
+    p.add_argument("--sim-ttft-ms", type=_non_negative_float, default=SimConfig.ttft_ms)
+    p.add_argument("--sim-itl-ms", type=_non_negative_float, default=SimConfig.itl_ms)
+    p.add_argument("--sim-itl-growth", type=_non_negative_float, default=SimConfig.itl_growth,
+                   help="relative slow-down per additional running request")
+    p.add_argument("--sim-max-concurrency", type=_positive(int), default=SimConfig.max_concurrency)
+    p.add_argument("--max-tokens-cap", type=_positive(int), default=config.MAX_TOKENS_CAP)
+    p.add_argument("--shutdown-grace", type=_non_negative_float, default=config.SHUTDOWN_GRACE_S,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--port-file", help="write the bound port to this file once serving")
+    return p
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    return SimEngine(
+        SimConfig(
+            ttft_ms=args.sim_ttft_ms,
+            itl_ms=args.sim_itl_ms,
+            itl_growth=args.sim_itl_growth,
+            max_concurrency=args.sim_max_concurrency,
+            model=args.model,
+        )
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    stop = servers.stop_event_on_signals()
+    engine = build_engine(args)
+    server = servers.new_server()
+    port = servers.bind(server, args.listen)
+    node_id = args.node_id or f"{socket.gethostname()}-{port}"
+    configure_logging(args.log_format, args.log_level, node_id=node_id)
+    address = args.advertise or servers.advertised(args.listen, port)
+    service = NodeAgentService(engine, node_id, args.max_tokens_cap)
+    node_agent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)
+    health = servers.add_health_and_reflection(server, [config.NODE_AGENT_SERVICE])
+    await servers.set_serving(health, [config.NODE_AGENT_SERVICE], False)
+
+    loop = asyncio.get_running_loop()
+
+    def on_engine_health(healthy: bool) -> None:
+        serving = healthy and not service.draining
+        loop.create_task(servers.set_serving(health, [config.NODE_AGENT_SERVICE], serving))
+        log.info("engine health changed", healthy=healthy)
+
+    engine.add_health_listener(on_engine_health)
+    await server.start()
+    await engine.start()
+    servers.write_port_file(args.port_file, port)
+    log.info("agent serving", address=address, engine=engine.kind, model=engine.model)
+
+    membership = Membership(
+        args.coordinator,
+        registry_pb2.JoinRequest(
+            node_id=node_id,
+            address=address,
+            model=engine.model,
+            engine=engine.kind,
+            capacity=engine.capacity,
+            gpu=registry_pb2.GpuInfo(index=args.gpu),
+            version=__version__,
+        ),
+    )
+    join_task = asyncio.create_task(membership.run())
+    await stop.wait()
+
+    # Drain: refuse new work, let in-flight requests finish, then leave and stop.
+    log.info("shutting down: draining", in_flight=service.in_flight)
+    service.draining = True
+    await servers.set_serving(health, [config.NODE_AGENT_SERVICE], False)
+    idle = await service.wait_idle(args.shutdown_grace)
+    if not idle:
+        log.warning("grace period over, aborting in-flight requests", in_flight=service.in_flight)
+    join_task.cancel()
+    await membership.leave("agent shutting down")
+    await server.stop(grace=1.0)
+    await engine.stop()
+    await membership.close()
+    log.info("agent stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return asyncio.run(serve(args))
+    except OSError as exc:
+        log.error("agent failed to start", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

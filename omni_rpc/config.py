@@ -1,0 +1,72 @@
+"""Defaults shared by the coordinator, the agents and the SDK: one place for each number.
+
+The first block is the seed document's configuration table; the rest are ours.
+"""
+
+from __future__ import annotations
+
+# The seed's table.
+DEFAULT_NUM_NODES = 2
+DEFAULT_STRATEGY = "round_robin"
+DEFAULT_HEALTH_CHECK_INTERVAL_S = 5.0
+DEFAULT_MAX_RETRIES = 2
+
+# Requests.
+DEFAULT_MAX_TOKENS = 64
+MAX_TOKENS_CAP = 8192
+# Deadline applied by the SDK when the caller gives none; the coordinator itself imposes none.
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+
+# Health checking: a Check must answer within this, else the node counts as unreachable.
+DEFAULT_HEALTH_CHECK_TIMEOUT_S = 2.0
+# gRPC keepalive on coordinator -> agent channels (detects dead peers on idle connections).
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+
+# Backoff between attempts of one request (full jitter, capped).
+RETRY_BACKOFF_BASE_S = 0.05
+RETRY_BACKOFF_CAP_S = 2.0
+# Backoff while waiting for any healthy node to appear.
+NO_NODE_BACKOFF_BASE_S = 0.05
+NO_NODE_BACKOFF_CAP_S = 1.0
+
+# Agent membership: how often an agent refreshes its registration, and its re-join backoff.
+JOIN_REFRESH_INTERVAL_S = 5.0
+JOIN_BACKOFF_BASE_S = 0.2
+JOIN_BACKOFF_CAP_S = 5.0
+
+# Graceful shutdown: in-flight calls get this long to finish after SIGTERM.
+SHUTDOWN_GRACE_S = 10.0
+
+# Services named in grpc.health.v1 by each server, besides "".
+COORDINATOR_SERVICE = "omni.v1.Coordinator"
+REGISTRY_SERVICE = "omni.v1.Registry"
+NODE_AGENT_SERVICE = "omni.v1.NodeAgent"
+
+# Message size limit on every channel (media inputs can be large).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+GRPC_MESSAGE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+# Without a caller deadline, Generate waits this long for a healthy node before giving up.
+NO_NODE_WAIT_S = 30.0
+# Calls to the registry and probes from an agent.
+JOIN_TIMEOUT_S = 5.0
+
+# Channel options of coordinator -> agent channels: keepalive pings even when idle, so a peer
+# that vanished without closing its socket is noticed.
+KEEPALIVE_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+# Servers must accept those pings, or they answer GOAWAY "too_many_pings".
+KEEPALIVE_SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
+]

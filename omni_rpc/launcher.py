@@ -1,0 +1,190 @@
+"""Start a coordinator and agents on this machine as child processes.
+
+Used by the SDK (``DistributedOrchestrator`` without ``coordinator=``) and ``omni up``. The
+children are the real servers (``python -m coordinator`` / ``python -m node_agent``); each is
+told to die with its parent (PR_SET_PDEATHSIG) so a crashed parent leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omni_rpc import config
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LaunchError(RuntimeError):
+    """A child process failed to start; the message carries the end of its log."""
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+@dataclass
+class LocalCluster:
+    """A coordinator plus ``num_nodes`` agents, all local child processes."""
+
+    num_nodes: int = config.DEFAULT_NUM_NODES
+    strategy: str = config.DEFAULT_STRATEGY
+    health_check_interval: float = config.DEFAULT_HEALTH_CHECK_INTERVAL_S
+    max_retries: int = config.DEFAULT_MAX_RETRIES
+    engine: str = "sim"
+    model: str = "sim"
+    coordinator_listen: str = "127.0.0.1:0"
+    coordinator_args: Sequence[str] = ()
+    agent_args: Sequence[str] = ()
+    # Per-agent extra arguments, by index (e.g. a slower simulated node).
+    per_agent_args: dict[int, Sequence[str]] = field(default_factory=dict)
+    log_dir: Path | None = None
+    log_format: str = "json"
+    coordinator_address: str = ""
+    coordinator: Child | None = None
+    agents: list[Child] = field(default_factory=list)
+
+    def start(self, startup_timeout_s: float = 30.0) -> str:
+        """Start every process; return the coordinator's address once it listens."""
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="omni-cluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._start_coordinator(self.coordinator_listen, startup_timeout_s)
+        for index in range(self.num_nodes):
+            self.start_agent(index)
+        return self.coordinator_address
+
+    def _start_coordinator(self, listen: str, startup_timeout_s: float) -> None:
+        assert self.log_dir is not None
+        port_file = self.log_dir / "coordinator.port"
+        port_file.unlink(missing_ok=True)
+        self.coordinator = self._spawn(
+            "coordinator",
+            [
+                "-m", "coordinator",
+                "--listen", listen,
+                "--strategy", self.strategy,
+                "--health-check-interval", str(self.health_check_interval),
+                "--max-retries", str(self.max_retries),
+                "--port-file", str(port_file),
+                *self.coordinator_args,
+            ],
+        )
+        port = self._wait_for_port(self.coordinator, port_file, startup_timeout_s)
+        self.coordinator_address = f"{listen.rsplit(':', 1)[0]}:{port}"
+
+    def restart_coordinator(self, startup_timeout_s: float = 30.0) -> None:
+        """Stop the coordinator and start a new one on the same address; agents untouched."""
+        assert self.coordinator is not None
+        self._stop_child(self.coordinator)
+        self._start_coordinator(self.coordinator_address, startup_timeout_s)
+
+    def start_agent(self, index: int, extra: Sequence[str] = ()) -> Child:
+        assert self.log_dir is not None
+        name = f"node-{index}"
+        child = self._spawn(
+            name,
+            [
+                "-m", "node_agent",
+                "--coordinator", self.coordinator_address,
+                "--listen", "127.0.0.1:0",
+                "--node-id", name,
+                "--engine", self.engine,
+                "--model", self.model,
+                *self.agent_args,
+                *self.per_agent_args.get(index, ()),
+                *extra,
+            ],
+        )
+        if index < len(self.agents):
+            self.agents[index] = child
+        else:
+            self.agents.append(child)
+        return child
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        assert self.log_dir is not None
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 (owned by the child)
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        process = subprocess.Popen(
+            [sys.executable, *argv, "--log-format", self.log_format],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+        log_file.close()
+        return Child(name, process, log_path)
+
+    @staticmethod
+    def _wait_for_port(child: Child, port_file: Path, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if port_file.exists():
+                return int(port_file.read_text())
+            if not child.alive:
+                raise LaunchError(
+                    f"{child.name} exited with code {child.process.returncode} while starting:\n"
+                    + child.log_tail()
+                )
+            time.sleep(0.02)
+        raise LaunchError(f"{child.name} did not start within {timeout_s:.0f}s:\n" + child.log_tail())
+
+    @staticmethod
+    def _stop_child(child: Child, timeout_s: float = 15.0) -> None:
+        if child.alive:
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+    def check_alive(self) -> None:
+        """Raise LaunchError naming any child that has exited."""
+        for child in [c for c in (self.coordinator, *self.agents) if c is not None]:
+            if not child.alive:
+                raise LaunchError(
+                    f"{child.name} exited with code {child.process.returncode}:\n"
+                    + child.log_tail()
+                )
+
+    def stop(self) -> None:
+        """SIGTERM every child (agents first, so they leave cleanly), then wait."""
+        for child in self.agents:
+            if child.alive:
+                child.process.send_signal(signal.SIGTERM)
+        for child in self.agents:
+            self._stop_child(child)
+        if self.coordinator is not None:
+            self._stop_child(self.coordinator)

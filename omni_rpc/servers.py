@@ -1,0 +1,79 @@
+"""Pieces every omni-rpc gRPC server shares: health, reflection, binding, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from omni_rpc import config
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(
+        options=[*config.GRPC_MESSAGE_OPTIONS, *config.KEEPALIVE_SERVER_OPTIONS]
+    )
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str]
+) -> HealthServicer:
+    """Serve grpc.health.v1 (for "" and each service) and server reflection."""
+    names = list(service_names)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return health
+
+
+async def set_serving(health: HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *service_names]:
+        await health.set(name, status)
+
+
+def bind(server: grpc.aio.Server, listen: str) -> int:
+    """Bind ``listen`` (host:port, port 0 for any free one); return the real port."""
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return port
+
+
+def advertised(listen: str, port: int) -> str:
+    """The address peers should dial: the listen host with the real port."""
+    host = listen.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def write_port_file(path: str | None, port: int) -> None:
+    """Atomically publish the bound port (launchers wait for this file)."""
+    if not path:
+        return
+    tmp = Path(path + ".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, for a graceful shutdown."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

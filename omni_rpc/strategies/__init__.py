@@ -1,0 +1,25 @@
+"""Load-balancing strategies, one module each, behind ``Strategy``."""
+
+from __future__ import annotations
+
+from omni_rpc.strategies.base import Candidate, Strategy
+from omni_rpc.strategies.least_loaded import LeastLoaded
+from omni_rpc.strategies.power_of_two import PowerOfTwo
+from omni_rpc.strategies.round_robin import RoundRobin
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (RoundRobin, LeastLoaded, PowerOfTwo)
+}
+
+
+def make_strategy(name: str) -> Strategy:
+    """The strategy called ``name``; ValueError listing the known ones otherwise."""
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        known = ", ".join(sorted(STRATEGIES))
+        raise ValueError(f"unknown load balancing strategy {name!r} (known: {known})") from None
+
+
+__all__ = ["STRATEGIES", "Candidate", "LeastLoaded", "PowerOfTwo", "RoundRobin", "Strategy",
+           "make_strategy"]

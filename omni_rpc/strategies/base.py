@@ -1,0 +1,36 @@
+"""The load-balancing strategy interface: pick one node out of the candidates.
+
+Strategies are pure: they see a snapshot of each candidate and keep only their own cursor,
+so the coordinator's balancer and the SDK's ``LoadBalancer`` run the very same code.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Candidate(Protocol):
+    """What a strategy may look at on a node."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int:
+        """Requests the coordinator has on the node now."""
+        ...
+
+    @property
+    def capacity(self) -> int:
+        """Concurrency limit of the node's engine (0: unknown)."""
+        ...
+
+
+class Strategy(abc.ABC):
+    name: str = ""
+
+    @abc.abstractmethod
+    def pick(self, candidates: Sequence[Candidate], key: str = "") -> Candidate:
+        """Choose one of ``candidates`` (never empty) for a request with affinity ``key``."""
