@@ -198,7 +198,7 @@ class Dispatcher:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         node.in_flight += 1
         node.dispatched += 1
-        call = node.agent.Generate(timeout=timeout)
+        call = node.agent.Generate(timeout=timeout)  # type: ignore[call-arg]
         finished = False
         try:
             await call.write(node_agent_pb2.AgentRequest(generate=request, attempt=attempt))
@@ -207,15 +207,20 @@ class Dispatcher:
                     finished = True
                 yield response
             if not finished:
-                raise AttemptError(node.node_id, grpc.StatusCode.UNAVAILABLE,
-                                   "stream ended without a finish_reason")
+                raise AttemptError(
+                    node.node_id,
+                    grpc.StatusCode.UNAVAILABLE,
+                    "stream ended without a finish_reason",
+                )
             node.served += 1
             node.consecutive_failures = 0
         except grpc.aio.AioRpcError as exc:
             error = AttemptError(node.node_id, exc.code(), exc.details() or "")
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(deadline):
                 # The caller's own deadline: not the node's fault, nothing to retry.
-                raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+                raise DispatchError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+                ) from None
             if error.kind is Failure.NODE:
                 self._node_failed(node, error)
             raise error from None

@@ -96,4 +96,5 @@ class HealthMonitor:
 
 
 def _status_name(status: int) -> str:
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)  # type: ignore[arg-type]
+    name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    return name

@@ -45,20 +45,42 @@ def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni-coordinator", description=__doc__)
     p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0: any free)")
-    p.add_argument("--strategy", default=config.DEFAULT_STRATEGY,
-                   help=f"load balancing strategy: {', '.join(sorted(STRATEGIES))}")
-    p.add_argument("--health-check-interval", type=_float_at_least(0.0, exclusive=True),
-                   default=config.DEFAULT_HEALTH_CHECK_INTERVAL_S, help="seconds between checks")
-    p.add_argument("--health-check-timeout", type=_float_at_least(0.0, exclusive=True),
-                   default=config.DEFAULT_HEALTH_CHECK_TIMEOUT_S,
-                   help="deadline of each active health check, seconds")
-    p.add_argument("--max-retries", type=_int_at_least(0), default=config.DEFAULT_MAX_RETRIES,
-                   help="further attempts on other nodes after a failure")
+    p.add_argument(
+        "--strategy",
+        default=config.DEFAULT_STRATEGY,
+        help=f"load balancing strategy: {', '.join(sorted(STRATEGIES))}",
+    )
+    p.add_argument(
+        "--health-check-interval",
+        type=_float_at_least(0.0, exclusive=True),
+        default=config.DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        help="seconds between checks",
+    )
+    p.add_argument(
+        "--health-check-timeout",
+        type=_float_at_least(0.0, exclusive=True),
+        default=config.DEFAULT_HEALTH_CHECK_TIMEOUT_S,
+        help="deadline of each active health check, seconds",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=_int_at_least(0),
+        default=config.DEFAULT_MAX_RETRIES,
+        help="further attempts on other nodes after a failure",
+    )
     p.add_argument("--max-tokens-cap", type=_int_at_least(1), default=config.MAX_TOKENS_CAP)
-    p.add_argument("--no-node-wait", type=_float_at_least(0.0), default=config.NO_NODE_WAIT_S,
-                   help="without a caller deadline, how long Generate waits for a healthy node")
-    p.add_argument("--shutdown-grace", type=_float_at_least(0.0), default=config.SHUTDOWN_GRACE_S,
-                   help="seconds in-flight calls get to finish after SIGTERM")
+    p.add_argument(
+        "--no-node-wait",
+        type=_float_at_least(0.0),
+        default=config.NO_NODE_WAIT_S,
+        help="without a caller deadline, how long Generate waits for a healthy node",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=_float_at_least(0.0),
+        default=config.SHUTDOWN_GRACE_S,
+        help="seconds in-flight calls get to finish after SIGTERM",
+    )
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--port-file", help="write the bound port to this file once serving")

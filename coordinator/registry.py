@@ -30,14 +30,14 @@ LEFT = coordinator_pb2.NODE_STATE_LEFT
 
 
 def state_name(state: int) -> str:
-    return coordinator_pb2.NodeState.Name(state).removeprefix("NODE_STATE_").lower()
+    return coordinator_pb2.NodeState.Name(state).removeprefix("NODE_STATE_").lower()  # type: ignore[arg-type]
 
 
 @dataclass(eq=False)
 class Node:
     info: registry_pb2.JoinRequest
     channel: grpc.aio.Channel
-    agent: node_agent_pb2_grpc.NodeAgentStub
+    agent: node_agent_pb2_grpc.NodeAgentAsyncStub
     health: health_pb2_grpc.HealthStub
     joined_at: float = field(default_factory=time.time)
     # Health verdict: JOINING, HEALTHY or UNHEALTHY.
@@ -121,6 +121,7 @@ class Registry:
         self.on_removed: list[NodeListener] = []
         # Set (and replaced) whenever a node becomes dispatchable: wakes waiting requests.
         self._available = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def dispatchable(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.dispatchable]
@@ -170,7 +171,9 @@ class Registry:
         for listener in self.on_removed:
             listener(node)
         # Closing cancels in-flight RPCs on the channel: callers see CANCELLED/UNAVAILABLE.
-        asyncio.get_running_loop().create_task(node.channel.close(grace=None))
+        task = asyncio.create_task(node.channel.close(grace=None))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def leave(self, node_id: str, reason: str) -> bool:
         node = self.nodes.get(node_id)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from coordinator.dispatch import DispatchError, Dispatcher
+from coordinator.dispatch import Dispatcher, DispatchError
 from coordinator.registry import Registry
 from coordinator.stats import cluster_stats
 from omni_rpc import config
@@ -43,10 +43,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.coordinator_id = uuid.uuid4().hex[:12]
         self.started_at = time.time()
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self,
         request: generate_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext[generate_pb2.GenerateRequest, generate_pb2.GenerateResponse],
+        context: grpc.aio.ServicerContext[
+            generate_pb2.GenerateRequest, generate_pb2.GenerateResponse
+        ],
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
             validate_request(request, max_tokens_cap=self.max_tokens_cap)
@@ -64,10 +66,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
             await context.abort(exc.code, exc.message)
 
-    async def GetStats(  # noqa: N802
+    async def GetStats(
         self,
         request: coordinator_pb2.GetStatsRequest,
-        context: grpc.aio.ServicerContext[coordinator_pb2.GetStatsRequest, coordinator_pb2.ClusterStats],
+        context: grpc.aio.ServicerContext[
+            coordinator_pb2.GetStatsRequest, coordinator_pb2.ClusterStats
+        ],
     ) -> coordinator_pb2.ClusterStats:
         return cluster_stats(
             self.registry,
@@ -79,18 +83,22 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             started_at=self.started_at,
         )
 
-    async def ListNodes(  # noqa: N802
+    async def ListNodes(
         self,
         request: coordinator_pb2.ListNodesRequest,
-        context: grpc.aio.ServicerContext[coordinator_pb2.ListNodesRequest, coordinator_pb2.ListNodesResponse],
+        context: grpc.aio.ServicerContext[
+            coordinator_pb2.ListNodesRequest, coordinator_pb2.ListNodesResponse
+        ],
     ) -> coordinator_pb2.ListNodesResponse:
         nodes = sorted(self.registry.nodes.values(), key=lambda n: n.node_id)
         return coordinator_pb2.ListNodesResponse(nodes=[n.to_proto() for n in nodes])
 
-    async def DrainNode(  # noqa: N802
+    async def DrainNode(
         self,
         request: coordinator_pb2.DrainNodeRequest,
-        context: grpc.aio.ServicerContext[coordinator_pb2.DrainNodeRequest, coordinator_pb2.DrainNodeResponse],
+        context: grpc.aio.ServicerContext[
+            coordinator_pb2.DrainNodeRequest, coordinator_pb2.DrainNodeResponse
+        ],
     ) -> coordinator_pb2.DrainNodeResponse:
         node = self.registry.nodes.get(request.node_id)
         if node is None:
@@ -110,7 +118,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.registry = registry
         self.coordinator_id = coordinator_id
 
-    async def Join(  # noqa: N802
+    async def Join(
         self,
         request: registry_pb2.JoinRequest,
         context: grpc.aio.ServicerContext[registry_pb2.JoinRequest, registry_pb2.JoinResponse],
@@ -125,7 +133,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             refresh_interval_s=config.JOIN_REFRESH_INTERVAL_S,
         )
 
-    async def Leave(  # noqa: N802
+    async def Leave(
         self,
         request: registry_pb2.LeaveRequest,
         context: grpc.aio.ServicerContext[registry_pb2.LeaveRequest, registry_pb2.LeaveResponse],

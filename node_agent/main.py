@@ -48,12 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=int, default=-1, help="GPU index owned by this agent (-1: none)")
     p.add_argument("--sim-ttft-ms", type=_non_negative_float, default=SimConfig.ttft_ms)
     p.add_argument("--sim-itl-ms", type=_non_negative_float, default=SimConfig.itl_ms)
-    p.add_argument("--sim-itl-growth", type=_non_negative_float, default=SimConfig.itl_growth,
-                   help="relative slow-down per additional running request")
+    p.add_argument(
+        "--sim-itl-growth",
+        type=_non_negative_float,
+        default=SimConfig.itl_growth,
+        help="relative slow-down per additional running request",
+    )
     p.add_argument("--sim-max-concurrency", type=_positive(int), default=SimConfig.max_concurrency)
     p.add_argument("--max-tokens-cap", type=_positive(int), default=config.MAX_TOKENS_CAP)
-    p.add_argument("--shutdown-grace", type=_non_negative_float, default=config.SHUTDOWN_GRACE_S,
-                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument(
+        "--shutdown-grace",
+        type=_non_negative_float,
+        default=config.SHUTDOWN_GRACE_S,
+        help="seconds in-flight requests get to finish after SIGTERM",
+    )
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--port-file", help="write the bound port to this file once serving")
@@ -85,11 +93,16 @@ async def serve(args: argparse.Namespace) -> int:
     health = servers.add_health_and_reflection(server, [config.NODE_AGENT_SERVICE])
     await servers.set_serving(health, [config.NODE_AGENT_SERVICE], False)
 
-    loop = asyncio.get_running_loop()
+    # The engine reports health changes synchronously; the health service is async.
+    pending: set[asyncio.Task[None]] = set()
 
     def on_engine_health(healthy: bool) -> None:
         serving = healthy and not service.draining
-        loop.create_task(servers.set_serving(health, [config.NODE_AGENT_SERVICE], serving))
+        task = asyncio.create_task(
+            servers.set_serving(health, [config.NODE_AGENT_SERVICE], serving)
+        )
+        pending.add(task)
+        task.add_done_callback(pending.discard)
         log.info("engine health changed", healthy=healthy)
 
     engine.add_health_listener(on_engine_health)

@@ -85,9 +85,7 @@ class Membership:
 
         Returns None when it is simply time to refresh, or why the coordinator was lost.
         """
-        call = self._health.Watch(
-            health_pb2.HealthCheckRequest(service=config.REGISTRY_SERVICE)
-        )
+        call = self._health.Watch(health_pb2.HealthCheckRequest(service=config.REGISTRY_SERVICE))
         try:
             async with asyncio.timeout(refresh_interval_s):
                 async for status in call:
@@ -109,4 +107,4 @@ class Membership:
             )
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)

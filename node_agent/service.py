@@ -84,10 +84,12 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             return False
         return True
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self,
         request_iterator: AsyncIterator[node_agent_pb2.AgentRequest],
-        context: grpc.aio.ServicerContext[node_agent_pb2.AgentRequest, generate_pb2.GenerateResponse],
+        context: grpc.aio.ServicerContext[
+            node_agent_pb2.AgentRequest, generate_pb2.GenerateResponse
+        ],
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "generate":
@@ -162,7 +164,7 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
                     log.info("cancel received", request_id=request_id, reason=message.cancel.reason)
                     await self.engine.abort(request_id)
 
-    async def GetLoad(  # noqa: N802
+    async def GetLoad(
         self,
         request: node_agent_pb2.GetLoadRequest,
         context: grpc.aio.ServicerContext[node_agent_pb2.GetLoadRequest, node_agent_pb2.NodeLoad],

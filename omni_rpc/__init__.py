@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from omni_rpc.sdk import (  # noqa: E402
+from omni_rpc.sdk import (
     DistributedOrchestrator,
     GenerationDelta,
     GenerationError,

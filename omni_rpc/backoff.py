@@ -21,7 +21,7 @@ class Backoff:
 
     def ceiling(self) -> float:
         """Upper bound of the next delay."""
-        return min(self.cap_s, self.base_s * (2**self.attempts))
+        return min(self.cap_s, self.base_s * 2.0**self.attempts)
 
     def next_delay(self) -> float:
         delay = self.rng.uniform(0.0, self.ceiling())

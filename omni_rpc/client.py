@@ -101,9 +101,10 @@ class CoordinatorClient:
         try:
             return method(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            code = exc.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise CoordinatorUnreachable(self.address, exc.details() or code.name) from None  # type: ignore[attr-defined]
+                detail = exc.details() or code.name
+                raise CoordinatorUnreachable(self.address, detail) from None
             raise
 
     def stats(self) -> coordinator_pb2.ClusterStats:

@@ -76,24 +76,30 @@ class LocalCluster:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="omni-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._start_coordinator(self.coordinator_listen, startup_timeout_s)
+        self.start_coordinator(self.coordinator_listen, startup_timeout_s)
         for index in range(self.num_nodes):
             self.start_agent(index)
         return self.coordinator_address
 
-    def _start_coordinator(self, listen: str, startup_timeout_s: float) -> None:
+    def start_coordinator(self, listen: str, startup_timeout_s: float) -> None:
         assert self.log_dir is not None
         port_file = self.log_dir / "coordinator.port"
         port_file.unlink(missing_ok=True)
         self.coordinator = self._spawn(
             "coordinator",
             [
-                "-m", "coordinator",
-                "--listen", listen,
-                "--strategy", self.strategy,
-                "--health-check-interval", str(self.health_check_interval),
-                "--max-retries", str(self.max_retries),
-                "--port-file", str(port_file),
+                "-m",
+                "coordinator",
+                "--listen",
+                listen,
+                "--strategy",
+                self.strategy,
+                "--health-check-interval",
+                str(self.health_check_interval),
+                "--max-retries",
+                str(self.max_retries),
+                "--port-file",
+                str(port_file),
                 *self.coordinator_args,
             ],
         )
@@ -104,7 +110,7 @@ class LocalCluster:
         """Stop the coordinator and start a new one on the same address; agents untouched."""
         assert self.coordinator is not None
         self._stop_child(self.coordinator)
-        self._start_coordinator(self.coordinator_address, startup_timeout_s)
+        self.start_coordinator(self.coordinator_address, startup_timeout_s)
 
     def start_agent(self, index: int, extra: Sequence[str] = ()) -> Child:
         assert self.log_dir is not None
@@ -112,12 +118,18 @@ class LocalCluster:
         child = self._spawn(
             name,
             [
-                "-m", "node_agent",
-                "--coordinator", self.coordinator_address,
-                "--listen", "127.0.0.1:0",
-                "--node-id", name,
-                "--engine", self.engine,
-                "--model", self.model,
+                "-m",
+                "node_agent",
+                "--coordinator",
+                self.coordinator_address,
+                "--listen",
+                "127.0.0.1:0",
+                "--node-id",
+                name,
+                "--engine",
+                self.engine,
+                "--model",
+                self.model,
                 *self.agent_args,
                 *self.per_agent_args.get(index, ()),
                 *extra,
@@ -132,7 +144,7 @@ class LocalCluster:
     def _spawn(self, name: str, argv: list[str]) -> Child:
         assert self.log_dir is not None
         log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 (owned by the child)
+        log_file = open(log_path, "ab")
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         process = subprocess.Popen(
@@ -141,7 +153,7 @@ class LocalCluster:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=_die_with_parent,
         )
         log_file.close()
         return Child(name, process, log_path)
@@ -158,7 +170,9 @@ class LocalCluster:
                     + child.log_tail()
                 )
             time.sleep(0.02)
-        raise LaunchError(f"{child.name} did not start within {timeout_s:.0f}s:\n" + child.log_tail())
+        raise LaunchError(
+            f"{child.name} did not start within {timeout_s:.0f}s:\n" + child.log_tail()
+        )
 
     @staticmethod
     def _stop_child(child: Child, timeout_s: float = 15.0) -> None:

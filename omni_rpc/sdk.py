@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -31,8 +31,9 @@ ENGINES = ("sim",)
 class GenerationError(RuntimeError):
     """A request that could not be served; ``code`` is the gRPC status."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "",
-                 index: int | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, request_id: str = "", index: int | None = None
+    ) -> None:
         where = f"prompt #{index}: " if index is not None else ""
         super().__init__(f"{where}{code.name}: {message}")
         self.code = code
@@ -158,11 +159,21 @@ class DistributedOrchestrator:
                 agent_args=agent_args,
                 coordinator_args=coordinator_args,
             )
-            coordinator = self.cluster.start(startup_timeout)
+            try:
+                coordinator = self.cluster.start(startup_timeout)
+            except BaseException:
+                self.cluster.stop()  # leave no half-started cluster behind
+                raise
         self.coordinator = coordinator
         self._client = CoordinatorClient(coordinator)
-        self._aio: tuple[asyncio.AbstractEventLoop, grpc.aio.Channel,
-                         coordinator_pb2_grpc.CoordinatorStub] | None = None
+        self._aio: (
+            tuple[
+                asyncio.AbstractEventLoop,
+                grpc.aio.Channel,
+                coordinator_pb2_grpc.CoordinatorAsyncStub,
+            ]
+            | None
+        ) = None
         self.load_balancer = LoadBalancer(load_balancing_strategy, client=self._client)
         self.health_monitor = HealthMonitor(client=self._client)
 
@@ -194,7 +205,7 @@ class DistributedOrchestrator:
         if not self._ready:
             await asyncio.to_thread(self.wait_ready)
 
-    def _stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
+    def _stub(self) -> coordinator_pb2_grpc.CoordinatorAsyncStub:
         loop = asyncio.get_running_loop()
         if self._aio is None or self._aio[0] is not loop:
             channel = grpc.aio.insecure_channel(
@@ -212,7 +223,7 @@ class DistributedOrchestrator:
         *,
         timeout: float | None = None,
         **sampling: Any,
-    ) -> AsyncIterator[GenerationDelta]:
+    ) -> AsyncGenerator[GenerationDelta, None]:
         """Stream one generation as deltas."""
         request = build_request(prompt, max_retries, sampling)
         await self._ensure_ready()
@@ -283,7 +294,9 @@ class DistributedOrchestrator:
         A prompt that cannot be served raises ``GenerationError`` (after the others finish),
         or, with ``return_exceptions=True``, takes its place in the list.
         """
-        batch: list[Prompt] = [prompts] if isinstance(prompts, str) else list(prompts)  # type: ignore[list-item]
+        batch: list[Prompt] = (
+            [prompts] if isinstance(prompts, str) else list(cast(Sequence[Prompt], prompts))
+        )
         for prompt in batch:
             build_request(prompt, max_retries, sampling)  # argument errors before any traffic
         outcomes = await asyncio.gather(
@@ -317,7 +330,7 @@ class DistributedOrchestrator:
 
     async def aclose(self) -> None:
         if self._aio is not None:
-            await self._aio[1].close()
+            await self._aio[1].close(None)
             self._aio = None
         self.close()
 
@@ -327,7 +340,7 @@ class DistributedOrchestrator:
             loop, channel, _ = self._aio
             self._aio = None
             if not loop.is_closed() and loop.is_running():
-                loop.create_task(channel.close())
+                loop.create_task(channel.close(None))
         self._client.close()
         if self.cluster is not None:
             self.cluster.stop()
@@ -388,14 +401,17 @@ class LoadBalancer:
         ``healthy_nodes`` restricts the plan to those node ids (default: the healthy ones).
         """
         nodes = {n.node_id: n for n in self._client.nodes()}
-        ids = list(healthy_nodes) if healthy_nodes is not None else [
-            i for i, n in nodes.items() if n.state == coordinator_pb2.NODE_STATE_HEALTHY
-        ]
+        ids = (
+            list(healthy_nodes)
+            if healthy_nodes is not None
+            else [i for i, n in nodes.items() if n.state == coordinator_pb2.NODE_STATE_HEALTHY]
+        )
         if not ids:
             raise GenerationError(grpc.StatusCode.UNAVAILABLE, "no healthy nodes available")
         planned = [
-            _Planned(i, nodes[i].in_flight if i in nodes else 0,
-                     nodes[i].capacity if i in nodes else 0)
+            _Planned(
+                i, nodes[i].in_flight if i in nodes else 0, nodes[i].capacity if i in nodes else 0
+            )
             for i in ids
         ]
         plan: dict[str, list[Prompt]] = {i: [] for i in ids}
@@ -416,8 +432,11 @@ class LoadBalancer:
                 "dispatched": n.dispatched,
                 "served": n.served,
                 "capacity": n.capacity,
-                **{k: v for k, v in node_dict(n)["load"].items() if k in (
-                    "running", "waiting", "kv_cache_usage")},
+                **{
+                    k: v
+                    for k, v in node_dict(n)["load"].items()
+                    if k in ("running", "waiting", "kv_cache_usage")
+                },
             }
             for n in self._client.nodes()
         }

@@ -16,9 +16,7 @@ from omni_rpc import config
 
 
 def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(
-        options=[*config.GRPC_MESSAGE_OPTIONS, *config.KEEPALIVE_SERVER_OPTIONS]
-    )
+    return grpc.aio.server(options=[*config.GRPC_MESSAGE_OPTIONS, *config.KEEPALIVE_SERVER_OPTIONS])
 
 
 def add_health_and_reflection(
@@ -29,7 +27,11 @@ def add_health_and_reflection(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     return health
@@ -47,7 +49,10 @@ async def set_serving(health: HealthServicer, service_names: Iterable[str], serv
 
 def bind(server: grpc.aio.Server, listen: str) -> int:
     """Bind ``listen`` (host:port, port 0 for any free one); return the real port."""
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:  # grpc reports a taken or bad address this way
+        raise OSError(f"cannot listen on {listen}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     return port

@@ -46,9 +46,7 @@ def resolve_sampling(
         )
     temperature = params.temperature if params.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidRequest(
-            "sampling.temperature", f"must be finite and >= 0, got {temperature}"
-        )
+        raise InvalidRequest("sampling.temperature", f"must be finite and >= 0, got {temperature}")
     top_p = params.top_p if params.HasField("top_p") else 1.0
     if not (0.0 < top_p <= 1.0):  # NaN fails this too
         raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {top_p}")

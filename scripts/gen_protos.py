@@ -66,9 +66,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 def _generated_files(directory: Path) -> dict[str, str]:
     return {
-        p.name: p.read_text()
-        for p in directory.iterdir()
-        if p.name.endswith(GENERATED_SUFFIXES)
+        p.name: p.read_text() for p in directory.iterdir() if p.name.endswith(GENERATED_SUFFIXES)
     }
 
 
@@ -85,13 +83,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh, committed = _generated_files(Path(tmp)), _generated_files(OUT_DIR)
-    stale = sorted(
-        name
-        for name in fresh.keys() | committed.keys()
-        if fresh.get(name) != committed.get(name)
+    stale_names = sorted(
+        name for name in fresh.keys() | committed.keys() if fresh.get(name) != committed.get(name)
     )
-    if stale:
-        print("generated code is stale, run `make proto`: " + ", ".join(stale), file=sys.stderr)
+    if stale_names:
+        print(
+            "generated code is stale, run `make proto`: " + ", ".join(stale_names),
+            file=sys.stderr,
+        )
         return 1
     print(f"generated code is current ({len(fresh)} files)")
     return 0

@@ -21,5 +21,12 @@ def make_strategy(name: str) -> Strategy:
         raise ValueError(f"unknown load balancing strategy {name!r} (known: {known})") from None
 
 
-__all__ = ["STRATEGIES", "Candidate", "LeastLoaded", "PowerOfTwo", "RoundRobin", "Strategy",
-           "make_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "Candidate",
+    "LeastLoaded",
+    "PowerOfTwo",
+    "RoundRobin",
+    "Strategy",
+    "make_strategy",
+]

@@ -1,0 +1,414 @@
+"""omni: run a local cluster, look at it, and send it prompts.
+
+omni up --nodes 3                 coordinator + 3 agents in the foreground (Ctrl-C stops)
+omni status [--json]              node table and request totals
+omni generate "PROMPT"            stream one completion to stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, TextIO
+
+import grpc
+
+from omni_rpc import __version__, config
+from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, stats_dict
+from omni_rpc.launcher import LaunchError, LocalCluster
+from omni_rpc.sdk import ENGINES, build_request
+from omni_rpc.strategies import STRATEGIES
+from omni_rpc.v1 import coordinator_pb2_grpc
+
+DEFAULT_COORDINATOR = "127.0.0.1:50051"
+LAST_ERROR_WIDTH = 40
+
+
+# -- argument types ------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def _default_coordinator() -> str:
+    return os.environ.get("OMNI_COORDINATOR") or DEFAULT_COORDINATOR
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def _add_coordinator_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--coordinator",
+        type=_host_port,
+        default=_default_coordinator(),
+        help="coordinator HOST:PORT (default: $OMNI_COORDINATOR or %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omni", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"omni-rpc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="start a coordinator and N agents (foreground)")
+    up.add_argument("--nodes", type=_positive_int, required=True, help="number of agents")
+    up.add_argument("--engine", choices=ENGINES, default="sim")
+    up.add_argument("--model", default="sim", help="model name served by every agent")
+    up.add_argument("--strategy", choices=sorted(STRATEGIES), default=config.DEFAULT_STRATEGY)
+    up.add_argument(
+        "--health-check-interval",
+        type=_positive_float,
+        default=config.DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        metavar="S",
+    )
+    up.add_argument("--max-retries", type=_non_negative_int, default=config.DEFAULT_MAX_RETRIES)
+    up.add_argument(
+        "--listen",
+        type=_host_port,
+        default=DEFAULT_COORDINATOR,
+        help="coordinator HOST:PORT (default: %(default)s)",
+    )
+    up.add_argument(
+        "--log-dir",
+        type=Path,
+        help="where the processes' logs go (default: a new temporary directory, kept after exit)",
+    )
+    up.add_argument(
+        "--startup-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for every node to become healthy",
+    )
+    up.add_argument(
+        "--sim-ttft-ms", type=_non_negative_float, metavar="X", help="simulated time to first token"
+    )
+    up.add_argument(
+        "--sim-itl-ms", type=_non_negative_float, metavar="Y", help="simulated inter-token latency"
+    )
+    up.set_defaults(func=cmd_up)
+
+    status = commands.add_parser("status", help="show the nodes and request totals")
+    _add_coordinator_option(status)
+    status.add_argument("--json", action="store_true", help="print get_stats() as JSON")
+    status.set_defaults(func=cmd_status)
+
+    generate = commands.add_parser("generate", help="stream one completion to stdout")
+    generate.add_argument("prompt")
+    _add_coordinator_option(generate)
+    generate.add_argument("--max-tokens", type=_positive_int, default=config.DEFAULT_MAX_TOKENS)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="deadline of the whole request (default: %(default)s)",
+    )
+    generate.add_argument(
+        "-v", "--verbose", action="store_true", help="report node, attempt and usage on stderr"
+    )
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+# -- omni up -------------------------------------------------------------------------------
+
+
+class _Shutdown(Exception):
+    """Raised in the main thread by SIGINT/SIGTERM so start-up and waiting both unwind."""
+
+
+def _raise_shutdown(signum: int, frame: FrameType | None) -> NoReturn:
+    raise _Shutdown(signal.Signals(signum).name)
+
+
+def _install_signal_handlers(handler: Callable[[int, FrameType | None], Any]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def _children(cluster: LocalCluster) -> list[Any]:
+    return [c for c in (cluster.coordinator, *cluster.agents) if c is not None]
+
+
+def _wait_healthy(cluster: LocalCluster, count: int, timeout_s: float) -> None:
+    client = CoordinatorClient(cluster.coordinator_address, timeout_s=2.0)
+    deadline = time.monotonic() + timeout_s
+    healthy = 0
+    try:
+        while True:
+            cluster.check_alive()
+            try:
+                healthy = len(client.stats().healthy_nodes)
+            except CoordinatorUnreachable:
+                healthy = 0  # just started; the next poll will tell
+            if healthy >= count:
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"only {healthy}/{count} nodes healthy after {timeout_s:.0f}s "
+                    f"(logs in {cluster.log_dir})"
+                )
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def _print_cluster(cluster: LocalCluster) -> None:
+    client = CoordinatorClient(cluster.coordinator_address)
+    try:
+        nodes = {n.node_id: n for n in client.nodes()}
+    finally:
+        client.close()
+    print(f"coordinator  {cluster.coordinator_address}")
+    print(f"logs         {cluster.log_dir}")
+    for child in cluster.agents:
+        node = nodes.get(child.name)
+        address = node.address if node is not None else "?"
+        print(f"  {child.name:<10} {address:<22} pid {child.process.pid}")
+    print(f"{len(cluster.agents)} nodes healthy. Press Ctrl-C to stop.", flush=True)
+
+
+def _watch(cluster: LocalCluster) -> int:
+    """Sleep until a signal arrives; report children that die meanwhile."""
+    reported: set[str] = set()
+    while True:
+        time.sleep(0.5)
+        for child in _children(cluster):
+            if child.alive or child.name in reported:
+                continue
+            reported.add(child.name)
+            print(
+                f"omni: {child.name} exited with code {child.process.returncode}:\n"
+                f"{child.log_tail()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if child is cluster.coordinator:
+                return 1  # nothing left to serve requests
+
+
+def _stop(cluster: LocalCluster) -> None:
+    def kill_now(signum: int, frame: FrameType | None) -> None:
+        # A second Ctrl-C while stopping: don't make the user wait for grace periods.
+        for child in _children(cluster):
+            if child.alive:
+                child.process.kill()
+
+    _install_signal_handlers(kill_now)
+    cluster.stop()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    agent_args: list[str] = []
+    if args.sim_ttft_ms is not None:
+        agent_args += ["--sim-ttft-ms", str(args.sim_ttft_ms)]
+    if args.sim_itl_ms is not None:
+        agent_args += ["--sim-itl-ms", str(args.sim_itl_ms)]
+    cluster = LocalCluster(
+        num_nodes=args.nodes,
+        strategy=args.strategy,
+        health_check_interval=args.health_check_interval,
+        max_retries=args.max_retries,
+        engine=args.engine,
+        model=args.model,
+        coordinator_listen=args.listen,
+        agent_args=agent_args,
+        log_dir=args.log_dir,
+    )
+    # Installed before anything starts, so a signal during start-up still stops every child.
+    _install_signal_handlers(_raise_shutdown)
+    code = 0
+    try:
+        cluster.start(args.startup_timeout)
+        _wait_healthy(cluster, args.nodes, args.startup_timeout)
+        _print_cluster(cluster)
+        code = _watch(cluster)
+    except _Shutdown as stop:
+        print(f"\nomni: {stop} received, stopping the cluster", file=sys.stderr, flush=True)
+    except LaunchError as exc:
+        print(f"omni: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        _stop(cluster)
+    if code == 0:
+        print(f"omni: stopped (logs in {cluster.log_dir})", file=sys.stderr)
+    return code
+
+
+# -- omni status ---------------------------------------------------------------------------
+
+
+def _truncate(text: str, width: int) -> str:
+    text = " ".join(text.split())  # errors can be multi-line
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
+    return "\n".join(lines)
+
+
+def format_status(stats: dict[str, Any]) -> str:
+    """The human view of ``stats_dict(...)``: one row per node and a summary line."""
+    header = (
+        "NODE",
+        "STATE",
+        "ADDRESS",
+        "IN_FLIGHT",
+        "RUNNING/WAITING",
+        "SERVED",
+        "FAILURES",
+        "LAST_ERROR",
+    )
+    rows = [
+        (
+            node_id,
+            node["state"],
+            node["address"],
+            str(node["in_flight"]),
+            f"{node['load']['running']}/{node['load']['waiting']}",
+            str(node["served"]),
+            str(node["failures"]),
+            _truncate(node["last_error"], LAST_ERROR_WIDTH) or "-",
+        )
+        for node_id, node in stats["health_stats"].items()
+    ]
+    summary = (
+        f"{len(stats['healthy_nodes'])}/{stats['num_nodes']} nodes healthy, "
+        f"strategy {stats['strategy']}, requests: {stats['requests_total']} total, "
+        f"{stats['requests_succeeded']} succeeded, {stats['requests_failed']} failed"
+    )
+    table = _table(header, rows) if rows else "(no nodes have joined)"
+    return f"{table}\n\n{summary}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = CoordinatorClient(args.coordinator)
+    try:
+        stats = stats_dict(client.stats())
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        print(format_status(stats))
+    return 0
+
+
+# -- omni generate -------------------------------------------------------------------------
+
+
+async def stream_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    request = build_request(args.prompt, None, sampling)
+    async with grpc.aio.insecure_channel(
+        args.coordinator, options=config.GRPC_MESSAGE_OPTIONS
+    ) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        wrote = False
+        last = None
+        try:
+            async for response in stub.Generate(request, timeout=args.timeout):
+                if response.text:
+                    out.write(response.text)
+                    out.flush()
+                    wrote = True
+                last = response
+        except grpc.aio.AioRpcError as exc:
+            if wrote:
+                out.write("\n")
+                out.flush()
+            # UNAVAILABLE is also the coordinator's own "no healthy nodes" answer; only a
+            # channel that never connected means the coordinator itself is unreachable.
+            connected = channel.get_state() == grpc.ChannelConnectivity.READY
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not connected:
+                raise CoordinatorUnreachable(args.coordinator, exc.details() or "") from None
+            print(f"error: {exc.code().name}: {exc.details()}", file=err)
+            return 1
+    out.write("\n")
+    out.flush()
+    if args.verbose and last is not None:
+        print(
+            f"[{last.node_id}, attempt {last.attempt}, finish {last.finish_reason}, "
+            f"{last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion "
+            f"tokens]",
+            file=err,
+        )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return asyncio.run(stream_generate(args, sys.stdout, sys.stderr))
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CoordinatorUnreachable as exc:
+        print(f"omni: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `omni generate ... | head`: the reader left; say nothing more.
+        sys.stderr.close()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Fixtures that start real clusters (coordinator and agents as processes on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from omni_rpc.client import CoordinatorClient
+from omni_rpc.launcher import LocalCluster
+from omni_rpc.v1 import coordinator_pb2_grpc, node_agent_pb2, node_agent_pb2_grpc
+
+# Fast simulated nodes: tests check behaviour, not speed.
+FAST_SIM = ["--sim-ttft-ms", "5", "--sim-itl-ms", "2"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def healthy_nodes(address: str) -> list[str]:
+    client = CoordinatorClient(address)
+    try:
+        return list(client.stats().healthy_nodes)
+    finally:
+        client.close()
+
+
+def wait_healthy(cluster: LocalCluster, count: int, timeout: float = 30.0) -> None:
+    def ready() -> bool:
+        cluster.check_alive()
+        return len(healthy_nodes(cluster.coordinator_address)) >= count
+
+    wait_until(ready, timeout, f"{count} healthy nodes")
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+    """Start a LocalCluster (waits until all its nodes are healthy); stopped at teardown."""
+    clusters: list[LocalCluster] = []
+
+    def make(num_nodes: int = 3, wait: bool = True, **kwargs: Any) -> LocalCluster:
+        kwargs.setdefault("agent_args", FAST_SIM)
+        kwargs.setdefault("health_check_interval", 0.5)
+        cluster = LocalCluster(
+            num_nodes=num_nodes, log_dir=tmp_path / f"cluster-{len(clusters)}", **kwargs
+        )
+        clusters.append(cluster)
+        cluster.start()
+        if wait:
+            wait_healthy(cluster, num_nodes)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+@pytest.fixture
+async def coordinator_stub(
+    make_cluster: Callable[..., LocalCluster],
+) -> AsyncIterator[tuple[LocalCluster, coordinator_pb2_grpc.CoordinatorAsyncStub]]:
+    cluster = make_cluster(2)
+    async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
+        yield cluster, coordinator_pb2_grpc.CoordinatorStub(channel)
+
+
+async def agent_load(address: str) -> node_agent_pb2.NodeLoad:
+    async with grpc.aio.insecure_channel(address) as channel:
+        load: node_agent_pb2.NodeLoad = await node_agent_pb2_grpc.NodeAgentStub(channel).GetLoad(
+            node_agent_pb2.GetLoadRequest(), timeout=5
+        )
+        return load
+
+
+def node_address(cluster: LocalCluster, node_id: str) -> str:
+    client = CoordinatorClient(cluster.coordinator_address)
+    try:
+        return next(n.address for n in client.nodes() if n.node_id == node_id)
+    finally:
+        client.close()

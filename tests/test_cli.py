@@ -1,0 +1,184 @@
+"""The ``omni`` command line, run as real processes: up, status, generate, Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node_agent.engines.sim import simulate
+
+OMNI = [sys.executable, "-m", "omni_rpc"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def omni(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*OMNI, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def accepts_connections(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def poll(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def omni_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    """``omni up --nodes 2`` in the background; killed (with its children) at teardown."""
+    address = f"127.0.0.1:{free_port()}"
+    log_dir = tmp_path / "logs"
+    process = subprocess.Popen(
+        [
+            *OMNI,
+            "up",
+            "--nodes",
+            "2",
+            "--listen",
+            address,
+            "--log-dir",
+            str(log_dir),
+            "--health-check-interval",
+            "0.5",
+            "--sim-ttft-ms",
+            "5",
+            "--sim-itl-ms",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        yield process, address, log_dir
+    finally:
+        if process.poll() is None:
+            # SIGTERM lets `omni up` stop its children; SIGKILL would orphan them until
+            # PR_SET_PDEATHSIG fires, which it does, but only after they notice.
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        with contextlib.suppress(ValueError):
+            process.communicate(timeout=5)
+
+
+def healthy_count(process: subprocess.Popen[str], address: str) -> int:
+    if process.poll() is not None:
+        _, err = process.communicate()
+        raise AssertionError(f"omni up exited with {process.returncode}:\n{err}")
+    result = omni("status", "--json", "--coordinator", address)
+    if result.returncode != 0:
+        return 0  # not listening yet
+    return len(json.loads(result.stdout)["healthy_nodes"])
+
+
+def test_up_status_generate_and_ctrl_c(
+    omni_up: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    process, address, log_dir = omni_up
+    poll(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
+
+    generated = omni("generate", "hello", "--max-tokens", "5", "--coordinator", address)
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout == simulate("hello", max_tokens=5).text + "\n"
+
+    status = omni("status", "--coordinator", address)
+    assert status.returncode == 0, status.stderr
+    assert "node-0" in status.stdout and "node-1" in status.stdout
+    assert "healthy" in status.stdout
+    assert "2/2 nodes healthy" in status.stdout
+    assert "1 succeeded" in status.stdout
+
+    stats = json.loads(omni("status", "--json", "--coordinator", address).stdout)
+    assert stats["num_nodes"] == 2
+    assert sum(node["served"] for node in stats["health_stats"].values()) == 1
+
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert address in out and str(log_dir) in out
+    assert not accepts_connections(address), "coordinator still listening after omni up exited"
+    agent_pids = [int(pid) for pid in re.findall(r"\bpid (\d+)", out)]
+    assert len(agent_pids) == 2, out
+    assert not [pid for pid in agent_pids if alive(pid)], "agents outlived omni up"
+    assert (log_dir / "node-0.log").exists() and (log_dir / "coordinator.log").exists()
+
+
+def test_generate_reports_server_errors_with_their_code(
+    omni_up: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    process, address, _ = omni_up
+    poll(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
+    result = omni("generate", "hi", "--max-tokens", "100000", "--coordinator", address)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: INVALID_ARGUMENT: ")
+    assert "max_tokens" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["generate", "hi"]])
+def test_unreachable_coordinator_is_one_line_naming_the_address(command: list[str]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    result = omni(*command, "--coordinator", address)
+    assert result.returncode == 1
+    assert address in result.stderr
+    assert "unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_coordinator_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("OMNI_COORDINATOR", address)
+    result = omni("status")
+    assert result.returncode == 1
+    assert address in result.stderr
+
+
+def test_bad_usage_exits_2() -> None:
+    assert omni("up", "--nodes", "0").returncode == 2
+    assert omni("status", "--coordinator", "nonsense").returncode == 2
+    assert omni().returncode == 2
