@@ -73,16 +73,18 @@ def _generated_files(directory: Path) -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if omni_rpc/v1 is stale")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder of generated code")
     args = parser.parse_args()
+    out_dir: Path = args.out
     if not args.check:
-        for stale in OUT_DIR.glob("*_pb2*"):
+        for stale in out_dir.glob("*_pb2*"):
             stale.unlink()
-        for path in generate(OUT_DIR):
-            print(path.relative_to(ROOT))
+        for path in generate(out_dir):
+            print(path)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
-        fresh, committed = _generated_files(Path(tmp)), _generated_files(OUT_DIR)
+        fresh, committed = _generated_files(Path(tmp)), _generated_files(out_dir)
     stale_names = sorted(
         name for name in fresh.keys() | committed.keys() if fresh.get(name) != committed.get(name)
     )
