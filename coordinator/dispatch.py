@@ -3,6 +3,7 @@
 Each attempt relays one node's bidirectional stream to the client. Failures are classified:
 node-level errors fail over to another node (and count against the node), RESOURCE_EXHAUSTED
 tries elsewhere without blaming the node, request errors go straight back to the client.
+A stream that already delivered output is resumed on the next node from the delivered tokens.
 Attempts are spaced by full-jitter backoff and all of it happens inside the caller's deadline,
 which is passed on to each agent call explicitly (gRPC Python does not propagate it).
 """
@@ -83,7 +84,16 @@ class DispatchCounters:
     requests_succeeded: int = 0
     requests_failed: int = 0
     retries_total: int = 0
+    resumes_total: int = 0
     in_flight: int = 0
+
+
+@dataclass
+class Delivered:
+    """What the client has received so far: the point a failover resumes from."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -114,17 +124,16 @@ class Dispatcher:
         counters.requests_total += 1
         counters.in_flight += 1
         backoff = Backoff(config.RETRY_BACKOFF_BASE_S, config.RETRY_BACKOFF_CAP_S)
+        delivered = Delivered()
         tried: list[str] = []
         errors: list[str] = []
         ok = False
         try:
             for attempt in range(1, max_retries + 2):
-                node = await self._wait_for_node(request, tried, deadline, bound)
+                node = await self._wait_for_node(request, tried, deadline)
                 tried.append(node.node_id)
-                delivered = False
                 try:
-                    async for response in self._relay(node, request, attempt, deadline):
-                        delivered = True
+                    async for response in self._relay(node, request, attempt, deadline, delivered):
                         yield response
                     ok = True
                     return
@@ -132,24 +141,17 @@ class Dispatcher:
                     errors.append(f"[{attempt}] {exc}")
                     if exc.kind is Failure.REQUEST:
                         raise DispatchError(exc.code, exc.details) from None
-                    if delivered:
-                        # Resuming a started stream on another node needs the delivered
-                        # tokens replayed; until that exists, fail rather than duplicate.
-                        raise DispatchError(
-                            grpc.StatusCode.UNAVAILABLE,
-                            f"request {request.request_id} failed after output was delivered: "
-                            + "; ".join(errors),
-                        ) from None
                     if attempt > max_retries:
                         break
                     counters.retries_total += 1
                     delay = backoff.next_delay()
                     bound.info(
-                        "attempt failed, retrying on another node",
+                        "attempt failed, failing over",
                         node_id=exc.node_id,
                         attempt=attempt,
                         code=exc.code.name,
                         error=exc.details,
+                        resume_after_tokens=len(delivered.token_ids),
                         retry_in_s=round(delay, 3),
                     )
                     await _sleep_within(delay, deadline)
@@ -170,7 +172,6 @@ class Dispatcher:
         request: generate_pb2.GenerateRequest,
         tried: list[str],
         deadline: float | None,
-        bound: object,
     ) -> Node:
         """A node for the next attempt, waiting with backoff while there is none."""
         give_up = time.monotonic() + self.no_node_wait_s
@@ -193,16 +194,36 @@ class Dispatcher:
         request: generate_pb2.GenerateRequest,
         attempt: int,
         deadline: float | None,
+        delivered: Delivered,
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """One attempt: stream the node's responses; AttemptError if the node fails."""
+        """One attempt: stream the node's responses; AttemptError if the node fails.
+
+        When an earlier attempt already delivered output, the node is asked to resume after
+        it, so the client receives each token exactly once.
+        """
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        first = node_agent_pb2.AgentRequest(generate=request, attempt=attempt)
+        if delivered.token_ids:
+            first.resume.token_ids.extend(delivered.token_ids)
+            first.resume.text = "".join(delivered.text)
+            self.counters.resumes_total += 1
         node.in_flight += 1
         node.dispatched += 1
         call = node.agent.Generate(timeout=timeout)  # type: ignore[call-arg]
+        lost: list[str] = []
+
+        def on_lost(reason: str) -> None:
+            # The health monitor found the node unreachable (e.g. frozen): stop waiting on it.
+            lost.append(reason)
+            call.cancel()
+
+        node.lost_hooks.add(on_lost)
         finished = False
         try:
-            await call.write(node_agent_pb2.AgentRequest(generate=request, attempt=attempt))
+            await call.write(first)
             async for response in call:
+                delivered.token_ids.extend(response.token_ids)
+                delivered.text.append(response.text)
                 if response.finish_reason:
                     finished = True
                 yield response
@@ -212,32 +233,33 @@ class Dispatcher:
                     grpc.StatusCode.UNAVAILABLE,
                     "stream ended without a finish_reason",
                 )
-            node.served += 1
-            node.consecutive_failures = 0
+            self.registry.record_success(node)
         except grpc.aio.AioRpcError as exc:
-            error = AttemptError(node.node_id, exc.code(), exc.details() or "")
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(deadline):
                 # The caller's own deadline: not the node's fault, nothing to retry.
                 raise DispatchError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
                 ) from None
+            details = f"node lost: {lost[0]}" if lost else exc.details() or ""
+            error = AttemptError(node.node_id, exc.code(), details)
             if error.kind is Failure.NODE:
-                self._node_failed(node, error)
+                self.registry.record_failure(
+                    node, str(error), unreachable=exc.code() == grpc.StatusCode.UNAVAILABLE
+                )
+            raise error from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not lost or (task is not None and task.cancelling()):
+                raise  # the client went away, or the server is stopping
+            error = AttemptError(node.node_id, grpc.StatusCode.UNAVAILABLE, f"node lost: {lost[0]}")
+            self.registry.record_failure(node, str(error), unreachable=True)
             raise error from None
         finally:
+            node.lost_hooks.discard(on_lost)
             node.in_flight -= 1
             if not finished:
                 # Client cancelled, deadline, or failure: make sure the agent stops too.
                 call.cancel()
-
-    def _node_failed(self, node: Node, error: AttemptError) -> None:
-        node.failures += 1
-        node.consecutive_failures += 1
-        node.last_error = str(error)
-        if error.code == grpc.StatusCode.UNAVAILABLE:
-            # Likely gone: stop sending it work now; the probe re-admits it if it answers.
-            self.registry.report_health(node, False, f"request failed: {error}")
-        node.probe_now.set()
 
 
 def _expired(deadline: float | None) -> bool:

@@ -14,7 +14,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2
 
-from coordinator.registry import Node, Registry
+from coordinator.registry import UNHEALTHY, Node, Registry
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
@@ -24,6 +24,12 @@ log = get_logger("coordinator.health")
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _REQUEST = health_pb2.HealthCheckRequest(service=config.NODE_AGENT_SERVICE)
+# A check that fails this way means the node cannot be reached (or is frozen).
+_UNREACHABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
 
 
 class HealthMonitor:
@@ -48,14 +54,14 @@ class HealthMonitor:
             task.cancel()
 
     async def _watch(self, node: Node) -> None:
-        backoff = Backoff(config.NO_NODE_BACKOFF_BASE_S, config.JOIN_BACKOFF_CAP_S)
+        backoff = Backoff(config.PROBE_BACKOFF_BASE_S, self.interval_s)
         while True:
             call = node.health.Watch(_REQUEST)
             try:
                 async for response in call:
                     backoff.reset()
                     serving = response.status == _SERVING
-                    self.registry.report_health(
+                    self.registry.report_watch(
                         node, serving, f"health watch: {_status_name(response.status)}"
                     )
                 reason = "health watch stream ended"
@@ -63,15 +69,24 @@ class HealthMonitor:
                 reason = f"health watch stream broke: {exc.code().name}"
             finally:
                 call.cancel()
-            self.registry.report_health(node, False, reason)
+            # The stream only breaks when the connection does: the process is gone or cut off.
+            self.registry.report_unreachable(node, reason)
             await backoff.sleep()
 
     async def _check_loop(self, node: Node) -> None:
+        # Healthy nodes are checked every interval; unhealthy ones are re-probed sooner, with
+        # backoff, so a recovered node comes back quickly and a dead one costs little.
+        backoff = Backoff(config.PROBE_BACKOFF_BASE_S, self.interval_s)
         while True:
             await self.probe(node)
+            if node.verdict == UNHEALTHY:
+                wait_s = backoff.next_ceiling()
+            else:
+                backoff.reset()
+                wait_s = self.interval_s
             node.probe_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(node.probe_now.wait(), self.interval_s)
+                await asyncio.wait_for(node.probe_now.wait(), wait_s)
 
     async def probe(self, node: Node) -> None:
         """One active Check (with a deadline) plus a load refresh."""
@@ -83,15 +98,20 @@ class HealthMonitor:
             )
         except grpc.aio.AioRpcError as exc:
             node.last_health_check_at = time.time()
-            self.registry.report_health(
-                node, False, f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
-            )
+            reason = f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
+            if exc.code() in _UNREACHABLE:
+                self.registry.report_unreachable(node, reason)
+            else:
+                self.registry.report_probe(node, False, False, reason)
             return
         node.last_health_check_at = time.time()
         node.health_check_latency_ms = (time.monotonic() - started) * 1000.0
         node.load = load
-        self.registry.report_health(
-            node, response.status == _SERVING, f"health check: {_status_name(response.status)}"
+        self.registry.report_probe(
+            node,
+            response.status == _SERVING,
+            load.draining,
+            f"health check: {_status_name(response.status)}",
         )
 
 

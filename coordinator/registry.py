@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from coordinator.circuit import BreakerPolicy, CircuitBreaker
 from omni_rpc import config
 from omni_rpc.logging import get_logger
 from omni_rpc.v1 import coordinator_pb2, node_agent_pb2, node_agent_pb2_grpc, registry_pb2
@@ -46,17 +47,27 @@ class Node:
     left: bool = False
     state_reason: str = "joined"
     state_since: float = field(default_factory=time.time)
+    breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(BreakerPolicy()))
+    # The agent itself is draining (it said so in its load report).
+    self_draining: bool = False
+    # Consecutive passing probes while unhealthy (re-admission needs READMIT_AFTER_PROBES).
+    good_probes: int = 0
     in_flight: int = 0
     dispatched: int = 0
     served: int = 0
     failures: int = 0
-    consecutive_failures: int = 0
     last_error: str = ""
     load: node_agent_pb2.NodeLoad | None = None
     last_health_check_at: float = 0.0
     health_check_latency_ms: float = 0.0
     # Set when dispatch saw a node-level failure: the health monitor probes at once.
     probe_now: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called with a reason when the node is found unreachable: streams on it are cancelled.
+    lost_hooks: set[Callable[[str], None]] = field(default_factory=set)
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self.breaker.consecutive_failures
 
     @property
     def node_id(self) -> str:
@@ -74,7 +85,7 @@ class Node:
     def state(self) -> int:
         if self.left:
             return LEFT
-        if self.drained:
+        if self.drained or self.self_draining:
             return DRAINING
         return self.verdict
 
@@ -103,6 +114,8 @@ class Node:
             state_since=self.state_since,
             last_health_check_at=self.last_health_check_at,
             health_check_latency_ms=self.health_check_latency_ms,
+            ejections=self.breaker.ejections,
+            ejected_until=self.breaker.ejected_until,
         )
         if self.load is not None:
             info.load.CopyFrom(self.load)
@@ -115,7 +128,13 @@ NodeListener = Callable[[Node], None]
 class Registry:
     """All known nodes, by id. Listeners hear of nodes added and removed (health monitors)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        breaker_policy: BreakerPolicy | None = None,
+        readmit_after: int = config.READMIT_AFTER_PROBES,
+    ) -> None:
+        self.breaker_policy = breaker_policy or BreakerPolicy()
+        self.readmit_after = readmit_after
         self.nodes: dict[str, Node] = {}
         self.on_added: list[NodeListener] = []
         self.on_removed: list[NodeListener] = []
@@ -150,6 +169,7 @@ class Registry:
             channel=channel,
             agent=node_agent_pb2_grpc.NodeAgentStub(channel),
             health=health_pb2_grpc.HealthStub(channel),
+            breaker=CircuitBreaker(self.breaker_policy),
         )
         self.nodes[node.node_id] = node
         log.info(
@@ -182,12 +202,74 @@ class Registry:
         self.remove(node, f"left: {reason}" if reason else "left")
         return True
 
-    def report_health(self, node: Node, serving: bool, reason: str) -> None:
-        """A health verdict from a probe or the watch stream."""
-        verdict = HEALTHY if serving else UNHEALTHY
-        if node.verdict == verdict:
+    def report_watch(self, node: Node, serving: bool, reason: str) -> None:
+        """A status pushed by the node's Watch stream."""
+        if serving and node.verdict == JOINING:
+            self._set_verdict(node, HEALTHY, reason)
+        elif not serving:
+            # Engine dead or agent draining: no new work now; a probe tells which.
+            node.good_probes = 0
+            self._set_verdict(node, UNHEALTHY, reason)
+        node.probe_now.set()
+
+    def report_probe(self, node: Node, serving: bool, draining: bool, reason: str) -> None:
+        """The outcome of an active Check (with the load report that came with it)."""
+        if draining != node.self_draining:
+            self._transition(
+                node,
+                "agent is draining" if draining else "agent stopped draining",
+                lambda: setattr(node, "self_draining", draining),
+            )
+        if not serving:
+            node.good_probes = 0
+            if not draining:
+                self._set_verdict(node, UNHEALTHY, reason)
             return
-        self._transition(node, reason, lambda: setattr(node, "verdict", verdict))
+        if node.verdict == JOINING:
+            self._set_verdict(node, HEALTHY, reason)
+        elif node.verdict == UNHEALTHY:
+            if node.breaker.is_open():
+                node.good_probes = 0
+                return
+            node.good_probes += 1
+            if node.good_probes >= self.readmit_after:
+                self._set_verdict(
+                    node, HEALTHY, f"{node.good_probes} consecutive passing health checks"
+                )
+
+    def report_unreachable(self, node: Node, reason: str) -> None:
+        """The node does not answer (stream broke, check deadline): eject, cancel its streams."""
+        node.good_probes = 0
+        self._set_verdict(node, UNHEALTHY, reason)
+        for hook in list(node.lost_hooks):
+            hook(reason)
+
+    def record_success(self, node: Node) -> None:
+        node.served += 1
+        node.breaker.record_success()
+
+    def record_failure(self, node: Node, error: str, unreachable: bool) -> None:
+        """A node-level failure of a real request (passive health signal)."""
+        node.failures += 1
+        node.last_error = error
+        ejected_s = node.breaker.record_failure()
+        if ejected_s:
+            node.good_probes = 0
+            self._set_verdict(
+                node,
+                UNHEALTHY,
+                f"circuit breaker open after {self.breaker_policy.threshold} consecutive "
+                f"failures (ejection #{node.breaker.ejections}, {ejected_s:g}s): {error}",
+            )
+        elif unreachable:
+            # Likely gone: stop sending it work now; a probe re-admits it if it answers.
+            node.good_probes = 0
+            self._set_verdict(node, UNHEALTHY, f"request failed: {error}")
+        node.probe_now.set()
+
+    def _set_verdict(self, node: Node, verdict: int, reason: str) -> None:
+        if node.verdict != verdict:
+            self._transition(node, reason, lambda: setattr(node, "verdict", verdict))
 
     def set_drained(self, node: Node, drained: bool) -> None:
         if node.drained == drained:

@@ -33,6 +33,7 @@ def cluster_stats(
         requests_succeeded=counters.requests_succeeded,
         requests_failed=counters.requests_failed,
         retries_total=counters.retries_total,
+        resumes_total=counters.resumes_total,
         in_flight=counters.in_flight,
         coordinator_id=coordinator_id,
         uptime_s=time.time() - started_at,

@@ -32,6 +32,9 @@ class EngineRequest:
     prompt: str = ""
     prompt_token_ids: tuple[int, ...] = ()
     inputs: tuple[tuple[str, bytes], ...] = ()
+    # Output another node already delivered: continue after it (see the Resume message).
+    resume_token_ids: tuple[int, ...] = ()
+    resume_text: str = ""
 
 
 @dataclass
@@ -77,6 +80,10 @@ class Engine(abc.ABC):
     kind: str = ""
     #: The model this engine serves.
     model: str = ""
+    #: Failure modes ``set_fault`` accepts (an engine without fault injection has none).
+    faults: tuple[str, ...] = ()
+    #: The failure mode switched on now.
+    fault: str = "none"
 
     def __init__(self) -> None:
         self._health_listeners: list[HealthListener] = []
@@ -106,6 +113,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self) -> None: ...
+
+    def set_fault(self, mode: str) -> None:
+        """Switch a failure mode on ("none" switches them off); for tests and chaos runs."""
+        raise ValueError(f"engine {self.kind!r} has no fault injection")
 
     def add_health_listener(self, listener: HealthListener) -> None:
         """Call ``listener(healthy)`` whenever the engine's health changes."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import socket
 import sys
 
 from node_agent.engine import Engine
-from node_agent.engines.sim import SimConfig, SimEngine
+from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
 from node_agent.membership import Membership
 from node_agent.service import NodeAgentService
 from omni_rpc import __version__, config, servers
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="relative slow-down per additional running request",
     )
     p.add_argument("--sim-max-concurrency", type=_positive(int), default=SimConfig.max_concurrency)
+    p.add_argument(
+        "--sim-fault",
+        choices=FAULTS,
+        default="none",
+        help="start with this failure mode; SIGUSR1 toggles dead, SIGUSR2 fail_requests",
+    )
     p.add_argument("--max-tokens-cap", type=_positive(int), default=config.MAX_TOKENS_CAP)
     p.add_argument(
         "--shutdown-grace",
@@ -78,6 +85,18 @@ def build_engine(args: argparse.Namespace) -> Engine:
             model=args.model,
         )
     )
+
+
+def _install_fault_signals(engine: Engine) -> None:
+    """SIGUSR1 toggles the engine's "dead" mode, SIGUSR2 its "fail_requests" mode."""
+    loop = asyncio.get_running_loop()
+
+    def toggle(mode: str) -> None:
+        engine.set_fault("none" if engine.fault == mode else mode)
+        log.warning("fault injection", fault=engine.fault)
+
+    loop.add_signal_handler(signal.SIGUSR1, toggle, "dead")
+    loop.add_signal_handler(signal.SIGUSR2, toggle, "fail_requests")
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -106,6 +125,9 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("engine health changed", healthy=healthy)
 
     engine.add_health_listener(on_engine_health)
+    if engine.faults:
+        _install_fault_signals(engine)
+        engine.set_fault(args.sim_fault)
     await server.start()
     await engine.start()
     servers.write_port_file(args.port_file, port)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from node_agent.engine import Delta, Engine, EngineDead, EngineOverloaded, EngineRequest
+from node_agent.engine import Delta, Engine, EngineError, EngineOverloaded, EngineRequest
 from omni_rpc import config
 from omni_rpc.logging import get_logger
 from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc
@@ -115,6 +115,8 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             prompt=request.prompt,
             prompt_token_ids=tuple(request.prompt_token_ids),
             inputs=tuple((m.mime_type, m.data) for m in request.inputs),
+            resume_token_ids=tuple(first.resume.token_ids),
+            resume_text=first.resume.text,
         )
         attempt = first.attempt or 1
         bound = log.bind(request_id=request.request_id, node_id=self.node_id, attempt=attempt)
@@ -141,7 +143,8 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineOverloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineDead as exc:
+        except EngineError as exc:
+            # A node-level failure: INTERNAL makes the coordinator fail the call over.
             bound.warning("engine failed the request", error=str(exc))
             await context.abort(grpc.StatusCode.INTERNAL, f"engine failure: {exc}")
         finally:

@@ -28,6 +28,13 @@ class Backoff:
         self.attempts += 1
         return delay
 
+    def next_ceiling(self) -> float:
+        """The next delay without jitter (for probes, where spreading matters less than
+        a predictable pace)."""
+        delay = self.ceiling()
+        self.attempts += 1
+        return delay
+
     def reset(self) -> None:
         self.attempts = 0
 

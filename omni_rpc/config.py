@@ -70,3 +70,13 @@ KEEPALIVE_SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+
+# Circuit breaker (outlier detection): eject after this many consecutive node-level request
+# failures, for base * (number of ejections) seconds, at most max.
+BREAKER_CONSECUTIVE_FAILURES = 5
+BREAKER_BASE_EJECTION_S = 30.0
+BREAKER_MAX_EJECTION_S = 300.0
+# An unhealthy node is re-admitted after this many consecutive passing probes (hysteresis),
+# re-probed with backoff from PROBE_BACKOFF_BASE_S up to the health-check interval.
+READMIT_AFTER_PROBES = 2
+PROBE_BACKOFF_BASE_S = 0.1

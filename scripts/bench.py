@@ -343,8 +343,11 @@ async def run_phase(
         async with slots:
             try:
                 sample = await targets[index % len(targets)](request)
-            except (grpc.aio.AioRpcError, RuntimeError) as exc:
-                phase.errors.append(str(exc).splitlines()[0][:200])
+            except grpc.aio.AioRpcError as exc:
+                phase.errors.append(f"{exc.code().name}: {exc.details()}"[:300])
+                return
+            except RuntimeError as exc:
+                phase.errors.append(str(exc)[:300])
                 return
             phase.samples.append(sample)
 

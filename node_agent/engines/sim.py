@@ -14,11 +14,18 @@ Output is a pure function, so a test can compute what any request must return:
   ``ignore_eos`` changes nothing. Sampling temperature, top_p and top_k do not change output.
 * Usage: ``prompt_tokens`` is the number of prompt token ids, or of whitespace-separated words
   of a text prompt (at least 1).
+* A resumed request (``resume_token_ids``, the tokens another node already delivered) continues
+  at position ``len(resume_token_ids)``: the concatenation is exactly the undisturbed output.
 
 ``simulate(...)`` computes the whole completion; the engine streams the same thing with time to
 first token ``ttft_ms`` and an inter-token latency of ``itl_ms * (1 + itl_growth * (running -
 1))``, so a busier engine is slower, as a batching engine is. At most ``max_concurrency``
 requests run; the rest wait in FIFO order.
+
+Fault injection (``set_fault``, or ``--sim-fault`` and SIGUSR1/SIGUSR2 in the agent):
+``dead`` stops the engine (health turns false, running requests fail at their next token,
+new ones are refused) until the mode is set back to ``none``; ``fail_requests`` keeps the
+engine healthy but fails every request, as a broken GPU that still answers health checks would.
 """
 
 from __future__ import annotations
@@ -28,7 +35,14 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from node_agent.engine import Delta, Engine, EngineDead, EngineLoad, EngineRequest
+from node_agent.engine import (
+    Delta,
+    Engine,
+    EngineDead,
+    EngineError,
+    EngineLoad,
+    EngineRequest,
+)
 
 VOCAB_SIZE = 4096
 _CONSONANTS = "bdfghklmnprstvz"
@@ -101,8 +115,12 @@ class SimConfig:
     model: str = "sim"
 
 
+FAULTS = ("none", "dead", "fail_requests")
+
+
 class SimEngine(Engine):
     kind = "sim"
+    faults = FAULTS
 
     def __init__(self, cfg: SimConfig | None = None) -> None:
         super().__init__()
@@ -115,18 +133,28 @@ class SimEngine(Engine):
         self._healthy = False
         self._started = self._finished = self._aborted = self._failed = 0
         self._generated_tokens = 0
+        self.fault = "none"
 
     @property
     def capacity(self) -> int:
         return self.cfg.max_concurrency
 
     async def start(self) -> None:
-        self._healthy = True
-        self._notify_health(True)
+        self._set_healthy(self.fault != "dead")
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self._healthy:
+            self._healthy = healthy
+            self._notify_health(healthy)
+
+    def set_fault(self, mode: str) -> None:
+        if mode not in FAULTS:
+            raise ValueError(f"unknown fault {mode!r} (known: {', '.join(FAULTS)})")
+        self.fault = mode
+        self._set_healthy(mode != "dead")
 
     async def stop(self) -> None:
-        self._healthy = False
-        self._notify_health(False)
+        self._set_healthy(False)
 
     def is_healthy(self) -> bool:
         return self._healthy
@@ -156,6 +184,8 @@ class SimEngine(Engine):
         self._started += 1
         outcome = "aborted"  # unless the stream reaches its end or the engine fails
         try:
+            if self.fault == "fail_requests":
+                raise EngineError("injected failure: the engine fails every request")
             self._waiting += 1
             try:
                 await self._slots.acquire()
@@ -170,7 +200,7 @@ class SimEngine(Engine):
             finally:
                 self._running -= 1
                 self._slots.release()
-        except EngineDead:
+        except EngineError:
             outcome = "failed"
             raise
         finally:
@@ -192,15 +222,25 @@ class SimEngine(Engine):
         # Text that could still turn out to be the start of a stop string is held back, as
         # vLLM does, so the streamed text always adds up to the final text.
         holdback = max((len(x) for x in s.stop), default=1) - 1
-        text, emitted = "", 0
+        start = len(request.resume_token_ids)
+        text = "".join(word(t) for t in request.resume_token_ids)
+        emitted = len(request.resume_text)
         await asyncio.sleep(self.cfg.ttft_ms / 1000.0)
-        for position in range(s.max_tokens):
+        if start >= s.max_tokens:  # the previous node died just before saying it was done
+            yield Delta(
+                text=text[emitted:],
+                finish_reason="length",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=start,
+            )
+            return
+        for position in range(start, s.max_tokens):
             if request.request_id in self._aborts:
                 yield Delta(
                     finish_reason="abort", prompt_tokens=prompt_tokens, completion_tokens=position
                 )
                 return
-            if position:
+            if position > start:
                 await asyncio.sleep(self._inter_token_s())
             if not self._healthy:
                 raise EngineDead("simulated engine stopped mid-request")

@@ -74,6 +74,8 @@ class NodeInfo(_message.Message):
     STATE_SINCE_FIELD_NUMBER: _builtins.int
     LAST_HEALTH_CHECK_AT_FIELD_NUMBER: _builtins.int
     HEALTH_CHECK_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    EJECTIONS_FIELD_NUMBER: _builtins.int
+    EJECTED_UNTIL_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     model: _builtins.str
@@ -97,6 +99,9 @@ class NodeInfo(_message.Message):
     last_health_check_at: _builtins.float
     health_check_latency_ms: _builtins.float
     """Round-trip time of the last successful health check, in milliseconds."""
+    ejections: _builtins.int
+    """Times the circuit breaker ejected the node, and until when (Unix seconds; 0: not ejected)."""
+    ejected_until: _builtins.float
     @_builtins.property
     def gpu(self) -> _registry_pb2.GpuInfo: ...
     @_builtins.property
@@ -126,10 +131,12 @@ class NodeInfo(_message.Message):
         state_since: _builtins.float = ...,
         last_health_check_at: _builtins.float = ...,
         health_check_latency_ms: _builtins.float = ...,
+        ejections: _builtins.int = ...,
+        ejected_until: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "consecutive_failures", b"consecutive_failures", "dispatched", b"dispatched", "engine", b"engine", "failures", b"failures", "gpu", b"gpu", "health_check_latency_ms", b"health_check_latency_ms", "in_flight", b"in_flight", "joined_at", b"joined_at", "last_error", b"last_error", "last_health_check_at", b"last_health_check_at", "load", b"load", "model", b"model", "node_id", b"node_id", "served", b"served", "state", b"state", "state_reason", b"state_reason", "state_since", b"state_since", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "consecutive_failures", b"consecutive_failures", "dispatched", b"dispatched", "ejected_until", b"ejected_until", "ejections", b"ejections", "engine", b"engine", "failures", b"failures", "gpu", b"gpu", "health_check_latency_ms", b"health_check_latency_ms", "in_flight", b"in_flight", "joined_at", b"joined_at", "last_error", b"last_error", "last_health_check_at", b"last_health_check_at", "load", b"load", "model", b"model", "node_id", b"node_id", "served", b"served", "state", b"state", "state_reason", b"state_reason", "state_since", b"state_since", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -212,6 +219,7 @@ class ClusterStats(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     UPTIME_S_FIELD_NUMBER: _builtins.int
+    RESUMES_TOTAL_FIELD_NUMBER: _builtins.int
     num_nodes: _builtins.int
     strategy: _builtins.str
     health_check_interval_s: _builtins.float
@@ -224,6 +232,8 @@ class ClusterStats(_message.Message):
     in_flight: _builtins.int
     coordinator_id: _builtins.str
     uptime_s: _builtins.float
+    resumes_total: _builtins.int
+    """Attempts that continued a stream another node had started."""
     @_builtins.property
     def healthy_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -252,10 +262,11 @@ class ClusterStats(_message.Message):
         in_flight: _builtins.int = ...,
         coordinator_id: _builtins.str = ...,
         uptime_s: _builtins.float = ...,
+        resumes_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "health_check_interval_s", b"health_check_interval_s", "health_stats", b"health_stats", "healthy_nodes", b"healthy_nodes", "in_flight", b"in_flight", "load_distribution", b"load_distribution", "max_retries", b"max_retries", "num_nodes", b"num_nodes", "requests_failed", b"requests_failed", "requests_succeeded", b"requests_succeeded", "requests_total", b"requests_total", "retries_total", b"retries_total", "strategy", b"strategy", "unhealthy_nodes", b"unhealthy_nodes", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "health_check_interval_s", b"health_check_interval_s", "health_stats", b"health_stats", "healthy_nodes", b"healthy_nodes", "in_flight", b"in_flight", "load_distribution", b"load_distribution", "max_retries", b"max_retries", "num_nodes", b"num_nodes", "requests_failed", b"requests_failed", "requests_succeeded", b"requests_succeeded", "requests_total", b"requests_total", "resumes_total", b"resumes_total", "retries_total", b"retries_total", "strategy", b"strategy", "unhealthy_nodes", b"unhealthy_nodes", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,8 +3,10 @@
 isort:skip_file
 The service each node agent serves to the coordinator: one agent owns one engine."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from omni_rpc.v1 import generate_pb2 as _generate_pb2
 import builtins as _builtins
 import sys
@@ -24,6 +26,7 @@ class AgentRequest(_message.Message):
     GENERATE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     """Set by the coordinator on the first message: which attempt this is (1-based), echoed in
     every response so the client sees where each delta came from.
@@ -32,22 +35,56 @@ class AgentRequest(_message.Message):
     def generate(self) -> _generate_pb2.GenerateRequest: ...
     @_builtins.property
     def cancel(self) -> Global___Cancel: ...
+    @_builtins.property
+    def resume(self) -> Global___Resume:
+        """Set on the first message when this attempt continues a stream another node started."""
+
     def __init__(
         self,
         *,
         generate: _generate_pb2.GenerateRequest | None = ...,
         cancel: Global___Cancel | None = ...,
         attempt: _builtins.int = ...,
+        resume: Global___Resume | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "generate", b"generate", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "generate", b"generate", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel", b"cancel", "generate", b"generate", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel", b"cancel", "generate", b"generate", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["generate", "cancel"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AgentRequest: _TypeAlias = AgentRequest  # noqa: Y015
+
+@_typing.final
+class Resume(_message.Message):
+    """What the client already received of this request. The engine continues after these tokens
+    (the prompt followed by them), emits only what comes next, and counts max_tokens and usage
+    over the whole generation, so the client sees each token exactly once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text delivered so far (it may lag the tokens where a stop string was being matched)."""
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resume: _TypeAlias = Resume  # noqa: Y015
 
 @_typing.final
 class Cancel(_message.Message):

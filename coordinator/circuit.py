@@ -1,0 +1,47 @@
+"""Per-node circuit breaker: passive outlier detection on real requests.
+
+Health probes can pass while requests fail (a wedged GPU behind a live process). After
+``threshold`` consecutive node-level failures the node is ejected for ``base_s * n`` seconds
+(n = how many times it has been ejected), capped at ``max_s``, as Envoy's outlier detection
+does. While ejected, passing probes do not re-admit it; afterwards they do (half-open), and
+one successful request closes the breaker.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from omni_rpc import config
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    threshold: int = config.BREAKER_CONSECUTIVE_FAILURES
+    base_s: float = config.BREAKER_BASE_EJECTION_S
+    max_s: float = config.BREAKER_MAX_EJECTION_S
+
+
+@dataclass
+class CircuitBreaker:
+    policy: BreakerPolicy
+    consecutive_failures: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+
+    def record_failure(self, now: float | None = None) -> float:
+        """Count a failure; return the ejection time in seconds if this one trips it, else 0."""
+        self.consecutive_failures += 1
+        if self.consecutive_failures < self.policy.threshold:
+            return 0.0
+        self.ejections += 1
+        self.consecutive_failures = 0
+        duration = min(self.policy.max_s, self.policy.base_s * self.ejections)
+        self.ejected_until = (now if now is not None else time.time()) + duration
+        return duration
+
+    def is_open(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) < self.ejected_until
