@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from coordinator.balancer import Balancer
+from coordinator.circuit import BreakerPolicy
 from coordinator.dispatch import Dispatcher
 from coordinator.health import HealthMonitor
 from coordinator.registry import Registry
@@ -81,6 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.SHUTDOWN_GRACE_S,
         help="seconds in-flight calls get to finish after SIGTERM",
     )
+    p.add_argument(
+        "--breaker-failures",
+        type=_int_at_least(1),
+        default=config.BREAKER_CONSECUTIVE_FAILURES,
+        help="consecutive node-level request failures that eject a node",
+    )
+    p.add_argument(
+        "--breaker-base-ejection",
+        type=_float_at_least(0.0),
+        default=config.BREAKER_BASE_EJECTION_S,
+        help="ejection time in seconds, multiplied by the number of ejections",
+    )
+    p.add_argument(
+        "--breaker-max-ejection",
+        type=_float_at_least(0.0),
+        default=config.BREAKER_MAX_EJECTION_S,
+        help="longest ejection in seconds",
+    )
+    p.add_argument(
+        "--readmit-after",
+        type=_int_at_least(1),
+        default=config.READMIT_AFTER_PROBES,
+        help="consecutive passing probes that re-admit an unhealthy node",
+    )
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--port-file", help="write the bound port to this file once serving")
@@ -89,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     stop = servers.stop_event_on_signals()
-    registry = Registry()
+    registry = Registry(
+        BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
+        readmit_after=args.readmit_after,
+    )
     HealthMonitor(registry, args.health_check_interval, args.health_check_timeout)
     dispatcher = Dispatcher(
         registry,
