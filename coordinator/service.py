@@ -64,6 +64,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 code=exc.code.name,
                 error=exc.message,
             )
+            # Marks the status as the coordinator's verdict: clients must not retry it as if
+            # the coordinator had been unreachable.
+            context.set_trailing_metadata(((config.FINAL_ERROR_METADATA, "1"),))
             await context.abort(exc.code, exc.message)
 
     async def GetStats(

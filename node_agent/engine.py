@@ -67,6 +67,7 @@ class EngineLoad:
     finished: int = 0
     aborted: int = 0
     failed: int = 0
+    rejected: int = 0
     generated_tokens: int = 0
 
 

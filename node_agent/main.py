@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sim-max-concurrency", type=_positive(int), default=SimConfig.max_concurrency)
     p.add_argument(
+        "--sim-max-queue",
+        type=int,
+        default=-1,
+        help="requests that may wait for a slot; more are refused as RESOURCE_EXHAUSTED (-1: any)",
+    )
+    p.add_argument(
         "--sim-fault",
         choices=FAULTS,
         default="none",
@@ -82,6 +88,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
             itl_ms=args.sim_itl_ms,
             itl_growth=args.sim_itl_growth,
             max_concurrency=args.sim_max_concurrency,
+            max_queue=None if args.sim_max_queue < 0 else args.sim_max_queue,
             model=args.model,
         )
     )

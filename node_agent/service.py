@@ -186,6 +186,7 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             engine_healthy=self.engine.is_healthy(),
             draining=self.draining,
             generated_tokens=load.generated_tokens,
+            rejected=load.rejected,
         )
 
 

@@ -80,3 +80,6 @@ BREAKER_MAX_EJECTION_S = 300.0
 # re-probed with backoff from PROBE_BACKOFF_BASE_S up to the health-check interval.
 READMIT_AFTER_PROBES = 2
 PROBE_BACKOFF_BASE_S = 0.1
+
+# Trailing metadata key the coordinator sets on errors that are its final answer.
+FINAL_ERROR_METADATA = "omni-final"

@@ -17,6 +17,7 @@ from typing import Any, cast
 import grpc
 
 from omni_rpc import config
+from omni_rpc.backoff import Backoff
 from omni_rpc.client import CoordinatorClient, node_dict, stats_dict
 from omni_rpc.launcher import LocalCluster
 from omni_rpc.strategies import STRATEGIES, Candidate, make_strategy
@@ -52,6 +53,8 @@ class GenerationDelta:
     node_id: str
     attempt: int
     request_id: str
+    # Set on the last delta: token counts of the whole generation.
+    usage: dict[str, int] | None = None
 
 
 @dataclass
@@ -95,6 +98,22 @@ def build_request(
         else:
             setattr(params, key, value)
     return request
+
+
+def _usage(response: generate_pb2.GenerateResponse) -> dict[str, int]:
+    return {
+        "prompt_tokens": response.usage.prompt_tokens,
+        "completion_tokens": response.usage.completion_tokens,
+    }
+
+
+def _coordinator_unreachable(exc: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE from the transport, not a verdict of the coordinator (which marks its
+    own errors with trailing metadata)."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailing = exc.trailing_metadata() or ()
+    return config.FINAL_ERROR_METADATA not in {str(item[0]) for item in trailing}  # type: ignore[index]
 
 
 class DistributedOrchestrator:
@@ -224,24 +243,43 @@ class DistributedOrchestrator:
         timeout: float | None = None,
         **sampling: Any,
     ) -> AsyncGenerator[GenerationDelta, None]:
-        """Stream one generation as deltas."""
+        """Stream one generation as deltas.
+
+        While the coordinator is unreachable (restarting, say), a call that has received
+        nothing yet waits and is retried with backoff until its deadline; failover between
+        nodes is the coordinator's job.
+        """
         request = build_request(prompt, max_retries, sampling)
         await self._ensure_ready()
-        call = self._stub().Generate(request, timeout=timeout or self.timeout)
-        try:
-            async for response in call:
-                yield GenerationDelta(
-                    text=response.text,
-                    token_ids=list(response.token_ids),
-                    finish_reason=response.finish_reason or None,
-                    node_id=response.node_id,
-                    attempt=response.attempt,
-                    request_id=response.request_id,
-                )
-        except grpc.aio.AioRpcError as exc:
-            raise GenerationError(exc.code(), exc.details() or "", request.request_id) from None
-        finally:
-            call.cancel()
+        deadline = time.monotonic() + (timeout or self.timeout)
+        backoff = Backoff(config.RETRY_BACKOFF_BASE_S, config.RETRY_BACKOFF_CAP_S)
+        while True:
+            received = False
+            call = self._stub().Generate(
+                request, timeout=max(0.0, deadline - time.monotonic()), wait_for_ready=True
+            )
+            try:
+                async for response in call:
+                    received = True
+                    yield GenerationDelta(
+                        text=response.text,
+                        token_ids=list(response.token_ids),
+                        finish_reason=response.finish_reason or None,
+                        node_id=response.node_id,
+                        attempt=response.attempt,
+                        request_id=response.request_id,
+                        usage=_usage(response) if response.finish_reason else None,
+                    )
+                return
+            except grpc.aio.AioRpcError as exc:
+                retry = not received and _coordinator_unreachable(exc)
+                if not retry or time.monotonic() >= deadline:
+                    raise GenerationError(
+                        exc.code(), exc.details() or "", request.request_id
+                    ) from None
+            finally:
+                call.cancel()
+            await backoff.sleep(deadline - time.monotonic())
 
     async def generate_one(
         self,
@@ -251,31 +289,25 @@ class DistributedOrchestrator:
         timeout: float | None = None,
         **sampling: Any,
     ) -> GenerationResult:
-        request = build_request(prompt, max_retries, sampling)
-        await self._ensure_ready()
+        """Generate for one prompt and return the whole result."""
         texts: list[str] = []
         token_ids: list[int] = []
         nodes: list[str] = []
-        last = generate_pb2.GenerateResponse()
-        try:
-            async for response in self._stub().Generate(request, timeout=timeout or self.timeout):
-                texts.append(response.text)
-                token_ids.extend(response.token_ids)
-                if not nodes or nodes[-1] != response.node_id:
-                    nodes.append(response.node_id)
-                last = response
-        except grpc.aio.AioRpcError as exc:
-            raise GenerationError(exc.code(), exc.details() or "", request.request_id) from None
+        last: GenerationDelta | None = None
+        async for delta in self.stream(prompt, max_retries, timeout=timeout, **sampling):
+            texts.append(delta.text)
+            token_ids.extend(delta.token_ids)
+            if not nodes or nodes[-1] != delta.node_id:
+                nodes.append(delta.node_id)
+            last = delta
+        assert last is not None and last.usage is not None  # streams end with a final delta
         return GenerationResult(
             text="".join(texts),
             token_ids=token_ids,
-            finish_reason=last.finish_reason,
+            finish_reason=last.finish_reason or "",
             node_id=last.node_id,
             attempts=last.attempt,
-            usage={
-                "prompt_tokens": last.usage.prompt_tokens,
-                "completion_tokens": last.usage.completion_tokens,
-            },
+            usage=last.usage,
             request_id=last.request_id,
             nodes=nodes,
         )

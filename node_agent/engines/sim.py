@@ -41,6 +41,7 @@ from node_agent.engine import (
     EngineDead,
     EngineError,
     EngineLoad,
+    EngineOverloaded,
     EngineRequest,
 )
 
@@ -112,6 +113,8 @@ class SimConfig:
     # Relative slow-down of each token per additional running request.
     itl_growth: float = 0.02
     max_concurrency: int = 64
+    # Requests allowed to wait for a slot; beyond it the engine is full (None: no limit).
+    max_queue: int | None = None
     model: str = "sim"
 
 
@@ -134,6 +137,7 @@ class SimEngine(Engine):
         self._started = self._finished = self._aborted = self._failed = 0
         self._generated_tokens = 0
         self.fault = "none"
+        self._rejected = 0
 
     @property
     def capacity(self) -> int:
@@ -172,6 +176,7 @@ class SimEngine(Engine):
             finished=self._finished,
             aborted=self._aborted,
             failed=self._failed,
+            rejected=self._rejected,
             generated_tokens=self._generated_tokens,
         )
 
@@ -186,6 +191,12 @@ class SimEngine(Engine):
         try:
             if self.fault == "fail_requests":
                 raise EngineError("injected failure: the engine fails every request")
+            full = self._running >= self.cfg.max_concurrency
+            if full and self.cfg.max_queue is not None and self._waiting >= self.cfg.max_queue:
+                raise EngineOverloaded(
+                    f"engine full: {self._running} running, {self._waiting} waiting "
+                    f"(max_queue {self.cfg.max_queue})"
+                )
             self._waiting += 1
             try:
                 await self._slots.acquire()
@@ -200,6 +211,9 @@ class SimEngine(Engine):
             finally:
                 self._running -= 1
                 self._slots.release()
+        except EngineOverloaded:
+            outcome = "rejected"
+            raise
         except EngineError:
             outcome = "failed"
             raise
@@ -212,6 +226,8 @@ class SimEngine(Engine):
             self._finished += 1
         elif outcome == "failed":
             self._failed += 1
+        elif outcome == "rejected":
+            self._rejected += 1
         else:
             self._aborted += 1
 
