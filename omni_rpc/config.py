@@ -81,5 +81,9 @@ BREAKER_MAX_EJECTION_S = 300.0
 READMIT_AFTER_PROBES = 2
 PROBE_BACKOFF_BASE_S = 0.1
 
+# Set by the launcher: a child shuts down when this process is gone.
+PARENT_PID_ENV = "OMNI_PARENT_PID"
+ORPHAN_CHECK_INTERVAL_S = 0.5
+
 # Trailing metadata key the coordinator sets on errors that are its final answer.
 FINAL_ERROR_METADATA = "omni-final"

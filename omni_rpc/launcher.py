@@ -2,13 +2,13 @@
 
 Used by the SDK (``DistributedOrchestrator`` without ``coordinator=``) and ``omni up``. The
 children are the real servers (``python -m coordinator`` / ``python -m node_agent``); each is
-told to die with its parent (PR_SET_PDEATHSIG) so a crashed parent leaves no orphans.
+given the parent's pid (``OMNI_PARENT_PID``) and shut down when it is gone, so a crashed parent
+leaves no orphans. (No ``preexec_fn``: forking a process that runs gRPC threads can abort the
+child inside gRPC's fork handlers before it reaches exec.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -20,13 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni_rpc import config
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LaunchError(RuntimeError):
@@ -147,13 +140,13 @@ class LocalCluster:
         log_file = open(log_path, "ab")
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[config.PARENT_PID_ENV] = str(os.getpid())
         process = subprocess.Popen(
             [sys.executable, *argv, "--log-format", self.log_format],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=_die_with_parent,
         )
         log_file.close()
         return Child(name, process, log_path)

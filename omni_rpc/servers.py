@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from omni_rpc import config
+from omni_rpc.logging import get_logger
 
 
 def new_server() -> grpc.aio.Server:
@@ -76,9 +78,29 @@ def write_port_file(path: str | None, port: int) -> None:
 
 
 def stop_event_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT, for a graceful shutdown."""
+    """An event set by SIGTERM or SIGINT, for a graceful shutdown, or when the launcher that
+    started this process (``OMNI_PARENT_PID``) is gone."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    parent = os.environ.get(config.PARENT_PID_ENV)
+    if parent and parent.isdigit():
+        task = loop.create_task(_stop_when_orphaned(int(parent), stop))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
     return stop
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            get_logger("omni_rpc.servers").warning(
+                "launcher process is gone, shutting down", parent_pid=parent_pid
+            )
+            stop.set()
+            return
+        await asyncio.sleep(config.ORPHAN_CHECK_INTERVAL_S)

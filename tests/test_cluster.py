@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -383,3 +384,33 @@ async def test_local_cluster_from_the_sdk_seed_example() -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_children_shut_down_when_the_launcher_dies(tmp_path: Path) -> None:
+    script = (
+        "import sys, time\n"
+        "from omni_rpc.launcher import LocalCluster\n"
+        f"c = LocalCluster(num_nodes=1, log_dir=__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "c.start()\n"
+        "print(c.coordinator.process.pid, c.agents[0].process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    pids = [int(p) for p in launcher.stdout.readline().split()]
+    assert len(pids) == 2
+    launcher.kill()  # no chance to clean up
+    launcher.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # An exited child of a dead parent is reaped by init; a zombie counts as gone.
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in pids), 20.0, "the orphaned children to exit")
