@@ -2,7 +2,10 @@
 
 omni up --nodes 3                 coordinator + 3 agents in the foreground (Ctrl-C stops)
 omni status [--json]              node table and request totals
+omni nodes [--json]               node table only
 omni generate "PROMPT"            stream one completion to stdout
+omni drain NODE [--wait]          stop new dispatch to NODE (--wait: until nothing is in flight)
+omni undrain NODE                 re-admit a drained node
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from typing import Any, NoReturn, TextIO
 import grpc
 
 from omni_rpc import __version__, config
-from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, stats_dict
+from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
 from omni_rpc.launcher import LaunchError, LocalCluster
 from omni_rpc.sdk import ENGINES, build_request
 from omni_rpc.strategies import STRATEGIES
 from omni_rpc.v1 import coordinator_pb2_grpc
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
-LAST_ERROR_WIDTH = 40
+DETAIL_WIDTH = 60
+DRAIN_POLL_INTERVAL_S = 0.2
 
 
 # -- argument types ------------------------------------------------------------------------
@@ -153,6 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="report node, attempt and usage on stderr"
     )
     generate.set_defaults(func=cmd_generate)
+
+    nodes = commands.add_parser("nodes", help="show the node table")
+    _add_coordinator_option(nodes)
+    nodes.add_argument("--json", action="store_true", help="print the nodes as a JSON list")
+    nodes.set_defaults(func=cmd_nodes)
+
+    drain = commands.add_parser("drain", help="stop new dispatch to a node")
+    drain.add_argument("node", metavar="NODE", help="node id (see `omni nodes`)")
+    _add_coordinator_option(drain)
+    drain.add_argument(
+        "--wait", action="store_true", help="wait until no request is left on the node"
+    )
+    drain.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="S",
+        help="with --wait: give up (exit 1) after S seconds (default: %(default)s)",
+    )
+    drain.set_defaults(func=cmd_drain)
+
+    undrain = commands.add_parser("undrain", help="re-admit a drained node")
+    undrain.add_argument("node", metavar="NODE", help="node id (see `omni nodes`)")
+    _add_coordinator_option(undrain)
+    undrain.set_defaults(func=cmd_undrain)
     return parser
 
 
@@ -298,37 +327,88 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_status(stats: dict[str, Any]) -> str:
-    """The human view of ``stats_dict(...)``: one row per node and a summary line."""
-    header = (
-        "NODE",
-        "STATE",
-        "ADDRESS",
-        "IN_FLIGHT",
-        "RUNNING/WAITING",
-        "SERVED",
-        "FAILURES",
-        "LAST_ERROR",
+def _age(then: float, now: float) -> str:
+    """``2.1s ago``, ``3m ago``; ``-`` for a time never set (0)."""
+    if then <= 0:
+        return "-"
+    age = max(0.0, now - then)  # the coordinator's clock may be a little ahead of ours
+    if age < 60:
+        return f"{age:.1f}s ago"
+    if age < 3600:
+        return f"{age / 60:.0f}m ago"
+    return f"{age / 3600:.1f}h ago"
+
+
+NODE_HEADER = (
+    "NODE",
+    "STATE",
+    "ADDRESS",
+    "IN_FLIGHT",
+    "RUN/WAIT",
+    "SERVED",
+    "FAILURES",
+    "CONSEC",
+    "EJECTIONS",
+    "PROBED",
+    "PROBE_MS",
+)
+
+
+def _node_row(node: dict[str, Any], now: float) -> tuple[str, ...]:
+    probed = node["last_health_check_at"] > 0
+    return (
+        node["node_id"],
+        node["state"],
+        node["address"],
+        str(node["in_flight"]),
+        f"{node['load']['running']}/{node['load']['waiting']}",
+        str(node["served"]),
+        str(node["failures"]),
+        str(node["consecutive_failures"]),
+        str(node["ejections"]),
+        _age(node["last_health_check_at"], now),
+        f"{node['health_check_latency_ms']:.1f}" if probed else "-",
     )
-    rows = [
-        (
-            node_id,
-            node["state"],
-            node["address"],
-            str(node["in_flight"]),
-            f"{node['load']['running']}/{node['load']['waiting']}",
-            str(node["served"]),
-            str(node["failures"]),
-            _truncate(node["last_error"], LAST_ERROR_WIDTH) or "-",
-        )
-        for node_id, node in stats["health_stats"].items()
-    ]
+
+
+def _node_details(node: dict[str, Any], now: float) -> list[str]:
+    """The indented lines under a node's row: why it is in its state, its last error."""
+    details = []
+    if node["state_reason"]:
+        details.append(f"reason: {_truncate(node['state_reason'], DETAIL_WIDTH)}")
+    if node["ejected_until"] > now:
+        details.append(f"ejected for another {node['ejected_until'] - now:.1f}s")
+    if node["last_error"]:
+        details.append(f"last error: {_truncate(node['last_error'], DETAIL_WIDTH)}")
+    return details
+
+
+def format_nodes(nodes: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    """The node table: one row per ``node_dict(...)``, details indented under it."""
+    if not nodes:
+        return "(no nodes have joined)"
+    now = time.time() if now is None else now
+    rows = [_node_row(node, now) for node in nodes]
+    lines = _table(NODE_HEADER, rows).splitlines()
+    out = [lines[0]]
+    for node, line in zip(nodes, lines[1:], strict=True):
+        out.append(line)
+        out.extend(f"    {detail}" for detail in _node_details(node, now))
+    return "\n".join(out)
+
+
+def format_status(stats: dict[str, Any], now: float | None = None) -> str:
+    """The human view of ``stats_dict(...)``: the node table and a summary line."""
+    # The coordinator counts draining nodes as healthy; say how many take no new work.
+    draining = sum(1 for node in stats["health_stats"].values() if node["state"] == "draining")
     summary = (
-        f"{len(stats['healthy_nodes'])}/{stats['num_nodes']} nodes healthy, "
+        f"{len(stats['healthy_nodes'])}/{stats['num_nodes']} nodes healthy"
+        f"{f' ({draining} draining)' if draining else ''}, "
         f"strategy {stats['strategy']}, requests: {stats['requests_total']} total, "
-        f"{stats['requests_succeeded']} succeeded, {stats['requests_failed']} failed"
+        f"{stats['requests_succeeded']} succeeded, {stats['requests_failed']} failed, "
+        f"{stats['retries_total']} retries, {stats['resumes_total']} resumed"
     )
-    table = _table(header, rows) if rows else "(no nodes have joined)"
+    table = format_nodes(list(stats["health_stats"].values()), now)
     return f"{table}\n\n{summary}"
 
 
@@ -342,6 +422,85 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:
         print(format_status(stats))
+    return 0
+
+
+# -- omni nodes ----------------------------------------------------------------------------
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    client = CoordinatorClient(args.coordinator)
+    try:
+        nodes = [node_dict(n) for n in client.nodes()]
+    finally:
+        client.close()
+    nodes.sort(key=lambda n: str(n["node_id"]))
+    if args.json:
+        print(json.dumps(nodes, indent=2, sort_keys=True))
+    else:
+        print(format_nodes(nodes))
+    return 0
+
+
+# -- omni drain / undrain ------------------------------------------------------------------
+
+
+def _describe(node: dict[str, Any]) -> str:
+    reason = f" ({node['state_reason']})" if node["state_reason"] else ""
+    return f"{node['node_id']}: {node['state']}{reason}"
+
+
+def _wait_drained(client: CoordinatorClient, node_id: str, timeout_s: float) -> int:
+    """Poll ListNodes (no side effects, unlike DrainNode) until nothing is left on the node."""
+    deadline = time.monotonic() + timeout_s
+    reported: int | None = None
+    while True:
+        node = next((node_dict(n) for n in client.nodes() if n.node_id == node_id), None)
+        if node is None or node["state"] == "left":
+            print(f"{node_id}: left the cluster; nothing in flight", flush=True)
+            return 0
+        if node["state"] != "draining":
+            print(f"omni: {node_id} is no longer draining ({_describe(node)})", file=sys.stderr)
+            return 1
+        in_flight = node["in_flight"]
+        if in_flight == 0:
+            print(f"{node_id}: drained, no requests in flight", flush=True)
+            return 0
+        if in_flight != reported:
+            print(f"{node_id}: waiting for {in_flight} in flight", flush=True)
+            reported = in_flight
+        if time.monotonic() > deadline:
+            print(
+                f"omni: {node_id} still has {in_flight} request(s) in flight after {timeout_s:g}s",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(DRAIN_POLL_INTERVAL_S)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    client = CoordinatorClient(args.coordinator)
+    try:
+        response = client.drain(args.node)
+        node = node_dict(response.node)
+        print(f"{_describe(node)}, {node['in_flight']} in flight", flush=True)
+        if response.drained:
+            print(f"{args.node}: drained, no requests in flight")
+            return 0
+        if not args.wait:
+            return 0
+        return _wait_drained(client, args.node, args.timeout)
+    finally:
+        client.close()
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    client = CoordinatorClient(args.coordinator)
+    try:
+        node = node_dict(client.drain(args.node, undrain=True).node)
+    finally:
+        client.close()
+    print(_describe(node))
     return 0
 
 
@@ -401,6 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except CoordinatorUnreachable as exc:
         print(f"omni: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        # The coordinator's answer, e.g. NOT_FOUND "no node 'node-9' (known: node-0, node-1)".
+        code, details = exc.code(), exc.details()
+        print(f"omni: {details or code.name}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -64,6 +64,8 @@ def node_dict(node: coordinator_pb2.NodeInfo) -> dict[str, Any]:
         "state_since": node.state_since,
         "last_health_check_at": node.last_health_check_at,
         "health_check_latency_ms": node.health_check_latency_ms,
+        "ejections": node.ejections,
+        "ejected_until": node.ejected_until,
     }
 
 
@@ -82,6 +84,7 @@ def stats_dict(stats: coordinator_pb2.ClusterStats) -> dict[str, Any]:
         "requests_succeeded": stats.requests_succeeded,
         "requests_failed": stats.requests_failed,
         "retries_total": stats.retries_total,
+        "resumes_total": stats.resumes_total,
         "in_flight": stats.in_flight,
         "coordinator_id": stats.coordinator_id,
         "uptime_s": stats.uptime_s,

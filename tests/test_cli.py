@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 
 from node_agent.engines.sim import simulate
+from omni_rpc.cli import format_status
+from omni_rpc.client import node_dict
+from omni_rpc.v1 import coordinator_pb2
 
 OMNI = [sys.executable, "-m", "omni_rpc"]
 
@@ -159,7 +162,135 @@ def test_generate_reports_server_errors_with_their_code(
     assert "max_tokens" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["generate", "hi"]])
+def node_state(address: str, node_id: str) -> str:
+    result = omni("status", "--json", "--coordinator", address)
+    assert result.returncode == 0, result.stderr
+    state: str = json.loads(result.stdout)["health_stats"][node_id]["state"]
+    return state
+
+
+def test_drain_nodes_and_undrain(
+    omni_up: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    process, address, _ = omni_up
+    poll(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
+
+    drained = omni("drain", "node-0", "--wait", "--timeout", "20", "--coordinator", address)
+    assert drained.returncode == 0, drained.stderr
+    assert "node-0: draining" in drained.stdout
+    assert "drained, no requests in flight" in drained.stdout
+
+    stats = json.loads(omni("status", "--json", "--coordinator", address).stdout)
+    node0 = stats["health_stats"]["node-0"]
+    assert node0["state"] == "draining"
+    assert node0["state_reason"] == "drained by operator"
+    # Draining nodes are healthy, just not taking new work (the coordinator's convention).
+    assert stats["healthy_nodes"] == ["node-0", "node-1"]
+    assert {"ejections", "ejected_until"} <= node0.keys()
+    assert "resumes_total" in stats
+
+    status = omni("status", "--coordinator", address)
+    assert status.returncode == 0, status.stderr
+    header = status.stdout.splitlines()[0].split()
+    assert {"CONSEC", "EJECTIONS", "PROBED", "PROBE_MS"} <= set(header)
+    assert "reason: drained by operator" in status.stdout
+    assert "s ago" in status.stdout  # both nodes have been probed
+    assert "2/2 nodes healthy (1 draining)" in status.stdout
+
+    # Every request goes to the node left, and still succeeds.
+    for _ in range(3):
+        generated = omni("generate", "hello", "--max-tokens", "5", "-v", "--coordinator", address)
+        assert generated.returncode == 0, generated.stderr
+        assert generated.stdout == simulate("hello", max_tokens=5).text + "\n"
+        assert generated.stderr.startswith("[node-1, "), generated.stderr
+
+    nodes = omni("nodes", "--json", "--coordinator", address)
+    assert nodes.returncode == 0, nodes.stderr
+    listed = json.loads(nodes.stdout)
+    assert isinstance(listed, list)
+    assert [n["node_id"] for n in listed] == ["node-0", "node-1"]
+    assert [n["state"] for n in listed] == ["draining", "healthy"]
+    assert listed[0]["served"] == 0 and listed[1]["served"] == 3
+
+    table = omni("nodes", "--coordinator", address)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith("NODE ")
+    assert "node-0" in table.stdout and "node-1" in table.stdout
+    assert "nodes healthy" not in table.stdout  # no summary
+
+    # Draining again is idempotent, and an idle node is drained at once.
+    again = omni("drain", "node-0", "--coordinator", address)
+    assert again.returncode == 0, again.stderr
+    assert "drained, no requests in flight" in again.stdout
+
+    undrained = omni("undrain", "node-0", "--coordinator", address)
+    assert undrained.returncode == 0, undrained.stderr
+    assert undrained.stdout.startswith("node-0: healthy"), undrained.stdout
+    assert node_state(address, "node-0") == "healthy"
+
+    unknown = omni("drain", "node-9", "--coordinator", address)
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("omni: ")
+    assert "node-9" in unknown.stderr
+    assert "node-0" in unknown.stderr and "node-1" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    assert omni("undrain", "node-9", "--coordinator", address).returncode == 1
+
+
+def test_format_status_puts_details_under_their_node() -> None:
+    now = 1000.0
+    node = node_dict(coordinator_pb2.NodeInfo(node_id="node-0", address="127.0.0.1:1"))
+    never_probed = {**node, "state": "joining"}
+    failing = {
+        **node,
+        "node_id": "node-1",
+        "state": "unhealthy",
+        "state_reason": "health check failed: " + "x" * 200,
+        "consecutive_failures": 3,
+        "ejections": 2,
+        "ejected_until": now + 4.0,
+        "last_error": "UNAVAILABLE:\nconnection refused",
+        "last_health_check_at": now - 2.14,
+        "health_check_latency_ms": 1.25,
+    }
+    stats = {
+        "num_nodes": 2,
+        "healthy_nodes": [],
+        "strategy": "least_loaded",
+        "requests_total": 5,
+        "requests_succeeded": 4,
+        "requests_failed": 1,
+        "retries_total": 2,
+        "resumes_total": 1,
+        "health_stats": {"node-0": never_probed, "node-1": failing},
+    }
+    lines = format_status(stats, now=now).splitlines()
+    assert lines[0].split()[-4:] == ["CONSEC", "EJECTIONS", "PROBED", "PROBE_MS"]
+    assert lines[1].startswith("node-0") and lines[1].split()[-2:] == ["-", "-"]
+    assert lines[2].startswith("node-1")
+    assert lines[2].split()[-5:] == ["3", "2", "2.1s", "ago", "1.2"]
+    assert lines[3].startswith("    reason: health check failed: xxx")
+    assert lines[3].endswith("...") and len(lines[3]) < 80
+    assert lines[4] == "    ejected for another 4.0s"
+    assert lines[5] == "    last error: UNAVAILABLE: connection refused"
+    assert lines[6] == ""
+    assert lines[7].startswith("0/2 nodes healthy")
+    assert "2 retries, 1 resumed" in lines[7]
+    assert max(len(line) for line in lines[:3]) < 120
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["status", "--json"],
+        ["generate", "hi"],
+        ["nodes"],
+        ["drain", "node-0"],
+        ["undrain", "node-0"],
+    ],
+)
 def test_unreachable_coordinator_is_one_line_naming_the_address(command: list[str]) -> None:
     address = f"127.0.0.1:{free_port()}"
     result = omni(*command, "--coordinator", address)
@@ -182,3 +313,5 @@ def test_bad_usage_exits_2() -> None:
     assert omni("up", "--nodes", "0").returncode == 2
     assert omni("status", "--coordinator", "nonsense").returncode == 2
     assert omni().returncode == 2
+    assert omni("drain").returncode == 2
+    assert omni("drain", "node-0", "--timeout", "0").returncode == 2
