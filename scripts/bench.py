@@ -26,7 +26,9 @@ import asyncio
 import datetime as dt
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -222,10 +224,13 @@ def cpu_snapshot(cluster: LocalCluster) -> dict[str, float]:
 def start_cluster(scenario: Scenario) -> tuple[LocalCluster, list[str]]:
     """Start a cluster and wait until its nodes are healthy; return it and the agent addresses.
 
-    The cluster is returned even when waiting fails (inside the exception), so the caller can
-    stop it: see ``run_scenario``.
+    If the nodes do not become healthy the cluster is stopped here before the error propagates.
     """
-    cluster = LocalCluster(num_nodes=NUM_NODES, agent_args=scenario.agent_args())
+    cluster = LocalCluster(
+        num_nodes=NUM_NODES,
+        agent_args=scenario.agent_args(),
+        log_dir=Path(tempfile.mkdtemp(prefix="omni-bench-")),
+    )
     try:
         address = cluster.start()
         client = CoordinatorClient(address, timeout_s=2.0)
@@ -271,7 +276,8 @@ def direct_target(stub: node_agent_pb2_grpc.NodeAgentAsyncStub) -> Target:
         finished = False
         try:
             await stream.write(node_agent_pb2.AgentRequest(generate=request, attempt=1))
-            sample, finished = await _consume(stream, start)
+            sample = await _consume(stream, start)
+            finished = True
         finally:
             if not finished:
                 stream.cancel()
@@ -286,7 +292,8 @@ def coordinator_target(stub: coordinator_pb2_grpc.CoordinatorAsyncStub) -> Targe
         stream = stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
         finished = False
         try:
-            sample, finished = await _consume(stream, start)
+            sample = await _consume(stream, start)
+            finished = True
         finally:
             if not finished:
                 stream.cancel()
@@ -299,7 +306,7 @@ async def _consume(
     stream: grpc.aio.UnaryStreamCall[generate_pb2.GenerateRequest, generate_pb2.GenerateResponse]
     | grpc.aio.StreamStreamCall[node_agent_pb2.AgentRequest, generate_pb2.GenerateResponse],
     start: float,
-) -> tuple[Sample, bool]:
+) -> Sample:
     first: float | None = None
     tokens = messages = 0
     finish_reason = ""
@@ -315,7 +322,7 @@ async def _consume(
     if finish_reason != "length" or tokens != MAX_TOKENS:
         raise RuntimeError(f"unexpected end: finish_reason={finish_reason!r} tokens={tokens}")
     assert first is not None
-    return Sample(first - start, end - start, tokens, messages), True
+    return Sample(first - start, end - start, tokens, messages)
 
 
 # --- phases ------------------------------------------------------------------------------------
@@ -378,6 +385,7 @@ async def run_scenario(scenario: Scenario) -> list[Phase]:
     # Blocking the loop here is harmless: nothing is in flight between phases.
     cluster, agent_addresses = start_cluster(scenario)
     channels: list[grpc.aio.Channel] = []
+    ok = False
     try:
         options = config.GRPC_MESSAGE_OPTIONS
         for address in agent_addresses:
@@ -400,11 +408,16 @@ async def run_scenario(scenario: Scenario) -> list[Phase]:
                 await run_phase(phase, targets, cluster)
                 phases.append(phase)
         cluster.check_alive()
+        ok = True
         return phases
     finally:
         for channel in channels:
             await channel.close(None)
         cluster.stop()
+        if ok:
+            shutil.rmtree(cluster.log_dir or "", ignore_errors=True)
+        else:
+            print(f"cluster logs kept in {cluster.log_dir}", file=sys.stderr)
 
 
 async def run_all(scenarios: Sequence[Scenario]) -> list[Phase]:
@@ -670,8 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         phases = asyncio.run(run_all(scenarios))
-    except LaunchError as exc:
-        print(f"bench: cluster failed: {exc}", file=sys.stderr)
+    except (LaunchError, RuntimeError) as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
         return 1
     duration = time.perf_counter() - started
     print()
