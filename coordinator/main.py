@@ -12,7 +12,7 @@ from coordinator.dispatch import Dispatcher
 from coordinator.health import HealthMonitor
 from coordinator.registry import Registry
 from coordinator.service import CoordinatorService, RegistryService
-from omni_rpc import config, servers
+from omni_rpc import argtypes, config, servers
 from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
 from omni_rpc.strategies import STRATEGIES, make_strategy
 from omni_rpc.v1 import coordinator_pb2_grpc, registry_pb2_grpc
@@ -20,27 +20,6 @@ from omni_rpc.v1 import coordinator_pb2_grpc, registry_pb2_grpc
 log = get_logger("coordinator")
 
 SERVICES = [config.COORDINATOR_SERVICE, config.REGISTRY_SERVICE]
-
-
-def _float_at_least(minimum: float, exclusive: bool = False):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> float:
-        value = float(text)
-        if not (value > minimum if exclusive else value >= minimum):
-            op = ">" if exclusive else ">="
-            raise argparse.ArgumentTypeError(f"must be {op} {minimum}, got {text}")
-        return value
-
-    return parse
-
-
-def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,56 +32,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--health-check-interval",
-        type=_float_at_least(0.0, exclusive=True),
+        type=argtypes.positive_float,
         default=config.DEFAULT_HEALTH_CHECK_INTERVAL_S,
         help="seconds between checks",
     )
     p.add_argument(
         "--health-check-timeout",
-        type=_float_at_least(0.0, exclusive=True),
+        type=argtypes.positive_float,
         default=config.DEFAULT_HEALTH_CHECK_TIMEOUT_S,
         help="deadline of each active health check, seconds",
     )
     p.add_argument(
         "--max-retries",
-        type=_int_at_least(0),
+        type=argtypes.non_negative_int,
         default=config.DEFAULT_MAX_RETRIES,
         help="further attempts on other nodes after a failure",
     )
-    p.add_argument("--max-tokens-cap", type=_int_at_least(1), default=config.MAX_TOKENS_CAP)
+    p.add_argument("--max-tokens-cap", type=argtypes.positive_int, default=config.MAX_TOKENS_CAP)
     p.add_argument(
         "--no-node-wait",
-        type=_float_at_least(0.0),
+        type=argtypes.non_negative_float,
         default=config.NO_NODE_WAIT_S,
         help="without a caller deadline, how long Generate waits for a healthy node",
     )
     p.add_argument(
         "--shutdown-grace",
-        type=_float_at_least(0.0),
+        type=argtypes.non_negative_float,
         default=config.SHUTDOWN_GRACE_S,
         help="seconds in-flight calls get to finish after SIGTERM",
     )
     p.add_argument(
         "--breaker-failures",
-        type=_int_at_least(1),
+        type=argtypes.positive_int,
         default=config.BREAKER_CONSECUTIVE_FAILURES,
         help="consecutive node-level request failures that eject a node",
     )
     p.add_argument(
         "--breaker-base-ejection",
-        type=_float_at_least(0.0),
+        type=argtypes.non_negative_float,
         default=config.BREAKER_BASE_EJECTION_S,
         help="ejection time in seconds, multiplied by the number of ejections",
     )
     p.add_argument(
         "--breaker-max-ejection",
-        type=_float_at_least(0.0),
+        type=argtypes.non_negative_float,
         default=config.BREAKER_MAX_EJECTION_S,
         help="longest ejection in seconds",
     )
     p.add_argument(
         "--readmit-after",
-        type=_int_at_least(1),
+        type=argtypes.positive_int,
         default=config.READMIT_AFTER_PROBES,
         help="consecutive passing probes that re-admit an unhealthy node",
     )

@@ -12,30 +12,13 @@ from node_agent.engine import Engine
 from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
 from node_agent.membership import Membership
 from node_agent.service import NodeAgentService
-from omni_rpc import __version__, config, servers
+from omni_rpc import __version__, argtypes, config, servers
 from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
 from omni_rpc.v1 import node_agent_pb2_grpc, registry_pb2
 
 log = get_logger("node_agent")
 
 ENGINES = ("sim",)
-
-
-def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> float | int:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,15 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, default="sim")
     p.add_argument("--model", default="sim", help="model name served by this agent")
     p.add_argument("--gpu", type=int, default=-1, help="GPU index owned by this agent (-1: none)")
-    p.add_argument("--sim-ttft-ms", type=_non_negative_float, default=SimConfig.ttft_ms)
-    p.add_argument("--sim-itl-ms", type=_non_negative_float, default=SimConfig.itl_ms)
+    p.add_argument("--sim-ttft-ms", type=argtypes.non_negative_float, default=SimConfig.ttft_ms)
+    p.add_argument("--sim-itl-ms", type=argtypes.non_negative_float, default=SimConfig.itl_ms)
     p.add_argument(
         "--sim-itl-growth",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=SimConfig.itl_growth,
         help="relative slow-down per additional running request",
     )
-    p.add_argument("--sim-max-concurrency", type=_positive(int), default=SimConfig.max_concurrency)
+    p.add_argument(
+        "--sim-max-concurrency", type=argtypes.positive_int, default=SimConfig.max_concurrency
+    )
     p.add_argument(
         "--sim-max-queue",
         type=int,
@@ -68,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="start with this failure mode; SIGUSR1 toggles dead, SIGUSR2 fail_requests",
     )
-    p.add_argument("--max-tokens-cap", type=_positive(int), default=config.MAX_TOKENS_CAP)
+    p.add_argument("--max-tokens-cap", type=argtypes.positive_int, default=config.MAX_TOKENS_CAP)
     p.add_argument(
         "--shutdown-grace",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=config.SHUTDOWN_GRACE_S,
         help="seconds in-flight requests get to finish after SIGTERM",
     )

@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TextIO
 
 import grpc
 
-from omni_rpc import __version__, config
+from omni_rpc import __version__, argtypes, config
 from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
 from omni_rpc.launcher import LaunchError, LocalCluster
 from omni_rpc.sdk import ENGINES, build_request
@@ -34,44 +34,6 @@ from omni_rpc.v1 import coordinator_pb2_grpc
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 DETAIL_WIDTH = 60
 DRAIN_POLL_INTERVAL_S = 0.2
-
-
-# -- argument types ------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return text
 
 
 def _default_coordinator() -> str:
@@ -84,7 +46,7 @@ def _default_coordinator() -> str:
 def _add_coordinator_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--coordinator",
-        type=_host_port,
+        type=argtypes.host_port,
         default=_default_coordinator(),
         help="coordinator HOST:PORT (default: $OMNI_COORDINATOR or %(default)s)",
     )
@@ -98,20 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="start a coordinator and N agents (foreground)")
-    up.add_argument("--nodes", type=_positive_int, required=True, help="number of agents")
+    up.add_argument("--nodes", type=argtypes.positive_int, required=True, help="number of agents")
     up.add_argument("--engine", choices=ENGINES, default="sim")
     up.add_argument("--model", default="sim", help="model name served by every agent")
     up.add_argument("--strategy", choices=sorted(STRATEGIES), default=config.DEFAULT_STRATEGY)
     up.add_argument(
         "--health-check-interval",
-        type=_positive_float,
+        type=argtypes.positive_float,
         default=config.DEFAULT_HEALTH_CHECK_INTERVAL_S,
         metavar="S",
     )
-    up.add_argument("--max-retries", type=_non_negative_int, default=config.DEFAULT_MAX_RETRIES)
+    up.add_argument(
+        "--max-retries", type=argtypes.non_negative_int, default=config.DEFAULT_MAX_RETRIES
+    )
     up.add_argument(
         "--listen",
-        type=_host_port,
+        type=argtypes.host_port,
         default=DEFAULT_COORDINATOR,
         help="coordinator HOST:PORT (default: %(default)s)",
     )
@@ -122,16 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--startup-timeout",
-        type=_positive_float,
+        type=argtypes.positive_float,
         default=60.0,
         metavar="S",
         help="seconds to wait for every node to become healthy",
     )
     up.add_argument(
-        "--sim-ttft-ms", type=_non_negative_float, metavar="X", help="simulated time to first token"
+        "--sim-ttft-ms",
+        type=argtypes.non_negative_float,
+        metavar="X",
+        help="simulated time to first token",
     )
     up.add_argument(
-        "--sim-itl-ms", type=_non_negative_float, metavar="Y", help="simulated inter-token latency"
+        "--sim-itl-ms",
+        type=argtypes.non_negative_float,
+        metavar="Y",
+        help="simulated inter-token latency",
     )
     up.set_defaults(func=cmd_up)
 
@@ -143,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="stream one completion to stdout")
     generate.add_argument("prompt")
     _add_coordinator_option(generate)
-    generate.add_argument("--max-tokens", type=_positive_int, default=config.DEFAULT_MAX_TOKENS)
+    generate.add_argument(
+        "--max-tokens", type=argtypes.positive_int, default=config.DEFAULT_MAX_TOKENS
+    )
     generate.add_argument("--temperature", type=float)
     generate.add_argument("--seed", type=int)
     generate.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=argtypes.positive_float,
         default=60.0,
         metavar="S",
         help="deadline of the whole request (default: %(default)s)",
@@ -171,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drain.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=argtypes.positive_float,
         default=300.0,
         metavar="S",
         help="with --wait: give up (exit 1) after S seconds (default: %(default)s)",

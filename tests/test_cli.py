@@ -10,10 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,6 +19,7 @@ from node_agent.engines.sim import simulate
 from omni_rpc.cli import format_status
 from omni_rpc.client import node_dict
 from omni_rpc.v1 import coordinator_pb2
+from tests.conftest import wait_until
 
 OMNI = [sys.executable, "-m", "omni_rpc"]
 
@@ -53,17 +52,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def poll(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -123,7 +111,7 @@ def test_up_status_generate_and_ctrl_c(
     omni_up: tuple[subprocess.Popen[str], str, Path],
 ) -> None:
     process, address, log_dir = omni_up
-    poll(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
+    wait_until(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
 
     generated = omni("generate", "hello", "--max-tokens", "5", "--coordinator", address)
     assert generated.returncode == 0, generated.stderr
@@ -155,7 +143,7 @@ def test_generate_reports_server_errors_with_their_code(
     omni_up: tuple[subprocess.Popen[str], str, Path],
 ) -> None:
     process, address, _ = omni_up
-    poll(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
+    wait_until(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
     result = omni("generate", "hi", "--max-tokens", "100000", "--coordinator", address)
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: ")
@@ -173,7 +161,7 @@ def test_drain_nodes_and_undrain(
     omni_up: tuple[subprocess.Popen[str], str, Path],
 ) -> None:
     process, address, _ = omni_up
-    poll(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
+    wait_until(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
 
     drained = omni("drain", "node-0", "--wait", "--timeout", "20", "--coordinator", address)
     assert drained.returncode == 0, drained.stderr
