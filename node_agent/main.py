@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import signal
 import socket
 import sys
+from typing import Any
 
 from node_agent.engine import Engine
 from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
@@ -14,11 +17,14 @@ from node_agent.membership import Membership
 from node_agent.service import NodeAgentService
 from omni_rpc import __version__, argtypes, config, servers
 from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
+from omni_rpc.models import KNOWN as KNOWN_MODELS
+from omni_rpc.models import ModelError
+from omni_rpc.models import resolve as resolve_model
 from omni_rpc.v1 import node_agent_pb2_grpc, registry_pb2
 
 log = get_logger("node_agent")
 
-ENGINES = ("sim",)
+ENGINES = ("sim", "vllm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", help="HOST:PORT the coordinator dials (default: listen address)")
     p.add_argument("--node-id", help="stable node id (default: HOSTNAME-PORT)")
     p.add_argument("--engine", choices=ENGINES, default="sim")
-    p.add_argument("--model", default="sim", help="model name served by this agent")
+    p.add_argument(
+        "--model",
+        help="sim: a name; vllm: a model folder, a hub id, or a known name "
+        "(smollm2-135m-instruct, prepared once by `omni model prepare`)",
+    )
     p.add_argument("--gpu", type=int, default=-1, help="GPU index owned by this agent (-1: none)")
+    vllm = p.add_argument_group("vllm engine")
+    vllm.add_argument(
+        "--memory-buffer-gb",
+        type=argtypes.non_negative_float,
+        help="GPU memory left to others: gpu_memory_utilization=(total-G)/total",
+    )
+    vllm.add_argument("--max-model-len", type=argtypes.positive_int)
+    vllm.add_argument("--max-num-seqs", type=argtypes.positive_int, default=16)
+    vllm.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    vllm.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other vLLM engine argument (VALUE parsed as JSON when it can be)",
+    )
     p.add_argument("--sim-ttft-ms", type=argtypes.non_negative_float, default=SimConfig.ttft_ms)
     p.add_argument("--sim-itl-ms", type=argtypes.non_negative_float, default=SimConfig.itl_ms)
     p.add_argument(
@@ -66,7 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _engine_args(pairs: list[str]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg expects KEY=VALUE, got {pair!r}")
+        try:
+            extra[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key.replace("-", "_")] = value
+    return extra
+
+
 def build_engine(args: argparse.Namespace) -> Engine:
+    if args.engine == "vllm":
+        if not args.model:
+            raise ModelError("--engine vllm needs --model")
+        if args.gpu >= 0:
+            # Before torch or vLLM is imported: this process sees exactly its own GPU.
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        from node_agent.engines.vllm import VllmConfig, VllmEngine
+
+        return VllmEngine(
+            VllmConfig(
+                model=resolve_model(args.model),
+                served_name=args.model if args.model in KNOWN_MODELS else "",
+                max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs,
+                dtype=args.dtype,
+                memory_buffer_gb=args.memory_buffer_gb,
+                extra=_engine_args(args.engine_arg),
+            )
+        )
     return SimEngine(
         SimConfig(
             ttft_ms=args.sim_ttft_ms,
@@ -74,7 +132,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
             itl_growth=args.sim_itl_growth,
             max_concurrency=args.sim_max_concurrency,
             max_queue=None if args.sim_max_queue < 0 else args.sim_max_queue,
-            model=args.model,
+            model=args.model or "sim",
         )
     )
 
@@ -121,7 +179,14 @@ async def serve(args: argparse.Namespace) -> int:
         _install_fault_signals(engine)
         engine.set_fault(args.sim_fault)
     await server.start()
-    await engine.start()
+    try:
+        await engine.start()
+    except Exception as exc:  # a model that will not load: say so plainly, exit non-zero
+        log.error(
+            "engine failed to start", engine=engine.kind, error=f"{type(exc).__name__}: {exc}"
+        )
+        await server.stop(grace=None)
+        return 1
     servers.write_port_file(args.port_file, port)
     log.info("agent serving", address=address, engine=engine.kind, model=engine.model)
 
@@ -157,10 +222,14 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     try:
         return asyncio.run(serve(args))
+    except (ModelError, ValueError) as exc:
+        log.error("agent failed to start", error=str(exc))
+        parser.error(str(exc))  # exits 2 with the message
     except OSError as exc:
         log.error("agent failed to start", error=str(exc))
         return 1

@@ -6,6 +6,8 @@ omni nodes [--json]               node table only
 omni generate "PROMPT"            stream one completion to stdout
 omni drain NODE [--wait]          stop new dispatch to NODE (--wait: until nothing is in flight)
 omni undrain NODE                 re-admit a drained node
+omni model prepare NAME           build a known model's folder once; print its path
+omni model list                   the known model names
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, NoReturn, TextIO
 
 import grpc
 
-from omni_rpc import __version__, argtypes, config
+from omni_rpc import __version__, argtypes, config, models
 from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
 from omni_rpc.launcher import LaunchError, LocalCluster
 from omni_rpc.sdk import ENGINES, build_request
@@ -62,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start a coordinator and N agents (foreground)")
     up.add_argument("--nodes", type=argtypes.positive_int, required=True, help="number of agents")
     up.add_argument("--engine", choices=ENGINES, default="sim")
-    up.add_argument("--model", default="sim", help="model name served by every agent")
+    up.add_argument(
+        "--model",
+        help="model served by every agent (sim: any name; vllm: folder, hub id or known name)",
+    )
     up.add_argument("--strategy", choices=sorted(STRATEGIES), default=config.DEFAULT_STRATEGY)
     up.add_argument(
         "--health-check-interval",
@@ -87,9 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--startup-timeout",
         type=argtypes.positive_float,
-        default=60.0,
         metavar="S",
-        help="seconds to wait for every node to become healthy",
+        help="seconds to wait for every node to become healthy (default: 60 sim, 600 vllm)",
     )
     up.add_argument(
         "--sim-ttft-ms",
@@ -154,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     undrain.add_argument("node", metavar="NODE", help="node id (see `omni nodes`)")
     _add_coordinator_option(undrain)
     undrain.set_defaults(func=cmd_undrain)
+
+    model = commands.add_parser("model", help="prepare and list known models")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    prepare = model_commands.add_parser("prepare", help="build a known model's folder (once)")
+    prepare.add_argument("name", help=f"one of: {', '.join(sorted(models.KNOWN))}")
+    prepare.set_defaults(func=cmd_model_prepare)
+    listing = model_commands.add_parser("list", help="the known model names and their folders")
+    listing.set_defaults(func=cmd_model_list)
     return parser
 
 
@@ -257,7 +269,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         health_check_interval=args.health_check_interval,
         max_retries=args.max_retries,
         engine=args.engine,
-        model=args.model,
+        model=args.model or config.DEFAULT_MODELS[args.engine],
         coordinator_listen=args.listen,
         agent_args=agent_args,
         log_dir=args.log_dir,
@@ -265,9 +277,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Installed before anything starts, so a signal during start-up still stops every child.
     _install_signal_handlers(_raise_shutdown)
     code = 0
+    startup_timeout = args.startup_timeout or config.STARTUP_TIMEOUT_S[args.engine]
     try:
-        cluster.start(args.startup_timeout)
-        _wait_healthy(cluster, args.nodes, args.startup_timeout)
+        cluster.start(startup_timeout)
+        _wait_healthy(cluster, args.nodes, startup_timeout)
         _print_cluster(cluster)
         code = _watch(cluster)
     except _Shutdown as stop:
@@ -515,6 +528,24 @@ async def stream_generate(args: argparse.Namespace, out: TextIO, err: TextIO) ->
             f"tokens]",
             file=err,
         )
+    return 0
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    try:
+        path = models.prepare(args.name)
+    except models.ModelError as exc:
+        print(f"omni: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    for name in sorted(models.KNOWN):
+        folder = models.cache_dir() / name
+        where = str(folder) if (folder / "config.json").exists() else "(not prepared)"
+        print(f"{name}  {where}")
     return 0
 
 

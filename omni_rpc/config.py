@@ -11,6 +11,11 @@ DEFAULT_STRATEGY = "round_robin"
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5.0
 DEFAULT_MAX_RETRIES = 2
 
+# Engines: the model an agent serves when none is named, and how long a local cluster may
+# take to become healthy (a real engine loads its model first).
+DEFAULT_MODELS = {"sim": "sim", "vllm": "smollm2-135m-instruct"}
+STARTUP_TIMEOUT_S = {"sim": 60.0, "vllm": 600.0}
+
 # Requests.
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_CAP = 8192

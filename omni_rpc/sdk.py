@@ -26,7 +26,7 @@ from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
 Prompt = str | Sequence[int]
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-ENGINES = ("sim",)
+ENGINES = ("sim", "vllm")
 
 
 class GenerationError(RuntimeError):
@@ -107,6 +107,12 @@ def _usage(response: generate_pb2.GenerateResponse) -> dict[str, int]:
     }
 
 
+def _engine_flags(engine: str, memory_buffer_gb: float | None) -> list[str]:
+    if engine == "vllm" and memory_buffer_gb is not None:
+        return ["--memory-buffer-gb", str(memory_buffer_gb)]
+    return []
+
+
 def _coordinator_unreachable(exc: grpc.aio.AioRpcError) -> bool:
     """UNAVAILABLE from the transport, not a verdict of the coordinator (which marks its
     own errors with trailing metadata)."""
@@ -132,7 +138,7 @@ class DistributedOrchestrator:
         coordinator: str | None = None,
         engine: str = "sim",
         timeout: float = config.DEFAULT_REQUEST_TIMEOUT_S,
-        startup_timeout: float = 60.0,
+        startup_timeout: float | None = None,
         agent_args: Sequence[str] = (),
         coordinator_args: Sequence[str] = (),
     ) -> None:
@@ -164,7 +170,7 @@ class DistributedOrchestrator:
         self.max_retries = max_retries
         self.memory_buffer_gb = memory_buffer_gb
         self.timeout = timeout
-        self.startup_timeout = startup_timeout
+        self.startup_timeout = startup_timeout or config.STARTUP_TIMEOUT_S.get(engine, 60.0)
         self.cluster: LocalCluster | None = None
         self._ready = coordinator is not None
         if coordinator is None:
@@ -174,12 +180,12 @@ class DistributedOrchestrator:
                 health_check_interval=health_check_interval,
                 max_retries=max_retries,
                 engine=engine,
-                model=model or "sim",
-                agent_args=agent_args,
+                model=model or config.DEFAULT_MODELS[engine],
+                agent_args=[*agent_args, *_engine_flags(engine, memory_buffer_gb)],
                 coordinator_args=coordinator_args,
             )
             try:
-                coordinator = self.cluster.start(startup_timeout)
+                coordinator = self.cluster.start(self.startup_timeout)
             except BaseException:
                 self.cluster.stop()  # leave no half-started cluster behind
                 raise

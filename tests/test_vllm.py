@@ -1,0 +1,218 @@
+"""The real engine: vLLM (its CPU build here) with SmolLM2-135M-Instruct behind two agents.
+
+One cluster serves the whole module (each engine takes tens of seconds to load on two cores);
+the test that kills an agent runs last. The reference outputs come from vLLM called directly,
+in a separate process, on the same model folder and settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from omni_rpc import DistributedOrchestrator, GenerationError
+from omni_rpc.launcher import LocalCluster
+from omni_rpc.models import prepare
+from tests.conftest import agent_load, async_wait_until, node_address, wait_healthy, wait_until
+
+pytestmark = [pytest.mark.timeout(1200)]
+
+MODEL = "smollm2-135m-instruct"
+ENGINE_FLAGS = ["--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "8"]
+PROMPTS = [
+    "The capital of France is",
+    "Write one sentence about the sea.",
+    "List three colors:",
+    "def fibonacci(n):",
+]
+MAX_TOKENS = 24
+RESUME_PROMPT = "Tell me a short story about a robot who learns to paint."
+RESUME_TOKENS = 40
+
+REFERENCE = """
+import json, sys
+from vllm import LLM, SamplingParams
+from node_agent.engines.vllm import VllmConfig, engine_args
+
+
+def main():
+    prompts, max_tokens, resume_prompt, resume_tokens = json.loads(sys.argv[1])
+    cfg = VllmConfig(model=sys.argv[2], max_model_len=256, dtype="float32", max_num_seqs=8)
+    args = engine_args(cfg)
+    args.pop("disable_log_stats", None)
+    llm = LLM(**args)
+    out = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    long = llm.generate(
+        [resume_prompt],
+        SamplingParams(max_tokens=resume_tokens, temperature=0.0, ignore_eos=True),
+    )
+    print("REFERENCE " + json.dumps({
+        "texts": [o.outputs[0].text for o in out],
+        "ids": [list(o.outputs[0].token_ids) for o in out],
+        "resume_text": long[0].outputs[0].text,
+        "resume_ids": list(long[0].outputs[0].token_ids),
+    }))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return prepare(MODEL)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Greedy outputs of vLLM called directly (offline LLM API, its own process)."""
+    script = tmp_path_factory.mktemp("reference") / "reference.py"
+    script.write_text(REFERENCE)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            json.dumps([PROMPTS, MAX_TOKENS, RESUME_PROMPT, RESUME_TOKENS]),
+            str(model_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("REFERENCE ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("REFERENCE "))
+    return result
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(
+        num_nodes=2,
+        engine="vllm",
+        model=MODEL,
+        agent_args=ENGINE_FLAGS,
+        health_check_interval=0.5,
+        coordinator_args=["--health-check-timeout", "2"],
+        log_dir=tmp_path_factory.mktemp("vllm-cluster"),
+    )
+    try:
+        cluster.start()
+        wait_healthy(cluster, 2, timeout=900)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def orchestrator(cluster: LocalCluster) -> DistributedOrchestrator:
+    return DistributedOrchestrator(coordinator=cluster.coordinator_address, timeout=300)
+
+
+async def test_greedy_output_equals_vllm_called_directly(
+    cluster: LocalCluster, reference: dict[str, Any]
+) -> None:
+    orch = orchestrator(cluster)
+    results = await orch.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0.0)
+    assert [r.text for r in results] == reference["texts"]
+    assert [r.token_ids for r in results] == reference["ids"]
+    assert {r.node_id for r in results} == {"node-0", "node-1"}  # both engines answered
+    assert results[0].text.startswith(" Paris")
+    for r in results:
+        assert r.usage["completion_tokens"] == len(r.token_ids) and r.usage["prompt_tokens"] > 0
+    await orch.aclose()
+
+
+async def test_cancel_leaves_no_unfinished_request_in_vllm(cluster: LocalCluster) -> None:
+    orch = orchestrator(cluster)
+    stream = orch.stream("Count from one to a thousand:", max_tokens=200, ignore_eos=True)
+    first = await anext(stream)
+    address = node_address(cluster, first.node_id)
+    before = await agent_load(address)
+    assert before.running == 1  # vLLM's own count of unfinished requests
+    await stream.aclose()
+
+    async def drained() -> bool:
+        load = await agent_load(address)
+        return load.running == 0 and load.aborted == before.aborted + 1
+
+    await async_wait_until(drained, 10.0, "vLLM to drop the cancelled request")
+    await orch.aclose()
+
+
+async def test_prompt_longer_than_the_context_is_invalid_argument(cluster: LocalCluster) -> None:
+    orch = orchestrator(cluster)
+    with pytest.raises(GenerationError) as info:
+        await orch.generate(["hello " * 400], max_tokens=8)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "maximum context length is 256" in info.value.message
+    stats = orch.get_stats()
+    assert stats["healthy_nodes"] == ["node-0", "node-1"]
+    ok = await orch.generate(["The capital of France is"], max_tokens=4, temperature=0.0)
+    assert ok[0].text.startswith(" Paris")
+    await orch.aclose()
+
+
+async def test_sigkill_mid_stream_resumes_with_the_undisturbed_text(
+    cluster: LocalCluster, reference: dict[str, Any]
+) -> None:
+    orch = orchestrator(cluster)
+    text, ids = "", []
+    attempts: list[int] = []
+    nodes: list[str] = []
+    killed = False
+    async for delta in orch.stream(
+        RESUME_PROMPT, max_tokens=RESUME_TOKENS, temperature=0.0, ignore_eos=True
+    ):
+        text += delta.text
+        ids += delta.token_ids
+        if not attempts or attempts[-1] != delta.attempt:
+            attempts.append(delta.attempt)
+            nodes.append(delta.node_id)
+        if not killed and len(ids) >= 5:
+            killed = True
+            victim = cluster.agents[int(delta.node_id.rsplit("-", 1)[1])]
+            await asyncio.to_thread(os.kill, victim.process.pid, signal.SIGKILL)
+    assert attempts == [1, 2] and nodes[0] != nodes[1]
+    assert ids == reference["resume_ids"]
+    assert text == reference["resume_text"]
+    wait_until(
+        lambda: nodes[0] in orch.get_stats()["unhealthy_nodes"], 10.0, "the killed node unhealthy"
+    )
+    await orch.aclose()
+
+
+def test_bad_model_path_fails_at_start_up_with_a_clear_message(tmp_path: Path) -> None:
+    for model, expected in (
+        (str(tmp_path / "missing"), "does not exist"),
+        (str(tmp_path), "no config.json"),
+    ):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "node_agent",
+                "--coordinator",
+                "127.0.0.1:1",
+                "--engine",
+                "vllm",
+                "--model",
+                model,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2
+        assert expected in done.stderr and "Traceback" not in done.stderr
