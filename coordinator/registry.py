@@ -82,6 +82,10 @@ class Node:
         return self.info.capacity
 
     @property
+    def kv_cache_usage(self) -> float:
+        return self.load.kv_cache_usage if self.load is not None else 0.0
+
+    @property
     def state(self) -> int:
         if self.left:
             return LEFT

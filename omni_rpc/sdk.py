@@ -411,6 +411,7 @@ class _Planned:
     node_id: str
     in_flight: int
     capacity: int
+    kv_cache_usage: float = 0.0
 
 
 class LoadBalancer:
@@ -447,9 +448,9 @@ class LoadBalancer:
         if not ids:
             raise GenerationError(grpc.StatusCode.UNAVAILABLE, "no healthy nodes available")
         planned = [
-            _Planned(
-                i, nodes[i].in_flight if i in nodes else 0, nodes[i].capacity if i in nodes else 0
-            )
+            _Planned(i, nodes[i].in_flight, nodes[i].capacity, nodes[i].load.kv_cache_usage)
+            if i in nodes
+            else _Planned(i, 0, 0)
             for i in ids
         ]
         plan: dict[str, list[Prompt]] = {i: [] for i in ids}

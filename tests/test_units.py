@@ -40,6 +40,7 @@ class Node:
     node_id: str
     in_flight: int = 0
     capacity: int = 4
+    kv_cache_usage: float = 0.0
 
 
 def test_round_robin_cycles_in_id_order() -> None:
@@ -56,6 +57,9 @@ def test_least_loaded_prefers_lower_utilization_and_rotates_ties() -> None:
     assert {ll.pick(idle).node_id for _ in range(3)} == {"a", "b", "c"}
     # Utilization is relative to capacity: 2/8 beats 1/2.
     assert ll.pick([Node("small", 1, 2), Node("big", 2, 8)]).node_id == "big"
+    # Equally busy: the engine with more KV cache free wins, whatever the rotation.
+    full, free = Node("a", 1, 4, kv_cache_usage=0.9), Node("b", 1, 4, kv_cache_usage=0.1)
+    assert {ll.pick([full, free]).node_id for _ in range(4)} == {"b"}
 
 
 def test_power_of_two_never_picks_the_busiest_of_three() -> None:

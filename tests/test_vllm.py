@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 
 from omni_rpc import DistributedOrchestrator, GenerationError
@@ -161,6 +162,50 @@ async def test_prompt_longer_than_the_context_is_invalid_argument(cluster: Local
     assert stats["healthy_nodes"] == ["node-0", "node-1"]
     ok = await orch.generate(["The capital of France is"], max_tokens=4, temperature=0.0)
     assert ok[0].text.startswith(" Paris")
+    await orch.aclose()
+
+
+async def test_dead_engine_core_fails_over_and_the_agent_reports_not_serving(
+    cluster: LocalCluster, reference: dict[str, Any]
+) -> None:
+    """The vLLM engine-core process dies inside a live agent."""
+    orch = orchestrator(cluster)
+    text, ids = "", []
+    nodes: list[str] = []
+    victim_index = -1
+    async for delta in orch.stream(
+        RESUME_PROMPT, max_tokens=RESUME_TOKENS, temperature=0.0, ignore_eos=True
+    ):
+        text += delta.text
+        ids += delta.token_ids
+        if not nodes or nodes[-1] != delta.node_id:
+            nodes.append(delta.node_id)
+        if victim_index < 0 and len(ids) >= 5:
+            victim_index = int(delta.node_id.rsplit("-", 1)[1])
+            agent = psutil.Process(cluster.agents[victim_index].process.pid)
+            cores = [
+                c
+                for c in agent.children(recursive=True)
+                if "EngineCore" in c.name() + " ".join(c.cmdline())
+            ]
+            assert cores, [c.name() for c in agent.children(recursive=True)]
+            for core in cores:
+                core.kill()
+    assert len(nodes) == 2 and ids == reference["resume_ids"] and text == reference["resume_text"]
+    victim = cluster.agents[victim_index]
+    assert victim.alive  # the agent itself lives on, reporting NOT_SERVING
+    wait_until(
+        lambda: f"node-{victim_index}" in orch.get_stats()["unhealthy_nodes"],
+        30.0,
+        "the node with the dead engine to be unhealthy",
+    )
+    info = orch.get_stats()["health_stats"][f"node-{victim_index}"]
+    assert "NOT_SERVING" in info["state_reason"] or "failed" in info["state_reason"]
+    # Replace the broken agent so the next test has two engines again.
+    victim.process.terminate()
+    victim.process.wait(60)
+    cluster.start_agent(victim_index)
+    wait_healthy(cluster, 2, timeout=900)
     await orch.aclose()
 
 

@@ -27,6 +27,11 @@ class Candidate(Protocol):
         """Concurrency limit of the node's engine (0: unknown)."""
         ...
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the engine's KV cache in use, as the agent last reported it (0..1)."""
+        ...
+
 
 class Strategy(abc.ABC):
     name: str = ""

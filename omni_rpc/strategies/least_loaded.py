@@ -1,8 +1,9 @@
 """Least loaded: the node with the lowest share of its capacity in use.
 
 Load is the coordinator's own in-flight count (exact and current, unlike a polled report),
-relative to the node's capacity so a bigger node takes more. Ties rotate, so an idle cluster
-is filled evenly rather than always from the first node.
+relative to the node's capacity so a bigger node takes more. Between equally busy nodes the
+one whose engine reported less KV cache in use wins (long prompts weigh more than short ones);
+remaining ties rotate, so an idle cluster is filled evenly rather than from the first node.
 """
 
 from __future__ import annotations
@@ -28,4 +29,4 @@ class LeastLoaded(Strategy):
         start = self._turn % n
         self._turn += 1
         rotated = ordered[start:] + ordered[:start]
-        return min(rotated, key=utilization)
+        return min(rotated, key=lambda c: (utilization(c), c.kv_cache_usage))
