@@ -1,9 +1,13 @@
 # omni-rpc: every target sets up what it needs (`make install` is idempotent and fast when
 # the cached environment is current).
 PY := .venv/bin/python
-ENGINE ?= sim
+# The demo's engine: vllm (real SmolLM2 on CPU, or the GPUs) or sim.
+ENGINE ?= vllm
+SEED ?= 42
+REQUESTS ?= 5000
+CONCURRENCY ?= 64
 
-.PHONY: install proto proto-check lint test demo bench clean
+.PHONY: install proto proto-check lint test demo bench chaos clean
 
 install:
 	@bash scripts/install.sh
@@ -27,6 +31,10 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench.py
+
+# A long chaos run: make chaos SEED=7 REQUESTS=20000
+chaos: install
+	$(PY) -m tests.chaos.harness --seed $(SEED) --requests $(REQUESTS) --concurrency $(CONCURRENCY)
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

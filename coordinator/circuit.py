@@ -2,8 +2,10 @@
 
 Health probes can pass while requests fail (a wedged GPU behind a live process). After
 ``threshold`` consecutive node-level failures the node is ejected for ``base_s * n`` seconds
-(n = how many times it has been ejected), capped at ``max_s``, as Envoy's outlier detection
-does. While ejected, passing probes do not re-admit it; afterwards they do (half-open), and
+(n = how many times it has been ejected, forgotten after ``max_s`` of good behaviour), capped
+at ``max_s``, as Envoy's outlier detection does. Failures while the node is already out of
+rotation do not count: one incident with many streams in flight is one incident. While
+ejected, passing probes do not re-admit it; afterwards they do (half-open), and
 one successful request closes the breaker.
 """
 
@@ -34,13 +36,18 @@ class CircuitBreaker:
 
     def record_failure(self, now: float | None = None) -> float:
         """Count a failure; return the ejection time in seconds if this one trips it, else 0."""
+        now = now if now is not None else time.time()
+        if self.ejections and now - self.ejected_until > self.policy.max_s:
+            # Well-behaved for longer than the longest ejection since the last one: forgive
+            # the history, so one bad day does not cost maximal ejections forever.
+            self.ejections = 0
         self.consecutive_failures += 1
         if self.consecutive_failures < self.policy.threshold:
             return 0.0
         self.ejections += 1
         self.consecutive_failures = 0
         duration = min(self.policy.max_s, self.policy.base_s * self.ejections)
-        self.ejected_until = (now if now is not None else time.time()) + duration
+        self.ejected_until = now + duration
         return duration
 
     def is_open(self, now: float | None = None) -> bool:

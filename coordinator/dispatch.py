@@ -211,22 +211,32 @@ class Dispatcher:
         node.dispatched += 1
         call = node.agent.Generate(timeout=timeout)  # type: ignore[call-arg]
         lost: list[str] = []
+        write: asyncio.Future[None] | None = None
 
         def on_lost(reason: str) -> None:
             # The health monitor found the node unreachable (e.g. frozen): stop waiting on it.
             lost.append(reason)
             call.cancel()
+            if write is not None:
+                # grpc.aio's write() waits for the call's initial metadata to be sent and never
+                # wakes up if the call is cancelled before that: cancel the wait too.
+                write.cancel()
 
         node.lost_hooks.add(on_lost)
         finished = False
         try:
-            await call.write(first)
+            write = asyncio.ensure_future(call.write(first))
+            await write
             async for response in call:
                 delivered.token_ids.extend(response.token_ids)
                 delivered.text.append(response.text)
                 if response.finish_reason:
                     finished = True
                 yield response
+                if finished:
+                    # The client has the whole output: whatever the node does next (its status,
+                    # or dying before sending it) must not be failed over and resumed.
+                    break
             if not finished:
                 raise AttemptError(
                     node.node_id,

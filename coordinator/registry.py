@@ -194,6 +194,10 @@ class Registry:
         self._transition(node, reason, lambda: setattr(node, "left", True))
         for listener in self.on_removed:
             listener(node)
+        # Streams still open on the node are lost: their relays fail over (and resume) instead
+        # of seeing a bare cancellation when the channel closes below.
+        for hook in list(node.lost_hooks):
+            hook(f"node removed: {reason}")
         # Closing cancels in-flight RPCs on the channel: callers see CANCELLED/UNAVAILABLE.
         task = asyncio.create_task(node.channel.close(grace=None))
         self._closing.add(task)
@@ -256,6 +260,11 @@ class Registry:
         """A node-level failure of a real request (passive health signal)."""
         node.failures += 1
         node.last_error = error
+        if node.verdict != HEALTHY:
+            # Already out of rotation (frozen, engine dead, ejected): the streams it had in
+            # flight fail together, and that is one incident, not many for the breaker.
+            node.probe_now.set()
+            return
         ejected_s = node.breaker.record_failure()
         if ejected_s:
             node.good_probes = 0

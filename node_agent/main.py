@@ -152,6 +152,17 @@ def _install_fault_signals(engine: Engine) -> None:
 async def serve(args: argparse.Namespace) -> int:
     stop = servers.stop_event_on_signals()
     engine = build_engine(args)
+    if engine.faults:
+        engine.set_fault(args.sim_fault)
+    # The engine starts before any gRPC object exists: vLLM forks its engine core, and forking
+    # a process whose gRPC threads are running can abort the child in gRPC's fork handlers.
+    try:
+        await engine.start()
+    except Exception as exc:  # a model that will not load: say so plainly, exit non-zero
+        log.error(
+            "engine failed to start", engine=engine.kind, error=f"{type(exc).__name__}: {exc}"
+        )
+        return 1
     server = servers.new_server()
     port = servers.bind(server, args.listen)
     node_id = args.node_id or f"{socket.gethostname()}-{port}"
@@ -160,7 +171,7 @@ async def serve(args: argparse.Namespace) -> int:
     service = NodeAgentService(engine, node_id, args.max_tokens_cap)
     node_agent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)
     health = servers.add_health_and_reflection(server, [config.NODE_AGENT_SERVICE])
-    await servers.set_serving(health, [config.NODE_AGENT_SERVICE], False)
+    await servers.set_serving(health, [config.NODE_AGENT_SERVICE], engine.is_healthy())
 
     # The engine reports health changes synchronously; the health service is async.
     pending: set[asyncio.Task[None]] = set()
@@ -177,16 +188,7 @@ async def serve(args: argparse.Namespace) -> int:
     engine.add_health_listener(on_engine_health)
     if engine.faults:
         _install_fault_signals(engine)
-        engine.set_fault(args.sim_fault)
     await server.start()
-    try:
-        await engine.start()
-    except Exception as exc:  # a model that will not load: say so plainly, exit non-zero
-        log.error(
-            "engine failed to start", engine=engine.kind, error=f"{type(exc).__name__}: {exc}"
-        )
-        await server.stop(grace=None)
-        return 1
     servers.write_port_file(args.port_file, port)
     log.info("agent serving", address=address, engine=engine.kind, model=engine.model)
 

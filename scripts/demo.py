@@ -1,24 +1,41 @@
-"""A tour of omni-rpc on this machine: a local cluster of simulated nodes, the seed's prompts,
-live streams, a concurrent burst, and the cluster's statistics.
+"""A tour of omni-rpc on this machine.
 
-    make demo                     # = .venv/bin/python scripts/demo.py --engine sim
-    .venv/bin/python scripts/demo.py --nodes 5
+--engine vllm (the default): a local cluster of vLLM agents serving SmolLM2-135M-Instruct (one
+agent per GPU where there are GPUs, two CPU agents otherwise), with a progress display while the
+engines load; the seed's prompts, chat answers streamed live, a node SIGKILLed in the middle of a
+greedy stream that another node finishes, and the cluster's statistics.
+
+--engine sim: a local cluster of simulated nodes (no model), the seed's prompts, live streams, a
+concurrent burst, and the cluster's statistics.
+
+    make demo                     # = .venv/bin/python scripts/demo.py --engine vllm
+    make demo ENGINE=sim          # = .venv/bin/python scripts/demo.py --engine sim
+    .venv/bin/python scripts/demo.py --engine sim --nodes 5
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import re
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from omni_rpc import DistributedOrchestrator, GenerationError, GenerationResult
-from omni_rpc.launcher import LaunchError
+from omni_rpc import DistributedOrchestrator, GenerationError, GenerationResult, config
+from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, state_name
+from omni_rpc.launcher import Child, LaunchError, LocalCluster
+from omni_rpc.models import ModelError, prepare
 
 SEED_PROMPTS = [
     "Generate an image of a sunset",
@@ -33,7 +50,29 @@ STREAM_PROMPTS = [
 BURST_SIZE = 40
 # Slow enough to watch tokens arrive, fast enough to finish in seconds.
 SIM_LATENCY = ["--sim-ttft-ms", "150", "--sim-itl-ms", "25"]
-ENGINES = ("sim",)
+ENGINES = ("vllm", "sim")
+
+# -- the vLLM demo -------------------------------------------------------------------------
+MODEL = "smollm2-135m-instruct"
+# On CPU: small context and batch, float32 (what tests/test_vllm.py runs).
+CPU_ENGINE_FLAGS = ["--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "8"]
+GPU_ENGINE_FLAGS = ["--max-model-len", "2048", "--max-num-seqs", "16"]
+CHAT_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the ocean.",
+    "Why is the sky blue?",
+]
+CHAT_TOKENS = 48
+FAILOVER_PROMPT = "Tell me a short story about a robot who learns to paint."
+FAILOVER_TOKENS = 64
+KILL_AFTER_TOKENS = 8
+# SmolLM2-Instruct's chat template, by hand (the tokenizer's template adds this system turn).
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+STOP = ["<|im_end|>"]
+# "(EngineCore pid=1557) INFO 11-27 08:40:23 [core.py:133] " in front of vLLM's messages.
+VLLM_LOG_PREFIX = re.compile(
+    r"^(\([\w:-]+ pid=\d+\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\] "
+)
 
 
 class Phases:
@@ -164,23 +203,363 @@ async def run(args: argparse.Namespace, phases: Phases) -> None:
                 await orchestrator.aclose()
 
 
+# -- the vLLM demo -------------------------------------------------------------------------
+
+
+def chat(question: str) -> str:
+    """One user turn in SmolLM2-Instruct's chat format, ready for the assistant's answer."""
+    return (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else what
+    nvidia-smi lists (no torch import: that alone takes seconds on a small machine)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [d.strip() for d in env.split(",") if d.strip()]
+        ids = ids[: ids.index("-1")] if "-1" in ids else ids
+        # An agent's --gpu N becomes its CUDA_VISIBLE_DEVICES=N: physical indices pass
+        # through; UUIDs cannot, so count them.
+        return [int(d) for d in ids] if all(d.isdigit() for d in ids) else list(range(len(ids)))
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if done.returncode != 0:
+        return []
+    return list(range(sum(line.startswith("GPU ") for line in done.stdout.splitlines())))
+
+
+def placement(nodes: int, gpus: list[int]) -> tuple[list[str], dict[int, list[str]], str]:
+    """Engine flags for every agent, per-agent flags (its GPU) and a description."""
+    if not gpus:
+        return CPU_ENGINE_FLAGS, {}, f"{nodes} CPU agents (no GPU found)"
+    per_gpu = -(-nodes // len(gpus))  # agents sharing one GPU
+    per_agent: dict[int, list[str]] = {}
+    for index in range(nodes):
+        flags = ["--gpu", str(gpus[index % len(gpus)])]
+        if per_gpu > 1:
+            share = round(0.85 / per_gpu, 2)
+            flags += ["--engine-arg", f"gpu_memory_utilization={share}"]
+        per_agent[index] = flags
+    where = "one per GPU" if per_gpu == 1 else f"{per_gpu} per GPU"
+    return GPU_ENGINE_FLAGS, per_agent, f"{nodes} agents on {len(gpus)} GPU(s), {where}"
+
+
+def last_log_event(path: Path) -> str:
+    """What an agent's log says last: a JSON line's "event", or a message of vLLM's logger
+    (warnings, progress bars and continuation lines are skipped)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
+            tail = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    for line in reversed(tail.splitlines()):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "event" in record:
+                return str(record["event"])
+            continue
+        prefix = VLLM_LOG_PREFIX.match(line)
+        if prefix:
+            return "vllm: " + line[prefix.end() :].strip()
+    return ""
+
+
+class Progress:
+    """One status line, refreshed in place on a terminal; elsewhere (a pipe, a CI log) a new
+    line when what it says changes, at most every 3 s, and every 10 s regardless."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.shown = ""
+        self.text = ""
+        self.last_print = 0.0
+
+    def update(self, elapsed: float, parts: list[tuple[str, str]]) -> None:
+        text = " | ".join(f"{name}: {what}" for name, what in parts)
+        line = f"  [{elapsed:4.0f} s] {text}"
+        if self.tty:
+            line = line[: shutil.get_terminal_size().columns - 1]
+            print("\r" + line.ljust(len(self.shown)), end="", flush=True)
+            self.shown = line
+            return
+        since = time.monotonic() - self.last_print
+        if (text != self.text and since >= 3.0) or since >= 10.0:
+            print(line[:160], flush=True)
+            self.text, self.last_print = text, time.monotonic()
+
+    def done(self) -> None:
+        if self.tty and self.shown:
+            print(flush=True)
+            self.shown = ""
+
+
+async def wait_for_engines(cluster: LocalCluster, timeout_s: float) -> None:
+    """Until every agent has joined the coordinator and is healthy, show once a second each
+    node's state (from the coordinator) and the last line of its agent's log."""
+    client = CoordinatorClient(cluster.coordinator_address, timeout_s=2.0)
+    progress = Progress()
+    start = time.monotonic()
+    ready: set[str] = set()
+    try:
+        while True:
+            cluster.check_alive()  # an agent that exits while loading: LaunchError, its log
+            try:
+                states = {n.node_id: state_name(n.state) for n in client.nodes()}
+            except CoordinatorUnreachable:
+                states = {}
+            parts = []
+            for agent in cluster.agents:
+                state = states.get(agent.name, "loading")
+                # Before its first line the agent is importing vLLM (and torch): many seconds.
+                detail = (
+                    "" if state == "healthy" else last_log_event(agent.log_path) or "importing vLLM"
+                )
+                parts.append((agent.name, f"{state} ({detail[:44]})" if detail else state))
+            elapsed = time.monotonic() - start
+            for agent in cluster.agents:
+                if states.get(agent.name) == "healthy" and agent.name not in ready:
+                    ready.add(agent.name)
+                    progress.done()
+                    print(f"  {agent.name} joined the coordinator, healthy, after {elapsed:.0f} s")
+            if len(ready) == len(cluster.agents):
+                print(f"  all {len(ready)} engines loaded after {elapsed:.0f} s")
+                return
+            progress.update(elapsed, parts)
+            if elapsed > timeout_s:
+                progress.done()
+                raise TimeoutError(
+                    f"{len(ready)}/{len(cluster.agents)} nodes healthy after {timeout_s:.0f} s "
+                    f"(logs in {cluster.log_dir})"
+                )
+            await asyncio.sleep(1.0)
+    finally:
+        progress.done()
+        client.close()
+
+
+async def vllm_seed_prompts(orchestrator: DistributedOrchestrator) -> None:
+    heading("(a) the seed's prompts (as chat messages, greedy)")
+    results: list[GenerationResult] = await orchestrator.generate(
+        [chat(p) for p in SEED_PROMPTS], max_tokens=40, temperature=0.0, stop=STOP
+    )
+    for prompt, result in zip(SEED_PROMPTS, results, strict=True):
+        print(f"> {prompt}")
+        print(f"Generated: {one_line(str(result))}")
+        print(
+            f"    node {result.node_id}, {result.usage['completion_tokens']} tokens, "
+            f"finish {result.finish_reason}"
+        )
+
+
+async def vllm_live_streams(orchestrator: DistributedOrchestrator) -> None:
+    heading("(b) chat, streamed token by token")
+    for question in CHAT_QUESTIONS:
+        print(f"> {question}")
+        node = ""
+        tokens = 0
+        start = time.perf_counter()
+        first = 0.0
+        async for delta in orchestrator.stream(
+            chat(question), max_tokens=CHAT_TOKENS, temperature=0.0, stop=STOP
+        ):
+            if delta.node_id != node:
+                node = delta.node_id
+                first = time.perf_counter() - start
+                print(f"  [{node}] ", end="")
+            tokens += len(delta.token_ids)
+            print(delta.text.replace("\n", "\n      "), end="", flush=True)
+        wall = time.perf_counter() - start
+        rate = (tokens - 1) / (wall - first) if tokens > 1 and wall > first else 0.0
+        print(f"\n      ({tokens} tokens, first after {first:.2f} s, then {rate:.1f} tokens/s)")
+
+
+def descendants(pid: int) -> list[int]:
+    """Processes below ``pid`` (read from /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1:
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_node(agent: Child) -> str:
+    """SIGKILL the agent, as a crashed machine would vanish, then the vLLM engine processes it
+    started (a SIGKILLed agent cannot stop them, and they would outlive the demo)."""
+    engine_processes = descendants(agent.process.pid)
+    os.kill(agent.process.pid, signal.SIGKILL)
+    for pid in engine_processes:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    agent.process.wait()
+    return (
+        f"SIGKILL {agent.name} (pid {agent.process.pid}, "
+        f"and its {len(engine_processes)} engine processes)"
+    )
+
+
+async def failover(orchestrator: DistributedOrchestrator, cluster: LocalCluster) -> None:
+    heading("(c) failover: a node SIGKILLed in the middle of a stream")
+    sampling: dict[str, Any] = {
+        "max_tokens": FAILOVER_TOKENS,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    prompt = chat(FAILOVER_PROMPT)
+    print(f"> {FAILOVER_PROMPT}  (greedy, {FAILOVER_TOKENS} tokens)")
+    reference = await orchestrator.generate_one(prompt, **sampling)
+    print(f"  undisturbed run on {reference.node_id}: {one_line(reference.text)[:90]}...")
+    print(f"  again, and SIGKILL the node serving it after {KILL_AFTER_TOKENS} tokens:")
+    text = ""
+    ids: list[int] = []
+    nodes: list[str] = []
+    attempt = 0
+    killed_at = 0.0
+    last = None
+    async for delta in orchestrator.stream(prompt, **sampling):
+        if delta.attempt != attempt or (nodes and delta.node_id != nodes[-1]):
+            if attempt:
+                gap = time.perf_counter() - killed_at
+                print(
+                    f"\n  >>> switched: {nodes[-1]} -> {delta.node_id} (attempt {delta.attempt}), "
+                    f"resumed after {len(ids)} tokens, {gap:.2f} s after the kill <<<"
+                )
+            print(f"  [{delta.node_id}] ", end="")
+            attempt = delta.attempt
+            nodes.append(delta.node_id)
+        text += delta.text
+        ids += delta.token_ids
+        print(delta.text.replace("\n", "\n      "), end="", flush=True)
+        last = delta
+        if not killed_at and len(ids) >= KILL_AFTER_TOKENS:
+            victim = next(a for a in cluster.agents if a.name == delta.node_id)
+            what = await asyncio.to_thread(kill_node, victim)
+            killed_at = time.perf_counter()
+            print(f" <-- {what} -->", end="", flush=True)
+    print()
+    assert last is not None and last.usage is not None
+    print(
+        f"  finished: {len(ids)} tokens, finish {last.finish_reason}, served by "
+        f"{' then '.join(nodes)} in {attempt} attempt(s)"
+    )
+    if text == reference.text and ids == reference.token_ids:
+        print("  identical to the undisturbed run: yes, token for token")
+    else:
+        pairs = zip(ids, reference.token_ids, strict=False)
+        where = next(
+            (i for i, (a, b) in enumerate(pairs) if a != b), min(len(ids), FAILOVER_TOKENS)
+        )
+        print(f"  identical to the undisturbed run: NO, they differ from token {where} on")
+    # The coordinator saw the node go (its health watch broke): wait a moment for the state.
+    victim_id = nodes[0]
+    for _ in range(50):
+        if victim_id in orchestrator.get_stats()["unhealthy_nodes"]:
+            break
+        await asyncio.sleep(0.1)
+
+
+async def run_vllm(args: argparse.Namespace, phases: Phases) -> None:
+    with phases.phase("prepare model"):
+        print(f"Preparing the model {MODEL} (built once, then cached) ...", flush=True)
+        start = time.perf_counter()
+        path = await asyncio.to_thread(prepare, MODEL)
+        print(f"  ready in {time.perf_counter() - start:.1f} s: {path}")
+    gpus = visible_gpus()
+    nodes = args.nodes or max(2, len(gpus))
+    agent_args, per_agent, where = placement(nodes, gpus)
+    print(f"Starting a local cluster: 1 coordinator + {where}, vLLM with {MODEL} ...", flush=True)
+    cluster = LocalCluster(
+        num_nodes=nodes,
+        engine="vllm",
+        model=MODEL,
+        agent_args=agent_args,
+        per_agent_args=dict(per_agent),
+    )
+    orchestrator: DistributedOrchestrator | None = None
+    try:
+        with phases.phase(f"engine load ({nodes} nodes)"):
+            await asyncio.to_thread(cluster.start)
+            print(f"Coordinator at {cluster.coordinator_address}, logs in {cluster.log_dir}")
+            print("Loading the engines (each node joins the coordinator once its model is up):")
+            await wait_for_engines(cluster, config.STARTUP_TIMEOUT_S["vllm"])
+        orchestrator = DistributedOrchestrator(coordinator=cluster.coordinator_address, timeout=300)
+        with phases.phase("(a) seed prompts"):
+            await vllm_seed_prompts(orchestrator)
+        with phases.phase("(b) live streams"):
+            await vllm_live_streams(orchestrator)
+        if nodes >= 2:
+            with phases.phase("(c) failover"):
+                await failover(orchestrator, cluster)
+        else:
+            heading("(c) failover: skipped, it needs a second node")
+        with phases.phase("(d) statistics"):
+            print_stats(orchestrator.get_stats())
+    finally:
+        with phases.phase("shut-down"):
+            if orchestrator is not None:
+                await orchestrator.aclose()
+            cluster.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--engine", default="sim", help="engine of every node (only 'sim' now)")
-    parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default: 3)")
+    parser.add_argument(
+        "--engine",
+        default="vllm",
+        choices=ENGINES,
+        help="engine of every node: vllm (SmolLM2 on the GPUs or the CPU) or sim (default: vllm)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        help="number of nodes (default: sim 3; vllm one per GPU, at least 2)",
+    )
     args = parser.parse_args(argv)
-    if args.engine not in ENGINES:
-        parser.error(
-            f"engine {args.engine!r} is not available in this version; "
-            f"the demo runs with the simulated engine: --engine sim"
-        )
-    if args.nodes < 1:
+    if args.nodes is not None and args.nodes < 1:
         parser.error(f"--nodes must be >= 1, got {args.nodes}")
+    if args.engine == "sim" and args.nodes is None:
+        args.nodes = 3
     phases = Phases()
     try:
-        asyncio.run(run(args, phases))
+        asyncio.run(run(args, phases) if args.engine == "sim" else run_vllm(args, phases))
+    except ModelError as exc:
+        print(f"\ndemo failed: the model could not be prepared: {exc}", file=sys.stderr)
+        return 1
     except (LaunchError, TimeoutError) as exc:
         print(f"\ndemo failed: the local cluster did not start: {exc}", file=sys.stderr)
         return 1

@@ -148,3 +148,16 @@ async def test_sim_engine_streams_exactly_what_simulate_says(stop: tuple[str, ..
         finish = delta.finish_reason
     assert (text, ids, finish) == (expected.text, expected.token_ids, expected.finish_reason)
     assert engine.load().finished == 1 and engine.load().running == 0
+
+
+def test_circuit_breaker_ejects_for_longer_each_time_and_forgives() -> None:
+    from coordinator.circuit import BreakerPolicy, CircuitBreaker
+
+    b = CircuitBreaker(BreakerPolicy(threshold=3, base_s=10.0, max_s=25.0))
+    assert [b.record_failure(now=0.0) for _ in range(3)] == [0.0, 0.0, 10.0]
+    assert b.is_open(now=5.0) and not b.is_open(now=10.0)
+    b.record_success()  # resets the consecutive count, not the ejection history
+    assert [b.record_failure(now=11.0) for _ in range(3)][-1] == 20.0
+    assert [b.record_failure(now=32.0) for _ in range(3)][-1] == 25.0  # capped
+    # Quiet for longer than the longest ejection: the history is forgotten.
+    assert [b.record_failure(now=100.0) for _ in range(3)][-1] == 10.0

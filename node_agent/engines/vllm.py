@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +44,24 @@ class VllmConfig:
     enforce_eager: bool | None = None
     # Any other AsyncEngineArgs field, passed through.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_the_agent(agent_pid: int) -> None:
+    """In vLLM's engine-core process (forked from the agent): die when the agent dies.
+
+    vLLM's engine core does not notice its front end going away; without this a SIGKILLed
+    agent leaves the engine (and the memory it holds) running. Only the direct child of the
+    agent is armed: deeper processes have vLLM's own death pipe.
+    """
+    if os.getppid() != agent_pid:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != agent_pid:  # the agent died before the line above ran
+        os._exit(1)
 
 
 def has_cuda() -> bool:
@@ -135,6 +155,8 @@ class VllmEngine(Engine):
             def record_sleep_state(self, is_awake: int, level: int) -> None:
                 pass
 
+        agent_pid = os.getpid()
+        os.register_at_fork(after_in_child=lambda: _die_with_the_agent(agent_pid))
         args = AsyncEngineArgs(**engine_args(self.cfg))
         log.info("starting vLLM engine", model=self.cfg.model, args=engine_args(self.cfg))
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStatsTap])

@@ -1,0 +1,1 @@
+"""Chaos testing: a real cluster under load while a seeded fault driver breaks its nodes."""
