@@ -217,6 +217,7 @@ async def test_sigkill_mid_stream_resumes_with_the_undisturbed_text(
     attempts: list[int] = []
     nodes: list[str] = []
     killed = False
+    engine_procs: list[psutil.Process] = []
     async for delta in orch.stream(
         RESUME_PROMPT, max_tokens=RESUME_TOKENS, temperature=0.0, ignore_eos=True
     ):
@@ -228,6 +229,7 @@ async def test_sigkill_mid_stream_resumes_with_the_undisturbed_text(
         if not killed and len(ids) >= 5:
             killed = True
             victim = cluster.agents[int(delta.node_id.rsplit("-", 1)[1])]
+            engine_procs = psutil.Process(victim.process.pid).children(recursive=True)
             await asyncio.to_thread(os.kill, victim.process.pid, signal.SIGKILL)
     assert attempts == [1, 2] and nodes[0] != nodes[1]
     assert ids == reference["resume_ids"]
@@ -235,6 +237,13 @@ async def test_sigkill_mid_stream_resumes_with_the_undisturbed_text(
     wait_until(
         lambda: nodes[0] in orch.get_stats()["unhealthy_nodes"], 10.0, "the killed node unhealthy"
     )
+
+    def engine_gone() -> bool:
+        # vLLM's engine processes die with their agent (a zombie awaiting its reaper counts).
+        return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in engine_procs)
+
+    assert engine_procs
+    wait_until(engine_gone, 30.0, "the killed agent's vLLM processes to exit")
     await orch.aclose()
 
 

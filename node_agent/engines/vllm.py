@@ -12,12 +12,15 @@ resuming: the prompt's ids followed by the delivered tokens) plus vLLM ``Samplin
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
-import ctypes
 import os
-import signal
+import shutil
+import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from node_agent.engine import Delta, Engine, EngineDead, EngineError, EngineLoad, EngineRequest
@@ -46,22 +49,28 @@ class VllmConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_PR_SET_PDEATHSIG = 1
+# Interpreter used for the processes vLLM spawns (its engine core): it arms PR_SET_PDEATHSIG,
+# then becomes the real interpreter. vLLM's engine core does not notice its front end going
+# away, so without this a SIGKILLed agent would leave the engine, and its memory, running.
+_SPAWN_WRAPPER = """#!{python}
+import ctypes, os, signal, sys
+ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() == 1:  # the agent died before that took effect
+    sys.exit(1)
+os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+"""
 
 
-def _die_with_the_agent(agent_pid: int) -> None:
-    """In vLLM's engine-core process (forked from the agent): die when the agent dies.
+def _die_with_the_agent() -> None:
+    """Make the processes vLLM spawns from this one die when this process dies."""
+    import multiprocessing
 
-    vLLM's engine core does not notice its front end going away; without this a SIGKILLed
-    agent leaves the engine (and the memory it holds) running. Only the direct child of the
-    agent is armed: deeper processes have vLLM's own death pipe.
-    """
-    if os.getppid() != agent_pid:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != agent_pid:  # the agent died before the line above ran
-        os._exit(1)
+    folder = Path(tempfile.mkdtemp(prefix="omni-agent-"))
+    wrapper = folder / "python"
+    wrapper.write_text(_SPAWN_WRAPPER.format(python=sys.executable))
+    wrapper.chmod(0o755)
+    multiprocessing.set_executable(str(wrapper))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def has_cuda() -> bool:
@@ -155,8 +164,7 @@ class VllmEngine(Engine):
             def record_sleep_state(self, is_awake: int, level: int) -> None:
                 pass
 
-        agent_pid = os.getpid()
-        os.register_at_fork(after_in_child=lambda: _die_with_the_agent(agent_pid))
+        _die_with_the_agent()
         args = AsyncEngineArgs(**engine_args(self.cfg))
         log.info("starting vLLM engine", model=self.cfg.model, args=engine_args(self.cfg))
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStatsTap])
