@@ -50,7 +50,7 @@ def healthy_nodes(address: str) -> list[str]:
         client.close()
 
 
-def wait_healthy(cluster: LocalCluster, count: int, timeout: float = 30.0) -> None:
+def wait_healthy(cluster: LocalCluster, count: int, timeout: float = 60.0) -> None:
     def ready() -> bool:
         cluster.check_alive()
         return len(healthy_nodes(cluster.coordinator_address)) >= count
