@@ -7,7 +7,7 @@ SEED ?= 42
 REQUESTS ?= 5000
 CONCURRENCY ?= 64
 
-.PHONY: install proto proto-check lint test demo bench chaos clean
+.PHONY: install proto proto-check lint test demo bench chaos buf-lint buf-breaking clean
 
 install:
 	@bash scripts/install.sh
@@ -35,6 +35,14 @@ bench: install
 # A long chaos run: make chaos SEED=7 REQUESTS=20000
 chaos: install
 	$(PY) -m tests.chaos.harness --seed $(SEED) --requests $(REQUESTS) --concurrency $(CONCURRENCY)
+
+# Proto lint, and a breaking-change check against main (buf from the npm registry).
+BUF := npx --yes @bufbuild/buf@1.75.0
+buf-lint:
+	$(BUF) lint
+
+buf-breaking:
+	$(BUF) breaking protos --against '.git#branch=main,subdir=protos'
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
