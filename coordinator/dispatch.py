@@ -24,6 +24,7 @@ from coordinator.registry import Node, Registry
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
+from omni_rpc.metrics import CoordinatorMetrics
 from omni_rpc.v1 import generate_pb2, node_agent_pb2
 
 log = get_logger("coordinator.dispatch")
@@ -104,7 +105,9 @@ class Dispatcher:
         max_retries: int,
         *,
         no_node_wait_s: float = config.NO_NODE_WAIT_S,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or CoordinatorMetrics()
         self.registry = registry
         self.balancer = balancer
         self.max_retries = max_retries
@@ -128,14 +131,21 @@ class Dispatcher:
         tried: list[str] = []
         errors: list[str] = []
         ok = False
+        metrics = self.metrics
+        started = time.monotonic()
+        first_token = False
+        status = "CANCELLED"  # unless it ends otherwise: the client went away
         try:
             for attempt in range(1, max_retries + 2):
                 node = await self._wait_for_node(request, tried, deadline)
                 tried.append(node.node_id)
                 try:
                     async for response in self._relay(node, request, attempt, deadline, delivered):
+                        if not first_token and response.token_ids:
+                            first_token = True
+                            metrics.time_to_first_token.observe(time.monotonic() - started)
                         yield response
-                    ok = True
+                    ok, status = True, "OK"
                     return
                 except AttemptError as exc:
                     errors.append(f"[{attempt}] {exc}")
@@ -144,6 +154,9 @@ class Dispatcher:
                     if attempt > max_retries:
                         break
                     counters.retries_total += 1
+                    metrics.retries.inc()
+                    if exc.kind is Failure.NODE:
+                        metrics.failovers.inc()
                     delay = backoff.next_delay()
                     bound.info(
                         "attempt failed, failing over",
@@ -160,12 +173,18 @@ class Dispatcher:
                 f"request {request.request_id} failed after {len(tried)} attempt(s): "
                 + "; ".join(errors),
             )
+        except DispatchError as exc:
+            status = exc.code.name
+            raise
         finally:
             counters.in_flight -= 1
             if ok:
                 counters.requests_succeeded += 1
             else:
                 counters.requests_failed += 1
+            metrics.requests.labels(status).inc()
+            metrics.request_duration.observe(time.monotonic() - started)
+            metrics.generated_tokens.inc(len(delivered.token_ids))
 
     async def _wait_for_node(
         self,
@@ -207,6 +226,7 @@ class Dispatcher:
             first.resume.token_ids.extend(delivered.token_ids)
             first.resume.text = "".join(delivered.text)
             self.counters.resumes_total += 1
+            self.metrics.resumes.inc()
         node.in_flight += 1
         node.dispatched += 1
         call = node.agent.Generate(timeout=timeout)  # type: ignore[call-arg]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -35,7 +36,14 @@ _UNREACHABLE = {
 class HealthMonitor:
     """Runs two tasks per registered node; started and stopped by registry events."""
 
-    def __init__(self, registry: Registry, interval_s: float, timeout_s: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        interval_s: float,
+        timeout_s: float,
+        observe_probe: Callable[[float], None] | None = None,
+    ) -> None:
+        self.observe_probe = observe_probe
         self.registry = registry
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -105,7 +113,10 @@ class HealthMonitor:
                 self.registry.report_probe(node, False, False, reason)
             return
         node.last_health_check_at = time.time()
-        node.health_check_latency_ms = (time.monotonic() - started) * 1000.0
+        elapsed = time.monotonic() - started
+        node.health_check_latency_ms = elapsed * 1000.0
+        if self.observe_probe is not None:
+            self.observe_probe(elapsed)
         node.load = load
         self.registry.report_probe(
             node,

@@ -10,10 +10,11 @@ from coordinator.balancer import Balancer
 from coordinator.circuit import BreakerPolicy
 from coordinator.dispatch import Dispatcher
 from coordinator.health import HealthMonitor
-from coordinator.registry import Registry
+from coordinator.registry import Registry, state_name
 from coordinator.service import CoordinatorService, RegistryService
 from omni_rpc import argtypes, config, servers
 from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
+from omni_rpc.metrics import CoordinatorMetrics, serve_metrics
 from omni_rpc.strategies import STRATEGIES, make_strategy
 from omni_rpc.v1 import coordinator_pb2_grpc, registry_pb2_grpc
 
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.READMIT_AFTER_PROBES,
         help="consecutive passing probes that re-admit an unhealthy node",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=argtypes.non_negative_int,
+        help="serve Prometheus metrics on this port (0: any free one); off when not given",
+    )
+    p.add_argument("--metrics-port-file", help="write the metrics port to this file")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--port-file", help="write the bound port to this file once serving")
@@ -97,12 +104,25 @@ async def serve(args: argparse.Namespace) -> int:
         BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
         readmit_after=args.readmit_after,
     )
-    HealthMonitor(registry, args.health_check_interval, args.health_check_timeout)
+    metrics = CoordinatorMetrics()
+    HealthMonitor(
+        registry,
+        args.health_check_interval,
+        args.health_check_timeout,
+        observe_probe=metrics.health_probe_duration.observe,
+    )
+    registry.on_ejected.append(lambda node: metrics.ejections.labels(node.node_id).inc())
+    metrics.watch_nodes(
+        lambda: [
+            (n.node_id, state_name(n.state), n.in_flight) for n in list(registry.nodes.values())
+        ]
+    )
     dispatcher = Dispatcher(
         registry,
         Balancer(registry, make_strategy(args.strategy)),
         args.max_retries,
         no_node_wait_s=args.no_node_wait,
+        metrics=metrics,
     )
     coordinator = CoordinatorService(
         registry,
@@ -120,6 +140,9 @@ async def serve(args: argparse.Namespace) -> int:
     port = servers.bind(server, args.listen)
     await server.start()
     await servers.set_serving(health, SERVICES, True)
+    serve_metrics(
+        metrics.registry, args.metrics_port, args.listen.rsplit(":", 1)[0], args.metrics_port_file
+    )
     servers.write_port_file(args.port_file, port)
     log.info(
         "coordinator serving",

@@ -142,6 +142,7 @@ class Registry:
         self.nodes: dict[str, Node] = {}
         self.on_added: list[NodeListener] = []
         self.on_removed: list[NodeListener] = []
+        self.on_ejected: list[NodeListener] = []
         # Set (and replaced) whenever a node becomes dispatchable: wakes waiting requests.
         self._available = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
@@ -267,6 +268,8 @@ class Registry:
             return
         ejected_s = node.breaker.record_failure()
         if ejected_s:
+            for listener in self.on_ejected:
+                listener(node)
             node.good_probes = 0
             self._set_verdict(
                 node,

@@ -53,6 +53,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             validate_request(request, max_tokens_cap=self.max_tokens_cap)
         except InvalidRequest as exc:
+            self.dispatcher.metrics.requests.labels("INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             async for response in self.dispatcher.generate(request, context.time_remaining()):

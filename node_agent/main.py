@@ -11,12 +11,15 @@ import socket
 import sys
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from node_agent.engine import Engine
 from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
 from node_agent.membership import Membership
 from node_agent.service import NodeAgentService
 from omni_rpc import __version__, argtypes, config, servers
 from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
+from omni_rpc.metrics import EngineCollector, serve_metrics
 from omni_rpc.models import KNOWN as KNOWN_MODELS
 from omni_rpc.models import ModelError
 from omni_rpc.models import resolve as resolve_model
@@ -86,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.SHUTDOWN_GRACE_S,
         help="seconds in-flight requests get to finish after SIGTERM",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=argtypes.non_negative_int,
+        help="serve Prometheus metrics on this port (0: any free one); off when not given",
+    )
+    p.add_argument("--metrics-port-file", help="write the metrics port to this file")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--port-file", help="write the bound port to this file once serving")
@@ -189,6 +198,9 @@ async def serve(args: argparse.Namespace) -> int:
     if engine.faults:
         _install_fault_signals(engine)
     await server.start()
+    metrics = CollectorRegistry()
+    metrics.register(EngineCollector(engine.load, lambda: service.in_flight))
+    serve_metrics(metrics, args.metrics_port, args.listen.rsplit(":", 1)[0], args.metrics_port_file)
     servers.write_port_file(args.port_file, port)
     log.info("agent serving", address=address, engine=engine.kind, model=engine.model)
 

@@ -1,0 +1,144 @@
+"""Prometheus metrics: one registry per process, served on ``--metrics-port``.
+
+Names start with ``omni_`` and follow Prometheus conventions (base units, ``_total`` on
+counters). Per-node and per-engine gauges are read from live state when scraped, so the
+request path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from omni_rpc.logging import get_logger
+
+log = get_logger("omni_rpc.metrics")
+
+# Seconds: from a cache hit on a tiny model to a long generation on a big one.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class CoordinatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "omni_requests",
+            "Generate calls by final status (ok or a gRPC code).",
+            ["status"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "omni_time_to_first_token_seconds",
+            "From the call to its first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "omni_request_duration_seconds",
+            "End-to-end duration of Generate calls.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "omni_generated_tokens", "Tokens delivered to clients.", registry=r
+        )
+        self.retries = Counter(
+            "omni_retries", "Further attempts of a call after a failed one.", registry=r
+        )
+        self.failovers = Counter(
+            "omni_failovers", "Attempts that left a node because the node failed.", registry=r
+        )
+        self.resumes = Counter(
+            "omni_resumes",
+            "Attempts that continued a stream another node had started.",
+            registry=r,
+        )
+        self.ejections = Counter(
+            "omni_ejections", "Circuit-breaker ejections.", ["node_id"], registry=r
+        )
+        self.health_probe_duration = Histogram(
+            "omni_health_probe_duration_seconds",
+            "Active health checks (Check + GetLoad).",
+            buckets=PROBE_BUCKETS,
+            registry=r,
+        )
+
+    def watch_nodes(self, nodes: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Export per-node gauges from ``nodes()``: (node_id, state, in_flight) tuples."""
+        self.registry.register(_NodeCollector(nodes))
+
+
+class _NodeCollector(Collector):
+    STATES = ("joining", "healthy", "unhealthy", "draining", "left")
+
+    def __init__(self, nodes: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self.nodes = nodes
+
+    def collect(self) -> Iterable[Metric]:
+        in_flight = GaugeMetricFamily(
+            "omni_node_in_flight", "Requests the coordinator has on each node.", labels=["node_id"]
+        )
+        state = GaugeMetricFamily(
+            "omni_node_state", "1 for the state each node is in.", labels=["node_id", "state"]
+        )
+        for node_id, current, count in list(self.nodes()):
+            in_flight.add_metric([node_id], count)
+            for name in self.STATES:
+                state.add_metric([node_id, name], 1.0 if name == current else 0.0)
+        yield in_flight
+        yield state
+
+
+class EngineCollector(Collector):
+    """An agent's engine counters and load, read from ``load()`` at scrape time."""
+
+    def __init__(self, load: Callable[[], Any], in_flight: Callable[[], int]) -> None:
+        self.load = load
+        self.in_flight = in_flight
+
+    def collect(self) -> Iterable[Metric]:
+        load = self.load()
+        requests = CounterMetricFamily(
+            "omni_engine_requests", "Requests the engine ended, by outcome.", labels=["outcome"]
+        )
+        for outcome in ("finished", "aborted", "failed", "rejected"):
+            requests.add_metric([outcome], getattr(load, outcome))
+        yield requests
+        yield CounterMetricFamily(
+            "omni_engine_generated_tokens",
+            "Tokens the engine generated.",
+            value=load.generated_tokens,
+        )
+        yield GaugeMetricFamily("omni_engine_running", "Requests generating.", value=load.running)
+        yield GaugeMetricFamily("omni_engine_waiting", "Requests queued.", value=load.waiting)
+        yield GaugeMetricFamily(
+            "omni_engine_kv_cache_usage_ratio",
+            "Share of the KV cache in use.",
+            value=load.kv_cache_usage,
+        )
+        yield GaugeMetricFamily(
+            "omni_agent_in_flight", "Generate streams open on the agent.", value=self.in_flight()
+        )
+
+
+def serve_metrics(
+    registry: CollectorRegistry, port: int | None, host: str, port_file: str | None
+) -> int | None:
+    """Serve /metrics on ``port`` (0: any free port); return the bound port."""
+    if port is None:
+        return None
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    bound = int(server.server_port)
+    if port_file:
+        tmp = Path(port_file + ".tmp")
+        tmp.write_text(f"{bound}\n")
+        tmp.replace(port_file)
+    log.info("metrics serving", address=f"{host}:{bound}")
+    return bound
