@@ -12,7 +12,7 @@ from coordinator.dispatch import Dispatcher
 from coordinator.health import HealthMonitor
 from coordinator.registry import Registry, state_name
 from coordinator.service import CoordinatorService, RegistryService
-from omni_rpc import argtypes, config, servers
+from omni_rpc import argtypes, config, servers, settings
 from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
 from omni_rpc.metrics import CoordinatorMetrics, serve_metrics
 from omni_rpc.strategies import STRATEGIES, make_strategy
@@ -163,12 +163,15 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, sources = settings.parse(parser, "coordinator", argv)
     if args.strategy not in STRATEGIES:
         parser.error(
             f"unknown load balancing strategy {args.strategy!r} "
             f"(known: {', '.join(sorted(STRATEGIES))})"
         )
+    if args.print_config:
+        settings.print_config(args, sources)
+        return 0
     configure_logging(args.log_format, args.log_level)
     try:
         return asyncio.run(serve(args))

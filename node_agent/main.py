@@ -17,7 +17,7 @@ from node_agent.engine import Engine
 from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
 from node_agent.membership import Membership
 from node_agent.service import NodeAgentService
-from omni_rpc import __version__, argtypes, config, servers
+from omni_rpc import __version__, argtypes, config, servers, settings
 from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
 from omni_rpc.metrics import EngineCollector, serve_metrics
 from omni_rpc.models import KNOWN as KNOWN_MODELS
@@ -32,7 +32,7 @@ ENGINES = ("sim", "vllm")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni-agent", description=__doc__)
-    p.add_argument("--coordinator", required=True, help="coordinator HOST:PORT to join")
+    p.add_argument("--coordinator", help="coordinator HOST:PORT to join (required)")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: any)")
     p.add_argument("--advertise", help="HOST:PORT the coordinator dials (default: listen address)")
     p.add_argument("--node-id", help="stable node id (default: HOSTNAME-PORT)")
@@ -237,7 +237,16 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, sources = settings.parse(parser, "agent", argv)
+    if not args.coordinator:
+        variable = settings.env_name("coordinator")
+        parser.error(
+            f"the coordinator address is required: --coordinator, {variable}"
+            " or coordinator in the [agent] table of --config"
+        )
+    if args.print_config:
+        settings.print_config(args, sources)
+        return 0
     configure_logging(args.log_format, args.log_level)
     try:
         return asyncio.run(serve(args))

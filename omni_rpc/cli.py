@@ -8,6 +8,8 @@ omni drain NODE [--wait]          stop new dispatch to NODE (--wait: until nothi
 omni undrain NODE                 re-admit a drained node
 omni model prepare NAME           build a known model's folder once; print its path
 omni model list                   the known model names
+omni config show coordinator|agent [OPTIONS]
+                                  effective configuration (flags, OMNI_* env, --config file)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -166,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_model_prepare)
     listing = model_commands.add_parser("list", help="the known model names and their folders")
     listing.set_defaults(func=cmd_model_list)
+
+    cfg = commands.add_parser("config", help="show the effective configuration of a server")
+    cfg_commands = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = cfg_commands.add_parser(
+        "show", help="each option's value and where it came from (flag, env, file, default)"
+    )
+    show.add_argument("component", choices=sorted(COMPONENT_MODULES))
+    show.add_argument("options", nargs=argparse.REMAINDER, help="the server's own options")
+    show.set_defaults(func=cmd_config_show)
     return parser
 
 
@@ -529,6 +541,16 @@ async def stream_generate(args: argparse.Namespace, out: TextIO, err: TextIO) ->
             file=err,
         )
     return 0
+
+
+# The servers own their options: `omni config show` asks them (omni_rpc imports neither).
+COMPONENT_MODULES = {"coordinator": "coordinator", "agent": "node_agent"}
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    module = COMPONENT_MODULES[args.component]
+    done = subprocess.run([sys.executable, "-m", module, *args.options, "--print-config"])
+    return done.returncode
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> int:
