@@ -106,8 +106,11 @@ class Dispatcher:
         *,
         no_node_wait_s: float = config.NO_NODE_WAIT_S,
         metrics: CoordinatorMetrics | None = None,
+        log_prompts: bool = False,
     ) -> None:
         self.metrics = metrics or CoordinatorMetrics()
+        # Prompts are user data: they reach the logs only when the operator asks.
+        self.log_prompts = log_prompts
         self.registry = registry
         self.balancer = balancer
         self.max_retries = max_retries
@@ -182,9 +185,20 @@ class Dispatcher:
                 counters.requests_succeeded += 1
             else:
                 counters.requests_failed += 1
+            duration = time.monotonic() - started
             metrics.requests.labels(status).inc()
-            metrics.request_duration.observe(time.monotonic() - started)
+            metrics.request_duration.observe(duration)
             metrics.generated_tokens.inc(len(delivered.token_ids))
+            extra = {"prompt": request.prompt} if self.log_prompts else {}
+            bound.info(
+                "request finished",
+                node_id=tried[-1] if tried else "",
+                status=status,
+                attempts=len(tried),
+                completion_tokens=len(delivered.token_ids),
+                duration_s=round(duration, 4),
+                **extra,
+            )
 
     async def _wait_for_node(
         self,

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port-file", help="write the metrics port to this file")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-prompts", action="store_true", help="include prompt text in request logs (off)"
+    )
     p.add_argument("--port-file", help="write the bound port to this file once serving")
     return p
 
@@ -123,6 +126,7 @@ async def serve(args: argparse.Namespace) -> int:
         args.max_retries,
         no_node_wait_s=args.no_node_wait,
         metrics=metrics,
+        log_prompts=args.log_prompts,
     )
     coordinator = CoordinatorService(
         registry,

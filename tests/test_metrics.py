@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import urllib.request
@@ -83,3 +84,28 @@ async def test_metrics_move_with_traffic_and_failures(
     assert value(final, "omni_node_state", node_id="node-1", state="healthy") == 0
     assert value(final, "omni_requests_total", status="OK") == 18
     await orch.aclose()
+
+
+async def test_request_logs_carry_ids_and_no_prompt_unless_asked(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    for log_prompts in (False, True):
+        cluster = make_cluster(1, coordinator_args=["--log-prompts"] if log_prompts else [])
+        orch = DistributedOrchestrator(coordinator=cluster.coordinator_address, timeout=30)
+        result = await orch.generate_one("a very private prompt", max_tokens=4)
+        await orch.aclose()
+        assert cluster.coordinator is not None
+
+        def finished_line(path: Path = cluster.coordinator.log_path) -> dict[str, object] | None:
+            for line in path.read_text().splitlines():
+                if line.startswith("{"):
+                    entry = json.loads(line)
+                    if entry.get("event") == "request finished":
+                        return dict(entry)
+            return None
+
+        entry = wait_until(finished_line, 10.0, "the request's log line")
+        assert entry["request_id"] == result.request_id and entry["node_id"] == "node-0"
+        assert entry["status"] == "OK" and entry["level"] == "info"
+        text = cluster.coordinator.log_path.read_text()
+        assert ("a very private prompt" in text) is log_prompts
