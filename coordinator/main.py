@@ -13,7 +13,7 @@ from coordinator.health import HealthMonitor
 from coordinator.registry import Registry, state_name
 from coordinator.service import CoordinatorService, RegistryService
 from omni_rpc import argtypes, config, servers, settings
-from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
+from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import CoordinatorMetrics, serve_metrics
 from omni_rpc.strategies import STRATEGIES, make_strategy
 from omni_rpc.v1 import coordinator_pb2_grpc, registry_pb2_grpc
@@ -86,18 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.READMIT_AFTER_PROBES,
         help="consecutive passing probes that re-admit an unhealthy node",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=argtypes.non_negative_int,
-        help="serve Prometheus metrics on this port (0: any free one); off when not given",
-    )
-    p.add_argument("--metrics-port-file", help="write the metrics port to this file")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
-    p.add_argument("--log-level", default="INFO")
+    servers.add_process_options(p)
     p.add_argument(
         "--log-prompts", action="store_true", help="include prompt text in request logs (off)"
     )
-    p.add_argument("--port-file", help="write the bound port to this file once serving")
     return p
 
 

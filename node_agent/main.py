@@ -18,7 +18,7 @@ from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
 from node_agent.membership import Membership
 from node_agent.service import NodeAgentService
 from omni_rpc import __version__, argtypes, config, servers, settings
-from omni_rpc.logging import LOG_FORMATS, configure_logging, get_logger
+from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import EngineCollector, serve_metrics
 from omni_rpc.models import KNOWN as KNOWN_MODELS
 from omni_rpc.models import ModelError
@@ -89,15 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.SHUTDOWN_GRACE_S,
         help="seconds in-flight requests get to finish after SIGTERM",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=argtypes.non_negative_int,
-        help="serve Prometheus metrics on this port (0: any free one); off when not given",
-    )
-    p.add_argument("--metrics-port-file", help="write the metrics port to this file")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--port-file", help="write the bound port to this file once serving")
+    servers.add_process_options(p)
     return p
 
 

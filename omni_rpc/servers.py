@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -13,8 +14,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from omni_rpc import config
-from omni_rpc.logging import get_logger
+from omni_rpc import argtypes, config
+from omni_rpc.logging import LOG_FORMATS, get_logger
+
+
+def add_process_options(p: argparse.ArgumentParser) -> None:
+    """The options every server process has: metrics, logging, and where to publish its port."""
+    p.add_argument(
+        "--metrics-port",
+        type=argtypes.non_negative_int,
+        help="serve Prometheus metrics on this port (0: any free one); off when not given",
+    )
+    p.add_argument("--metrics-port-file", help="write the metrics port to this file")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--port-file", help="write the bound port to this file once serving")
 
 
 def new_server() -> grpc.aio.Server:
