@@ -120,6 +120,7 @@ class Node:
             health_check_latency_ms=self.health_check_latency_ms,
             ejections=self.breaker.ejections,
             ejected_until=self.breaker.ejected_until,
+            placement=self.info.placement,
         )
         if self.load is not None:
             info.load.CopyFrom(self.load)

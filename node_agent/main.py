@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -28,6 +29,9 @@ from omni_rpc.v1 import node_agent_pb2_grpc, registry_pb2
 log = get_logger("node_agent")
 
 ENGINES = ("sim", "vllm")
+LAUNCHERS = ("local", "ray", "kubernetes", "external")
+# Kubernetes' downward API, as deploy/kubernetes sets it: becomes the node's placement labels.
+K8S_LABEL_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "k8s_node": "NODE_NAME"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="sim: a name; vllm: a model folder, a hub id, or a known name "
         "(smollm2-135m-instruct, prepared once by `omni model prepare`)",
     )
-    p.add_argument("--gpu", type=int, default=-1, help="GPU index owned by this agent (-1: none)")
+    p.add_argument(
+        "--gpu",
+        type=int,
+        default=-1,
+        help="GPU index owned by this agent: sets CUDA_VISIBLE_DEVICES for its engine "
+        "(-1: keep the environment's CUDA_VISIBLE_DEVICES)",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="external",
+        help="what started this agent, reported to the coordinator (omni nodes shows it)",
+    )
     vllm = p.add_argument_group("vllm engine")
     vllm.add_argument(
         "--memory-buffer-gb",
@@ -110,9 +126,6 @@ def build_engine(args: argparse.Namespace) -> Engine:
     if args.engine == "vllm":
         if not args.model:
             raise ModelError("--engine vllm needs --model")
-        if args.gpu >= 0:
-            # Before torch or vLLM is imported: this process sees exactly its own GPU.
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
         from node_agent.engines.vllm import VllmConfig, VllmEngine
 
         return VllmEngine(
@@ -150,8 +163,41 @@ def _install_fault_signals(engine: Engine) -> None:
     loop.add_signal_handler(signal.SIGUSR2, toggle, "fail_requests")
 
 
-async def serve(args: argparse.Namespace) -> int:
-    stop = servers.stop_event_on_signals()
+def own_gpu(gpu: int) -> registry_pb2.GpuInfo:
+    """Make the engine see exactly GPU ``gpu`` (if given) and describe what it sees.
+
+    Runs before torch or vLLM is imported, which read CUDA_VISIBLE_DEVICES once. Without
+    ``--gpu`` the environment's value stands: Ray and Kubernetes' device plugin set it.
+    """
+    if gpu >= 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    index = gpu if gpu >= 0 else (int(visible) if visible.strip().isdigit() else -1)
+    return registry_pb2.GpuInfo(index=index, visible_devices=visible)
+
+
+def placement(launcher: str, labels: dict[str, str] | None = None) -> registry_pb2.Placement:
+    found = dict(labels or {})
+    for label, variable in K8S_LABEL_ENV.items():
+        if os.environ.get(variable):
+            found.setdefault(label, os.environ[variable])
+    return registry_pb2.Placement(launcher=launcher, host=socket.gethostname(), labels=found)
+
+
+async def serve(
+    args: argparse.Namespace,
+    stop: asyncio.Event | None = None,
+    labels: dict[str, str] | None = None,
+    on_serving: Callable[[str], None] | None = None,
+) -> int:
+    """Run the agent until ``stop`` is set (default: until SIGTERM/SIGINT).
+
+    ``stop``, ``labels`` and ``on_serving`` (called with the advertised address) let a host
+    process embed the agent, as the Ray actor does, off the main thread.
+    """
+    embedded = stop is not None
+    stop = stop or servers.stop_event_on_signals()
+    gpu = own_gpu(args.gpu)
     engine = build_engine(args)
     if engine.faults:
         engine.set_fault(args.sim_fault)
@@ -167,7 +213,8 @@ async def serve(args: argparse.Namespace) -> int:
     server = servers.new_server()
     port = servers.bind(server, args.listen)
     node_id = args.node_id or f"{socket.gethostname()}-{port}"
-    configure_logging(args.log_format, args.log_level, node_id=node_id)
+    if not embedded:
+        configure_logging(args.log_format, args.log_level, node_id=node_id)
     address = args.advertise or servers.advertised(args.listen, port)
     service = NodeAgentService(engine, node_id, args.max_tokens_cap)
     node_agent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)
@@ -187,14 +234,24 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("engine health changed", healthy=healthy)
 
     engine.add_health_listener(on_engine_health)
-    if engine.faults:
+    if engine.faults and not embedded:
         _install_fault_signals(engine)
     await server.start()
     metrics = CollectorRegistry()
     metrics.register(EngineCollector(engine.load, lambda: service.in_flight))
     serve_metrics(metrics, args.metrics_port, args.listen.rsplit(":", 1)[0], args.metrics_port_file)
     servers.write_port_file(args.port_file, port)
-    log.info("agent serving", address=address, engine=engine.kind, model=engine.model)
+    log.info(
+        "agent serving",
+        node_id=node_id,
+        address=address,
+        engine=engine.kind,
+        model=engine.model,
+        launcher=args.launcher,
+        visible_devices=gpu.visible_devices,
+    )
+    if on_serving is not None:
+        on_serving(address)
 
     membership = Membership(
         args.coordinator,
@@ -204,8 +261,9 @@ async def serve(args: argparse.Namespace) -> int:
             model=engine.model,
             engine=engine.kind,
             capacity=engine.capacity,
-            gpu=registry_pb2.GpuInfo(index=args.gpu),
+            gpu=gpu,
             version=__version__,
+            placement=placement(args.launcher, labels),
         ),
     )
     join_task = asyncio.create_task(membership.run())

