@@ -138,6 +138,7 @@ class Dispatcher:
         started = time.monotonic()
         first_token = False
         status = "CANCELLED"  # unless it ends otherwise: the client went away
+        error = ""  # why it failed, for the log
         try:
             for attempt in range(1, max_retries + 2):
                 node = await self._wait_for_node(request, tried, deadline)
@@ -167,6 +168,8 @@ class Dispatcher:
                         attempt=attempt,
                         code=exc.code.name,
                         error=exc.details,
+                        reason=f"node {'busy' if exc.kind is Failure.BUSY else 'failure'}: "
+                        f"{exc.code.name} {exc.details}".strip(),
                         resume_after_tokens=len(delivered.token_ids),
                         retry_in_s=round(delay, 3),
                     )
@@ -177,7 +180,7 @@ class Dispatcher:
                 + "; ".join(errors),
             )
         except DispatchError as exc:
-            status = exc.code.name
+            status, error = exc.code.name, exc.message
             raise
         finally:
             counters.in_flight -= 1
@@ -190,6 +193,8 @@ class Dispatcher:
             metrics.request_duration.observe(duration)
             metrics.generated_tokens.inc(len(delivered.token_ids))
             extra = {"prompt": request.prompt} if self.log_prompts else {}
+            if error:
+                extra["error"] = error
             bound.info(
                 "request finished",
                 node_id=tried[-1] if tried else "",

@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import sys
 
+from coordinator.admission import Admission, Limits
 from coordinator.balancer import Balancer
 from coordinator.circuit import BreakerPolicy
 from coordinator.dispatch import Dispatcher
 from coordinator.health import HealthMonitor
 from coordinator.registry import Registry, state_name
 from coordinator.service import CoordinatorService, RegistryService
-from omni_rpc import argtypes, config, servers, settings
+from omni_rpc import argtypes, config, security, servers, settings
 from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import CoordinatorMetrics, serve_metrics
 from omni_rpc.strategies import STRATEGIES, make_strategy
@@ -49,7 +50,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.DEFAULT_MAX_RETRIES,
         help="further attempts on other nodes after a failure",
     )
-    p.add_argument("--max-tokens-cap", type=argtypes.positive_int, default=config.MAX_TOKENS_CAP)
+    limits = p.add_argument_group("limits (over one: RESOURCE_EXHAUSTED naming it)")
+    limits.add_argument(
+        "--max-tokens-cap", type=argtypes.positive_int, default=config.MAX_TOKENS_CAP
+    )
+    limits.add_argument(
+        "--max-prompt-bytes",
+        type=argtypes.positive_int,
+        default=config.MAX_PROMPT_BYTES,
+        help="prompt size (UTF-8 bytes; 4 per prompt token id)",
+    )
+    limits.add_argument(
+        "--max-message-bytes",
+        type=argtypes.positive_int,
+        default=config.MAX_CLIENT_MESSAGE_BYTES,
+        help="largest request message accepted",
+    )
+    limits.add_argument(
+        "--max-streams",
+        type=argtypes.positive_int,
+        default=config.MAX_STREAMS,
+        help="concurrent Generate calls in all",
+    )
+    limits.add_argument(
+        "--max-streams-per-client",
+        type=argtypes.positive_int,
+        default=config.MAX_STREAMS_PER_CLIENT,
+        help="concurrent Generate calls per client (token, certificate or IP address)",
+    )
+    limits.add_argument(
+        "--max-queue",
+        type=argtypes.non_negative_int,
+        default=config.MAX_QUEUE,
+        help="calls admitted beyond the healthy nodes' total capacity",
+    )
     p.add_argument(
         "--no-node-wait",
         type=argtypes.non_negative_float,
@@ -87,17 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="consecutive passing probes that re-admit an unhealthy node",
     )
     servers.add_process_options(p)
+    security.add_options(p, security.ROLES)
     p.add_argument(
         "--log-prompts", action="store_true", help="include prompt text in request logs (off)"
     )
     return p
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int:
     stop = servers.stop_event_on_signals()
     registry = Registry(
         BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
         readmit_after=args.readmit_after,
+        agent_channels=guard.outgoing,
     )
     metrics = CoordinatorMetrics()
     HealthMonitor(
@@ -125,15 +161,29 @@ async def serve(args: argparse.Namespace) -> int:
         dispatcher,
         strategy=args.strategy,
         health_check_interval_s=args.health_check_interval,
-        max_tokens_cap=args.max_tokens_cap,
+        admission=Admission(
+            Limits(
+                max_prompt_bytes=args.max_prompt_bytes,
+                max_tokens_cap=args.max_tokens_cap,
+                max_streams=args.max_streams,
+                max_streams_per_client=args.max_streams_per_client,
+                max_queue=args.max_queue,
+            ),
+            capacity=lambda: sum(max(1, n.capacity) for n in registry.dispatchable()),
+        ),
     )
-    server = servers.new_server()
+    server = servers.new_server(guard.interceptors, args.max_message_bytes)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     registry_pb2_grpc.add_RegistryServicer_to_server(
-        RegistryService(registry, coordinator.coordinator_id), server
+        RegistryService(
+            registry,
+            coordinator.coordinator_id,
+            require_cert_identity=guard.tls.require_client_cert,
+        ),
+        server,
     )
     health = servers.add_health_and_reflection(server, SERVICES)
-    port = servers.bind(server, args.listen)
+    port = servers.bind(server, args.listen, guard.tls)
     await server.start()
     await servers.set_serving(health, SERVICES, True)
     serve_metrics(
@@ -147,6 +197,8 @@ async def serve(args: argparse.Namespace) -> int:
         health_check_interval_s=args.health_check_interval,
         max_retries=args.max_retries,
         coordinator_id=coordinator.coordinator_id,
+        auth=args.auth,
+        tls="mutual" if guard.tls.require_client_cert else ("on" if guard.tls.cert else "off"),
     )
     await stop.wait()
     log.info("shutting down", in_flight=dispatcher.counters.in_flight, grace_s=args.shutdown_grace)
@@ -170,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging(args.log_format, args.log_level)
     try:
-        return asyncio.run(serve(args))
+        guard = security.ServerSecurity.from_args(args, security.ROLES, outgoing_role="node")
+    except security.SecurityConfigError as exc:
+        parser.error(str(exc))  # exits 2 with the message
+    try:
+        return asyncio.run(serve(args, guard))
     except OSError as exc:
         log.error("coordinator failed to start", error=str(exc))
         return 1

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2_grpc
 from coordinator.circuit import BreakerPolicy, CircuitBreaker
 from omni_rpc import config
 from omni_rpc.logging import get_logger
+from omni_rpc.security import ChannelSecurity
 from omni_rpc.v1 import coordinator_pb2, node_agent_pb2, node_agent_pb2_grpc, registry_pb2
 
 log = get_logger("coordinator.registry")
@@ -137,8 +138,11 @@ class Registry:
         self,
         breaker_policy: BreakerPolicy | None = None,
         readmit_after: int = config.READMIT_AFTER_PROBES,
+        agent_channels: ChannelSecurity | None = None,
     ) -> None:
         self.breaker_policy = breaker_policy or BreakerPolicy()
+        # Token and TLS for dialing agents.
+        self.agent_channels = agent_channels or ChannelSecurity()
         self.readmit_after = readmit_after
         self.nodes: dict[str, Node] = {}
         self.on_added: list[NodeListener] = []
@@ -166,10 +170,7 @@ class Registry:
                 address=request.address,
             )
             self.remove(known, "replaced by a re-join from a new address")
-        channel = grpc.aio.insecure_channel(
-            request.address,
-            options=[*config.GRPC_MESSAGE_OPTIONS, *config.KEEPALIVE_CHANNEL_OPTIONS],
-        )
+        channel = self.agent_channels.aio_channel(request.address, config.KEEPALIVE_CHANNEL_OPTIONS)
         node = Node(
             info=request,
             channel=channel,
@@ -205,9 +206,25 @@ class Registry:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def leave(self, node_id: str, reason: str) -> bool:
+    def takeover_problem(self, request: registry_pb2.JoinRequest) -> str:
+        """Why ``request`` may not take its node id, if another live node holds it.
+
+        A healthy node keeps its id against joins from other addresses (a second process
+        started with the same id, or an impostor); once it is unhealthy (a restarted agent's
+        old self is gone) the id may move to the new address.
+        """
+        known = self.nodes.get(request.node_id)
+        if known is None or known.address == request.address or known.verdict != HEALTHY:
+            return ""
+        return (
+            f"node id {request.node_id!r} is held by a healthy node at {known.address}; "
+            "it can move only once that node is gone"
+        )
+
+    def leave(self, node_id: str, reason: str, address: str = "") -> bool:
+        """Remove ``node_id``; with ``address``, only if the node registered from there."""
         node = self.nodes.get(node_id)
-        if node is None:
+        if node is None or (address and node.address != address):
             return False
         self.remove(node, f"left: {reason}" if reason else "left")
         return True

@@ -5,14 +5,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
+from coordinator.admission import Admission, LimitExceeded
 from coordinator.dispatch import Dispatcher, DispatchError
 from coordinator.registry import Registry
 from coordinator.stats import cluster_stats
 from omni_rpc import config
 from omni_rpc.logging import get_logger
+from omni_rpc.security import client_identity, peer_identities
 from omni_rpc.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -33,13 +36,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         *,
         strategy: str,
         health_check_interval_s: float,
-        max_tokens_cap: int,
+        admission: Admission,
     ) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
         self.strategy = strategy
         self.health_check_interval_s = health_check_interval_s
-        self.max_tokens_cap = max_tokens_cap
+        self.admission = admission
+        self.max_tokens_cap = admission.limits.max_tokens_cap
         self.coordinator_id = uuid.uuid4().hex[:12]
         self.started_at = time.time()
 
@@ -51,13 +55,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         ],
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
+            self.admission.check_request(request)
             validate_request(request, max_tokens_cap=self.max_tokens_cap)
+        except LimitExceeded as exc:
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except InvalidRequest as exc:
-            self.dispatcher.metrics.requests.labels("INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            async for response in self.dispatcher.generate(request, context.time_remaining()):
-                yield response
+            with self.admission.admit(client_identity(context)):
+                async for response in self.dispatcher.generate(request, context.time_remaining()):
+                    yield response
+        except LimitExceeded as exc:
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except DispatchError as exc:
             log.info(
                 "request failed",
@@ -69,6 +78,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             # the coordinator had been unreachable.
             context.set_trailing_metadata(((config.FINAL_ERROR_METADATA, "1"),))
             await context.abort(exc.code, exc.message)
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
+    ) -> None:
+        """Fail the call before any node is involved (final: clients must not retry it)."""
+        self.dispatcher.metrics.requests.labels(code.name).inc()
+        context.set_trailing_metadata(((config.FINAL_ERROR_METADATA, "1"),))
+        await context.abort(code, message)
 
     async def GetStats(
         self,
@@ -118,17 +135,24 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
 
 class RegistryService(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry, coordinator_id: str) -> None:
+    def __init__(
+        self, registry: Registry, coordinator_id: str, require_cert_identity: bool = False
+    ) -> None:
         self.registry = registry
         self.coordinator_id = coordinator_id
+        # With mutual TLS a node may only join under a name its certificate carries.
+        self.require_cert_identity = require_cert_identity
 
     async def Join(
         self,
         request: registry_pb2.JoinRequest,
         context: grpc.aio.ServicerContext[registry_pb2.JoinRequest, registry_pb2.JoinResponse],
     ) -> registry_pb2.JoinResponse:
-        problem = _join_problem(request)
+        problem = _join_problem(request) or self._identity_problem(request, context)
+        if not problem:
+            problem = self.registry.takeover_problem(request)
         if problem:
+            log.warning("join refused", node_id=request.node_id, reason=problem)
             return registry_pb2.JoinResponse(accepted=False, reason=problem)
         self.registry.join(request)
         return registry_pb2.JoinResponse(
@@ -142,8 +166,26 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         request: registry_pb2.LeaveRequest,
         context: grpc.aio.ServicerContext[registry_pb2.LeaveRequest, registry_pb2.LeaveResponse],
     ) -> registry_pb2.LeaveResponse:
-        self.registry.leave(request.node_id, request.reason)
+        if self.require_cert_identity and request.node_id not in peer_identities(context):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {request.node_id!r} may only be removed by itself (certificate identity)",
+            )
+        self.registry.leave(request.node_id, request.reason, request.address)
         return registry_pb2.LeaveResponse()
+
+    def _identity_problem(
+        self, request: registry_pb2.JoinRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> str:
+        if not self.require_cert_identity:
+            return ""
+        names = peer_identities(context)
+        if request.node_id in names:
+            return ""
+        return (
+            f"node id {request.node_id!r} does not match the client certificate "
+            f"(names: {', '.join(names) or 'none'})"
+        )
 
 
 def _join_problem(request: registry_pb2.JoinRequest) -> str:

@@ -18,7 +18,7 @@ from node_agent.engine import Engine
 from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
 from node_agent.membership import Membership
 from node_agent.service import NodeAgentService
-from omni_rpc import __version__, argtypes, config, servers, settings
+from omni_rpc import __version__, argtypes, config, security, servers, settings
 from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import EngineCollector, serve_metrics
 from omni_rpc.models import KNOWN as KNOWN_MODELS
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish after SIGTERM",
     )
     servers.add_process_options(p)
+    security.add_options(p, ["node"])
     return p
 
 
@@ -196,6 +197,8 @@ async def serve(
     process embed the agent, as the Ray actor does, off the main thread.
     """
     embedded = stop is not None
+    # Checked before the engine loads (minutes for vLLM): bad security options fail at once.
+    guard = security.ServerSecurity.from_args(args, ["node"], outgoing_role="node")
     stop = stop or servers.stop_event_on_signals()
     gpu = own_gpu(args.gpu)
     engine = build_engine(args)
@@ -210,8 +213,8 @@ async def serve(
             "engine failed to start", engine=engine.kind, error=f"{type(exc).__name__}: {exc}"
         )
         return 1
-    server = servers.new_server()
-    port = servers.bind(server, args.listen)
+    server = servers.new_server(guard.interceptors)
+    port = servers.bind(server, args.listen, guard.tls)
     node_id = args.node_id or f"{socket.gethostname()}-{port}"
     if not embedded:
         configure_logging(args.log_format, args.log_level, node_id=node_id)
@@ -265,6 +268,7 @@ async def serve(
             version=__version__,
             placement=placement(args.launcher, labels),
         ),
+        guard.outgoing,
     )
     join_task = asyncio.create_task(membership.run())
     await stop.wait()

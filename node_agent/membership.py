@@ -16,18 +16,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
+from omni_rpc.security import ChannelSecurity
 from omni_rpc.v1 import registry_pb2, registry_pb2_grpc
 
 log = get_logger("node_agent.membership")
 
 
 class Membership:
-    def __init__(self, coordinator: str, join_request: registry_pb2.JoinRequest) -> None:
+    def __init__(
+        self,
+        coordinator: str,
+        join_request: registry_pb2.JoinRequest,
+        channels: ChannelSecurity | None = None,
+    ) -> None:
         self.coordinator = coordinator
         self.join_request = join_request
         self.coordinator_id = ""
         self.joined = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(coordinator)
+        self._channel = (channels or ChannelSecurity()).aio_channel(coordinator)
         self._registry = registry_pb2_grpc.RegistryStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -102,7 +108,11 @@ class Membership:
     async def leave(self, reason: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._registry.Leave(
-                registry_pb2.LeaveRequest(node_id=self.join_request.node_id, reason=reason),
+                registry_pb2.LeaveRequest(
+                    node_id=self.join_request.node_id,
+                    reason=reason,
+                    address=self.join_request.address,
+                ),
                 timeout=2.0,
             )
 

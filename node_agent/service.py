@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -19,12 +19,16 @@ log = get_logger("node_agent.service")
 _END = object()
 
 
-async def coalesce(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+async def coalesce(
+    deltas: AsyncIterator[Delta], abandon: Callable[[], Awaitable[None]] | None = None
+) -> AsyncGenerator[Delta, None]:
     """Yield the deltas of ``deltas``, merging those that are ready at the same time.
 
     A pump task reads the engine as fast as it produces; each message the consumer sends
     takes everything queued so far. No delta waits for another: a slow consumer just gets
     fewer, larger messages (the message count, not the token count, is what costs).
+    ``abandon`` is awaited when the consumer stops before the engine's stream has ended
+    (client gone, deadline): while the engine still has the request, before it is closed.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -57,6 +61,10 @@ async def coalesce(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
                 merged.merge(nxt)
             yield merged
     finally:
+        if abandon is not None and not task.done():
+            # Not after the close: an engine may remember the abort of a request it no longer
+            # has, and refuse a later request that reuses the id.
+            await abandon()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -122,23 +130,33 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
         bound = log.bind(request_id=request.request_id, node_id=self.node_id, attempt=attempt)
         self.in_flight += 1
         self._idle.clear()
-        control = asyncio.create_task(self._read_control(request_iterator, request.request_id))
         finished = False
+        control = asyncio.create_task(
+            self._read_control(request_iterator, request.request_id, lambda: finished)
+        )
+
+        async def abandon() -> None:
+            # Client gone or deadline passed: nothing may keep running.
+            await self.engine.abort(request.request_id)
+
         try:
-            async for delta in coalesce(self.engine.generate(engine_request)):
-                response = generate_pb2.GenerateResponse(
-                    request_id=request.request_id,
-                    text=delta.text,
-                    token_ids=delta.token_ids,
-                    node_id=self.node_id,
-                    attempt=attempt,
-                )
-                if delta.finish_reason is not None:
-                    finished = True
-                    response.finish_reason = delta.finish_reason
-                    response.usage.prompt_tokens = delta.prompt_tokens
-                    response.usage.completion_tokens = delta.completion_tokens
-                yield response
+            async with contextlib.aclosing(
+                coalesce(self.engine.generate(engine_request), abandon)
+            ) as deltas:
+                async for delta in deltas:
+                    response = generate_pb2.GenerateResponse(
+                        request_id=request.request_id,
+                        text=delta.text,
+                        token_ids=delta.token_ids,
+                        node_id=self.node_id,
+                        attempt=attempt,
+                    )
+                    if delta.finish_reason is not None:
+                        finished = True
+                        response.finish_reason = delta.finish_reason
+                        response.usage.prompt_tokens = delta.prompt_tokens
+                        response.usage.completion_tokens = delta.completion_tokens
+                    yield response
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineOverloaded as exc:
@@ -150,22 +168,33 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
         finally:
             control.cancel()
             if not finished:
-                # Client gone, deadline passed or Cancel received: nothing may keep running.
-                await self.engine.abort(request.request_id)
+                # Aborted in the engine by coalesce (abandon) or by a Cancel message.
                 bound.info("request aborted")
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
 
     async def _read_control(
-        self, request_iterator: AsyncIterator[node_agent_pb2.AgentRequest], request_id: str
+        self,
+        request_iterator: AsyncIterator[node_agent_pb2.AgentRequest],
+        request_id: str,
+        finished: Callable[[], bool],
     ) -> None:
         """Act on control messages sent after the request (today: Cancel)."""
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             async for message in request_iterator:
                 if message.WhichOneof("kind") == "cancel":
-                    log.info("cancel received", request_id=request_id, reason=message.cancel.reason)
+                    if finished():
+                        return  # too late: the engine no longer has the request
+                    log.info(
+                        "cancel received",
+                        request_id=request_id,
+                        node_id=self.node_id,
+                        reason=message.cancel.reason,
+                    )
                     await self.engine.abort(request_id)
+                    # One is enough: a second could reach the engine after the request ended.
+                    return
 
     async def GetLoad(
         self,

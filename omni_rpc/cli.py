@@ -30,12 +30,13 @@ from typing import Any, NoReturn, TextIO
 
 import grpc
 
-from omni_rpc import __version__, argtypes, config, models, ray_launcher
+from omni_rpc import __version__, argtypes, config, models, ray_launcher, security
 from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
 from omni_rpc.gpus import PlacementError
 from omni_rpc.gpus import assign as assign_gpus
 from omni_rpc.launcher import LaunchError, LocalCluster
 from omni_rpc.sdk import ENGINES, build_request
+from omni_rpc.security import ChannelSecurity
 from omni_rpc.strategies import STRATEGIES
 from omni_rpc.top import add_arguments as add_top_arguments
 from omni_rpc.v1 import coordinator_pb2_grpc
@@ -59,6 +60,28 @@ def _add_coordinator_option(p: argparse.ArgumentParser) -> None:
         default=_default_coordinator(),
         help="coordinator HOST:PORT (default: $OMNI_COORDINATOR or %(default)s)",
     )
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("OMNI_TOKEN_FILE"),
+        help="bearer token for the coordinator (default: $OMNI_TOKEN_FILE, or $OMNI_TOKEN)",
+    )
+    p.add_argument("--tls-ca", default=os.environ.get("OMNI_TLS_CA"), help="CA to verify it by")
+    p.add_argument("--tls-cert", default=os.environ.get("OMNI_TLS_CERT"), help="client cert")
+    p.add_argument("--tls-key", default=os.environ.get("OMNI_TLS_KEY"), help="its key")
+
+
+def client_security(args: argparse.Namespace) -> ChannelSecurity:
+    """The token and TLS files a client command dials the coordinator with."""
+    try:
+        return security.client_security(args)
+    except security.SecurityConfigError as exc:
+        raise SystemExit(f"omni: {exc}") from None
+
+
+def _client(args: argparse.Namespace, timeout_s: float | None = None) -> CoordinatorClient:
+    if timeout_s is None:
+        return CoordinatorClient(args.coordinator, security=client_security(args))
+    return CoordinatorClient(args.coordinator, timeout_s, security=client_security(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=argtypes.non_negative_float,
         metavar="Y",
         help="simulated inter-token latency",
+    )
+    up.add_argument(
+        "--auth",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="make tokens for every role and require them (auto: on unless the coordinator "
+        "listens on loopback only, as by default)",
     )
     placement = up.add_argument_group("placement")
     placement.add_argument(
@@ -231,6 +261,13 @@ def _install_signal_handlers(handler: Callable[[int, FrameType | None], Any]) ->
         signal.signal(sig, handler)
 
 
+def _auth_wanted(mode: str, on_ray: bool, listen: str) -> bool:
+    if mode != "auto":
+        return mode == "on"
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return on_ray or host not in ("127.0.0.1", "localhost", "::1")
+
+
 def _resources(text: str) -> dict[str, float]:
     try:
         value = json.loads(text)
@@ -250,7 +287,9 @@ def _children(cluster: LocalCluster) -> list[Any]:
 
 
 def _wait_healthy(cluster: LocalCluster, count: int, timeout_s: float) -> None:
-    client = CoordinatorClient(cluster.coordinator_address, timeout_s=2.0)
+    client = CoordinatorClient(
+        cluster.coordinator_address, timeout_s=2.0, security=cluster.client_security()
+    )
     deadline = time.monotonic() + timeout_s
     healthy = 0
     try:
@@ -273,13 +312,16 @@ def _wait_healthy(cluster: LocalCluster, count: int, timeout_s: float) -> None:
 
 
 def _print_cluster(cluster: LocalCluster) -> None:
-    client = CoordinatorClient(cluster.coordinator_address)
+    client = CoordinatorClient(cluster.coordinator_address, security=cluster.client_security())
     try:
         nodes = {n.node_id: n for n in client.nodes()}
     finally:
         client.close()
     print(f"coordinator  {cluster.coordinator_address}")
     print(f"logs         {cluster.log_dir}")
+    if cluster.tokens:
+        files = ", ".join(f"{r} {cluster.token_file(r)}" for r in sorted(cluster.tokens))
+        print(f"tokens       {files} (omni --token-file PATH ...)")
     for node_id, node in sorted(nodes.items()):
         where = node_dict(node)
         gpu = f"gpu {where['visible_devices']}" if where["visible_devices"] else "cpu"
@@ -345,6 +387,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         agent_args=agent_args,
         log_dir=args.log_dir,
         gpus=gpus,
+        auth=_auth_wanted(args.auth, on_ray, args.listen),
     )
     ray_agents = (
         ray_launcher.RayAgents(
@@ -491,7 +534,7 @@ def format_status(stats: dict[str, Any], now: float | None = None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    client = CoordinatorClient(args.coordinator)
+    client = _client(args)
     try:
         stats = stats_dict(client.stats())
     finally:
@@ -507,7 +550,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    client = CoordinatorClient(args.coordinator)
+    client = _client(args)
     try:
         nodes = [node_dict(n) for n in client.nodes()]
     finally:
@@ -557,7 +600,7 @@ def _wait_drained(client: CoordinatorClient, node_id: str, timeout_s: float) -> 
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    client = CoordinatorClient(args.coordinator)
+    client = _client(args)
     try:
         response = client.drain(args.node)
         node = node_dict(response.node)
@@ -573,7 +616,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    client = CoordinatorClient(args.coordinator)
+    client = _client(args)
     try:
         node = node_dict(client.drain(args.node, undrain=True).node)
     finally:
@@ -588,9 +631,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 async def stream_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
     request = build_request(args.prompt, None, sampling)
-    async with grpc.aio.insecure_channel(
-        args.coordinator, options=config.GRPC_MESSAGE_OPTIONS
-    ) as channel:
+    async with client_security(args).aio_channel(args.coordinator) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         wrote = False
         last = None
@@ -670,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:
         # The coordinator's answer, e.g. NOT_FOUND "no node 'node-9' (known: node-0, node-1)".
         code, details = exc.code(), exc.details()
-        print(f"omni: {details or code.name}", file=sys.stderr)
+        print(f"omni: {code.name}: {details}" if details else f"omni: {code.name}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from omni_rpc import config
+from omni_rpc.security import ChannelSecurity
 from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, node_agent_pb2
 
 DEFAULT_CALL_TIMEOUT_S = 10.0
@@ -99,10 +99,15 @@ def stats_dict(stats: coordinator_pb2.ClusterStats) -> dict[str, Any]:
 class CoordinatorClient:
     """Blocking calls to the Coordinator service (for code outside an event loop)."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=config.GRPC_MESSAGE_OPTIONS)
+        self._channel = (security or ChannelSecurity()).sync_channel(address)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     def _call(self, method: Any, request: Any) -> Any:

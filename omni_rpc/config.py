@@ -56,6 +56,16 @@ GRPC_MESSAGE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
+# Limits on what one caller may ask of the coordinator (coordinator/admission.py); over a
+# limit the call is RESOURCE_EXHAUSTED, naming it.
+# Largest request message the coordinator accepts from clients (gRPC's own default).
+MAX_CLIENT_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_PROMPT_BYTES = 1024 * 1024
+MAX_STREAMS = 10_000
+MAX_STREAMS_PER_CLIENT = 1_000
+# Requests admitted beyond the healthy nodes' total capacity (waiting on engines or for a node).
+MAX_QUEUE = 1_000
+
 # Without a caller deadline, Generate waits this long for a healthy node before giving up.
 NO_NODE_WAIT_S = 30.0
 # Calls to the registry and probes from an agent.

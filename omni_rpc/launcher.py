@@ -10,6 +10,7 @@ child inside gRPC's fork handlers before it reaches exec.)
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni_rpc import config
+from omni_rpc.security import ROLES, ChannelSecurity
 
 
 class LaunchError(RuntimeError):
@@ -60,17 +62,29 @@ class LocalCluster:
     per_agent_args: dict[int, Sequence[str]] = field(default_factory=dict)
     # The GPU each agent owns, by index (None: CPU agents); see omni_rpc.gpus.assign.
     gpus: Sequence[int] | None = None
+    # Tokens for every role, made at start and handed to the children in files (0600 in
+    # log_dir); False runs the cluster with --auth off, which suits loopback-only use.
+    auth: bool = False
+    tokens: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     log_format: str = "json"
     coordinator_address: str = ""
     coordinator: Child | None = None
     agents: list[Child] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.auth and not self.tokens:
+            self.tokens = {role: secrets.token_urlsafe(32) for role in ROLES}
+
     def start(self, startup_timeout_s: float = 30.0) -> str:
         """Start every process; return the coordinator's address once it listens."""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="omni-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for role, token in self.tokens.items():
+            path = self.token_file(role)
+            path.touch(mode=0o600)
+            path.write_text(token + "\n")
         self.start_coordinator(self.coordinator_listen, startup_timeout_s)
         for index in range(self.num_nodes):
             self.start_agent(index)
@@ -95,11 +109,25 @@ class LocalCluster:
                 str(self.max_retries),
                 "--port-file",
                 str(port_file),
+                *self._auth_args(ROLES),
                 *self.coordinator_args,
             ],
         )
         port = self._wait_for_port(self.coordinator, port_file, startup_timeout_s)
         self.coordinator_address = f"{listen.rsplit(':', 1)[0]}:{port}"
+
+    def token_file(self, role: str) -> Path:
+        assert self.log_dir is not None
+        return self.log_dir / f"{role}.token"
+
+    def _auth_args(self, roles: Sequence[str]) -> list[str]:
+        if not self.auth:
+            return ["--auth", "off"]
+        return [arg for r in roles for arg in (f"--{r}-token-file", str(self.token_file(r)))]
+
+    def client_security(self, role: str = "admin") -> ChannelSecurity:
+        """How a client of this cluster authenticates (no token when auth is off)."""
+        return ChannelSecurity(token=self.tokens.get(role))
 
     def restart_coordinator(self, startup_timeout_s: float = 30.0) -> None:
         """Stop the coordinator and start a new one on the same address; agents untouched."""
@@ -127,6 +155,7 @@ class LocalCluster:
                 self.model,
                 "--launcher",
                 "local",
+                *self._auth_args(["node"]),
                 *(["--gpu", str(self.gpus[index])] if self.gpus else []),
                 *self.agent_args,
                 *self.per_agent_args.get(index, ()),

@@ -133,6 +133,9 @@ class RayAgents:
     max_restarts: int = DEFAULT_MAX_RESTARTS
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S
     log_format: str = "json"
+    # The node token the agents present (None: the cluster runs with --auth off). Passed in
+    # the actors' environment, not their arguments.
+    node_token: str | None = None
     actors: list[Any] = field(default_factory=list)
     placement_group: Any = None
     started_ray: bool = False
@@ -206,6 +209,9 @@ class RayAgents:
                 num_cpus=self.resources.get("CPU", 0.0),
                 resources=extra or None,
                 max_restarts=self.max_restarts,
+                runtime_env=(
+                    {"env_vars": {"OMNI_NODE_TOKEN": self.node_token}} if self.node_token else None
+                ),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement_group,
                     placement_group_bundle_index=index,
@@ -239,6 +245,7 @@ class RayAgents:
             "ray",
             "--log-format",
             self.log_format,
+            *([] if self.node_token else ["--auth", "off"]),
             *self.agent_args,
         ]
 
@@ -276,11 +283,14 @@ def start(cluster: LocalCluster, agents: RayAgents, startup_timeout_s: float) ->
 
     ``cluster`` runs only the coordinator (no local agents), listening on every interface so
     actors on other machines can join; agents dial it at the IP Ray knows this machine by.
+    Listening beyond loopback, the cluster should have ``auth=True``: the agents get the node
+    token from it.
     Returns the address local clients use. On failure nothing is left running.
     """
     agents.connect()  # refuses a cluster too small before anything starts
     try:
         port = cluster.start(startup_timeout_s).rsplit(":", 1)[1]
+        agents.node_token = cluster.tokens.get("node")
         agents.coordinator_address = f"{import_ray().util.get_node_ip_address()}:{port}"
         agents.place(startup_timeout_s)
     except BaseException:

@@ -23,6 +23,7 @@ from omni_rpc import gpus as gpu_placement
 from omni_rpc.backoff import Backoff
 from omni_rpc.client import CoordinatorClient, node_dict, stats_dict
 from omni_rpc.launcher import LocalCluster
+from omni_rpc.security import ChannelSecurity, TlsFiles
 from omni_rpc.strategies import STRATEGIES, Candidate, make_strategy
 from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
 
@@ -34,6 +35,7 @@ LAUNCHERS = ("local", "ray")
 # The coordinator of the orchestrator started last in this process, as its agents reach it:
 # what HealthMonitor.remote() connects to when given no address (as in the seed).
 _current_coordinator = ""
+_current_token: str | None = None
 
 
 class GenerationError(RuntimeError):
@@ -152,13 +154,17 @@ class DistributedOrchestrator:
         gpus: str | Sequence[int] = "auto",
         ray_resources: Mapping[str, float] | None = None,
         ray_max_restarts: int = ray_launcher.DEFAULT_MAX_RESTARTS,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         """``launcher``: "local" (child processes) or "ray"; default "ray" when
         ``ray_address`` is given ("auto", "ray://head:10001", "host:6379"), else "local".
         With ``launcher="ray"`` and no address a local Ray instance is started.
         ``gpus``: for local agents, "auto" (vLLM: one agent per GPU), "all", "none" or a list
-        of indices. ``ray_resources``: per Ray agent (default one GPU and one CPU)."""
-        global _current_coordinator
+        of indices. ``ray_resources``: per Ray agent (default one GPU and one CPU).
+        ``token`` (default ``OMNI_TOKEN``) and ``tls`` (CA, and a client certificate for
+        mutual TLS) secure the calls to a coordinator given by ``coordinator=``."""
+        global _current_coordinator, _current_token
         launcher = launcher or ("ray" if ray_address is not None else "local")
         if launcher not in LAUNCHERS:
             raise ValueError(f"unknown launcher {launcher!r} (known: {', '.join(LAUNCHERS)})")
@@ -185,6 +191,9 @@ class DistributedOrchestrator:
         self.memory_buffer_gb = memory_buffer_gb
         self.timeout = timeout
         self.startup_timeout = startup_timeout or config.STARTUP_TIMEOUT_S.get(engine, 60.0)
+        self.security = ChannelSecurity(
+            token=token or os.environ.get("OMNI_TOKEN") or None, tls=tls or TlsFiles()
+        )
         self.cluster: LocalCluster | None = None
         self.ray_agents: ray_launcher.RayAgents | None = None
         self._ready = coordinator is not None
@@ -204,8 +213,11 @@ class DistributedOrchestrator:
                 agent_args=every_agent,
                 coordinator_args=coordinator_args,
                 gpus=None if on_ray else gpu_placement.assign(num_nodes, engine, gpus),
+                # Ray's coordinator listens beyond loopback: tokens for every role then.
+                auth=on_ray,
             )
             if on_ray:
+                self.security = ChannelSecurity(token=self.cluster.tokens.get("admin"))
                 self.ray_agents = ray_launcher.RayAgents(
                     num_nodes=num_nodes,
                     coordinator_address="",
@@ -227,8 +239,9 @@ class DistributedOrchestrator:
                     self.cluster.stop()  # leave no half-started cluster behind
                     raise
         _current_coordinator = reachable_at
+        _current_token = self.security.token
         self.coordinator = coordinator
-        self._client = CoordinatorClient(coordinator)
+        self._client = CoordinatorClient(coordinator, security=self.security)
         self._aio: (
             tuple[
                 asyncio.AbstractEventLoop,
@@ -271,9 +284,7 @@ class DistributedOrchestrator:
     def _stub(self) -> coordinator_pb2_grpc.CoordinatorAsyncStub:
         loop = asyncio.get_running_loop()
         if self._aio is None or self._aio[0] is not loop:
-            channel = grpc.aio.insecure_channel(
-                self.coordinator, options=config.GRPC_MESSAGE_OPTIONS
-            )
+            channel = self.security.aio_channel(self.coordinator)
             self._aio = (loop, channel, coordinator_pb2_grpc.CoordinatorStub(channel))
         return self._aio[2]
 
@@ -526,12 +537,17 @@ class HealthMonitor:
     """The seed's HealthMonitor, reading the coordinator's health state."""
 
     def __init__(
-        self, *, coordinator: str | None = None, client: CoordinatorClient | None = None
+        self,
+        *,
+        coordinator: str | None = None,
+        client: CoordinatorClient | None = None,
+        token: str | None = None,
     ) -> None:
         if client is None:
             if coordinator is None:
                 raise ValueError("HealthMonitor needs coordinator='host:port' or a client")
-            client = CoordinatorClient(coordinator)
+            security = ChannelSecurity(token=token or os.environ.get("OMNI_TOKEN") or None)
+            client = CoordinatorClient(coordinator, security=security)
         self._client = client
 
     def get_healthy_nodes(self) -> list[str]:
@@ -556,7 +572,10 @@ class HealthMonitor:
             )
         ray = ray_launcher.import_ray()
         actor = ray.remote(_HealthMonitorActor)
-        options = {"num_cpus": 0, **actor_options}
+        options: dict[str, Any] = {"num_cpus": 0, **actor_options}
+        token = os.environ.get("OMNI_TOKEN") or (None if coordinator else _current_token)
+        if token:  # in the actor's environment, not its arguments
+            options.setdefault("runtime_env", {}).setdefault("env_vars", {})["OMNI_TOKEN"] = token
         return actor.options(**options).remote(address)
 
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from omni_rpc import argtypes, config
 from omni_rpc.logging import LOG_FORMATS, get_logger
+from omni_rpc.security import TlsFiles, server_credentials
 
 
 def add_process_options(p: argparse.ArgumentParser) -> None:
@@ -31,8 +32,18 @@ def add_process_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port-file", help="write the bound port to this file once serving")
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=[*config.GRPC_MESSAGE_OPTIONS, *config.KEEPALIVE_SERVER_OPTIONS])
+def new_server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+    max_message_bytes: int = config.MAX_MESSAGE_BYTES,
+) -> grpc.aio.Server:
+    return grpc.aio.server(
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_send_message_length", config.MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *config.KEEPALIVE_SERVER_OPTIONS,
+        ],
+    )
 
 
 def add_health_and_reflection(
@@ -63,10 +74,14 @@ async def set_serving(health: HealthServicer, service_names: Iterable[str], serv
         await health.set(name, status)
 
 
-def bind(server: grpc.aio.Server, listen: str) -> int:
-    """Bind ``listen`` (host:port, port 0 for any free one); return the real port."""
+def bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None = None) -> int:
+    """Bind ``listen`` (host:port, port 0 for any free one), with TLS when ``tls`` has a
+    certificate; return the real port."""
     try:
-        port = server.add_insecure_port(listen)
+        if tls is not None and tls.cert:
+            port = server.add_secure_port(listen, server_credentials(tls))
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError as exc:  # grpc reports a taken or bad address this way
         raise OSError(f"cannot listen on {listen}: {exc}") from None
     if port == 0:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from omni_rpc import argtypes
 from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, stats_dict
+from omni_rpc.security import SecurityConfigError, client_security
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -235,7 +236,13 @@ def cmd_top(args: argparse.Namespace) -> int:
     """Refresh until ``--iterations`` or Ctrl-C (exit 0); an unreachable coordinator at the
     start raises CoordinatorUnreachable (the CLI prints it and exits 1)."""
     console = make_console(args.width)
-    client = CoordinatorClient(args.coordinator, timeout_s=max(2.0, args.interval))
+    try:
+        channel_security = client_security(args)
+    except SecurityConfigError as exc:
+        raise SystemExit(f"omni: {exc}") from None
+    client = CoordinatorClient(
+        args.coordinator, timeout_s=max(2.0, args.interval), security=channel_security
+    )
     try:
         rates = TokenRates()
         # The first call is outside the loop: a wrong address is an error, not a view of one.

@@ -144,10 +144,14 @@ def test_generate_reports_server_errors_with_their_code(
 ) -> None:
     process, address, _ = omni_up
     wait_until(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
-    result = omni("generate", "hi", "--max-tokens", "100000", "--coordinator", address)
+    result = omni("generate", "hi", "--temperature", "-1", "--coordinator", address)
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: ")
-    assert "max_tokens" in result.stderr
+    assert "temperature" in result.stderr
+    result = omni("generate", "hi", "--max-tokens", "100000", "--coordinator", address)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: RESOURCE_EXHAUSTED: ")
+    assert "max_tokens_cap=8192" in result.stderr
 
 
 def node_state(address: str, node_id: str) -> str:

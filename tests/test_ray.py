@@ -198,9 +198,13 @@ def test_seed_multi_node_example_runs_with_only_the_address_changed(
     _wait_all_gpus_free()
 
 
-def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str) -> None:
-    """`omni up --ray-address` with CPU-only resources per simulated agent; Ctrl-C cleans up."""
+def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str, tmp_path: Path) -> None:
+    """`omni up --ray-address` with CPU-only resources per simulated agent; Ctrl-C cleans up.
+
+    The coordinator then listens beyond loopback, so omni up makes tokens (auth on)."""
     address = f"127.0.0.1:{_free_port()}"
+    log_dir = tmp_path / "logs"
+    token = ["--token-file", str(log_dir / "admin.token")]
     cpus_before = float(ray.available_resources().get("CPU", 0.0))
     process = subprocess.Popen(
         [
@@ -214,6 +218,8 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str) -> None:
             '{"CPU": 1}',
             "--listen",
             address,
+            "--log-dir",
+            str(log_dir),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -224,7 +230,7 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str) -> None:
 
         def healthy() -> list[dict[str, Any]]:
             assert process.poll() is None, process.communicate()[1]
-            listed = omni("nodes", "--json", "--coordinator", address)
+            listed = omni("nodes", "--json", "--coordinator", address, *token)
             if listed.returncode != 0:
                 return []
             nodes: list[dict[str, Any]] = json.loads(listed.stdout)
@@ -234,8 +240,10 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str) -> None:
         assert {n["launcher"] for n in nodes} == {"ray"}
         assert {n["visible_devices"] for n in nodes} == {""}  # no GPU asked, none visible
         assert _gpus_free() == LOGICAL_GPUS
-        status = omni("status", "--coordinator", address)
+        status = omni("status", "--coordinator", address, *token)
         assert status.returncode == 0 and "ray-node-2" in status.stdout
+        refused = omni("status", "--coordinator", address)
+        assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
