@@ -68,12 +68,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         except LimitExceeded as exc:
             await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except DispatchError as exc:
-            log.info(
-                "request failed",
-                request_id=request.request_id,
-                code=exc.code.name,
-                error=exc.message,
-            )
+            # Logged once by the dispatcher ("request finished", with node and error).
             # Marks the status as the coordinator's verdict: clients must not retry it as if
             # the coordinator had been unreachable.
             context.set_trailing_metadata(((config.FINAL_ERROR_METADATA, "1"),))

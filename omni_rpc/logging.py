@@ -11,25 +11,30 @@ import structlog
 LOG_FORMATS = ("json", "console", "auto")
 
 
-def configure_logging(fmt: str = "auto", level: str = "INFO", **context: Any) -> None:
-    """Route structlog (and stdlib logging) to stderr; bind ``context`` to every line."""
+def resolve_format(fmt: str) -> str:
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
     if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
+        return "console" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+def configure_logging(fmt: str = "auto", level: str = "INFO", **context: Any) -> None:
+    """Route structlog and stdlib logging (grpc, asyncio, vLLM, warnings) to stderr, rendered
+    the same way; bind ``context`` to every line."""
+    fmt = resolve_format(fmt)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
@@ -37,7 +42,22 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", **context: Any) ->
     structlog.contextvars.clear_contextvars()
     if context:
         structlog.contextvars.bind_contextvars(**context)
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    # Lines from other libraries' stdlib loggers get the same shape (and our bound context).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
 
 
 def get_logger(name: str) -> Any:

@@ -13,6 +13,7 @@ import pytest
 
 from omni_rpc.client import CoordinatorClient
 from omni_rpc.launcher import LocalCluster
+from omni_rpc.security import ChannelSecurity
 from omni_rpc.v1 import coordinator_pb2_grpc, node_agent_pb2, node_agent_pb2_grpc
 
 # Fast simulated nodes: tests check behaviour, not speed.
@@ -42,8 +43,8 @@ async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: s
         await asyncio.sleep(0.02)
 
 
-def healthy_nodes(address: str) -> list[str]:
-    client = CoordinatorClient(address)
+def healthy_nodes(address: str, security: ChannelSecurity | None = None) -> list[str]:
+    client = CoordinatorClient(address, security=security)
     try:
         return list(client.stats().healthy_nodes)
     finally:
@@ -53,7 +54,8 @@ def healthy_nodes(address: str) -> list[str]:
 def wait_healthy(cluster: LocalCluster, count: int, timeout: float = 60.0) -> None:
     def ready() -> bool:
         cluster.check_alive()
-        return len(healthy_nodes(cluster.coordinator_address)) >= count
+        healthy = healthy_nodes(cluster.coordinator_address, cluster.client_security())
+        return len(healthy) >= count
 
     wait_until(ready, timeout, f"{count} healthy nodes")
 

@@ -242,10 +242,6 @@ async def test_prompts_are_logged_only_with_log_prompts(make_cluster: MakeCluste
     assert SECRET not in cluster.agents[0].log_path.read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="coordinator/service.py logs 'request failed' without node_id (see the lead's note)",
-)
 async def test_a_failed_request_is_logged_with_its_ids(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(
         2,
