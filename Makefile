@@ -7,7 +7,7 @@ SEED ?= 42
 REQUESTS ?= 5000
 CONCURRENCY ?= 64
 
-.PHONY: install proto proto-check lint test demo bench chaos buf-lint buf-breaking clean
+.PHONY: install proto proto-check lint test demo bench chaos fuzz buf-lint buf-breaking clean
 
 install:
 	@bash scripts/install.sh
@@ -35,6 +35,11 @@ bench: install
 # A long chaos run: make chaos SEED=7 REQUESTS=20000
 chaos: install
 	$(PY) -m tests.chaos.harness --seed $(SEED) --requests $(REQUESTS) --concurrency $(CONCURRENCY)
+
+# A long fuzz run against live servers (make test runs a short seeded one).
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	OMNI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 # Proto lint, and a breaking-change check against main (buf from the npm registry).
 BUF := npx --yes @bufbuild/buf@1.75.0

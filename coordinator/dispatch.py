@@ -261,10 +261,18 @@ class Dispatcher:
                 # wakes up if the call is cancelled before that: cancel the wait too.
                 write.cancel()
 
+        async def send() -> None:
+            await call.write(first)
+            # Nothing follows the request (the coordinator stops an attempt by cancelling the
+            # call), so half-close now. A request stream left open outlives the call when the
+            # channel has client interceptors (the bearer token's): grpc.aio's task feeding it
+            # stays pending forever, and asyncio logs errors when it is collected.
+            await call.done_writing()
+
         node.lost_hooks.add(on_lost)
         finished = False
         try:
-            write = asyncio.ensure_future(call.write(first))
+            write = asyncio.ensure_future(send())
             await write
             async for response in call:
                 delivered.token_ids.extend(response.token_ids)

@@ -185,6 +185,7 @@ async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int
     health = servers.add_health_and_reflection(server, SERVICES)
     port = servers.bind(server, args.listen, guard.tls)
     await server.start()
+    health_only = await servers.start_health_only(health, args.health_listen)
     await servers.set_serving(health, SERVICES, True)
     serve_metrics(
         metrics.registry, args.metrics_port, args.listen.rsplit(":", 1)[0], args.metrics_port_file
@@ -204,6 +205,8 @@ async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int
     log.info("shutting down", in_flight=dispatcher.counters.in_flight, grace_s=args.shutdown_grace)
     await servers.set_serving(health, SERVICES, False)
     await server.stop(grace=args.shutdown_grace)
+    if health_only is not None:
+        await health_only.stop(grace=None)
     await registry.close()
     log.info("coordinator stopped")
     return 0

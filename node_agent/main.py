@@ -179,6 +179,10 @@ def own_gpu(gpu: int) -> registry_pb2.GpuInfo:
 
 def placement(launcher: str, labels: dict[str, str] | None = None) -> registry_pb2.Placement:
     found = dict(labels or {})
+    # Set by NVIDIA's device plugin and container toolkit (a GPU UUID or index): which
+    # physical GPU this is, where CUDA_VISIBLE_DEVICES only says "0".
+    if os.environ.get("NVIDIA_VISIBLE_DEVICES") not in (None, "", "all", "void", "none"):
+        found.setdefault("nvidia_visible_devices", os.environ["NVIDIA_VISIBLE_DEVICES"])
     for label, variable in K8S_LABEL_ENV.items():
         if os.environ.get(variable):
             found.setdefault(label, os.environ[variable])
@@ -240,6 +244,7 @@ async def serve(
     if engine.faults and not embedded:
         _install_fault_signals(engine)
     await server.start()
+    health_only = await servers.start_health_only(health, args.health_listen)
     metrics = CollectorRegistry()
     metrics.register(EngineCollector(engine.load, lambda: service.in_flight))
     serve_metrics(metrics, args.metrics_port, args.listen.rsplit(":", 1)[0], args.metrics_port_file)
@@ -283,6 +288,8 @@ async def serve(
     join_task.cancel()
     await membership.leave("agent shutting down")
     await server.stop(grace=1.0)
+    if health_only is not None:
+        await health_only.stop(grace=None)
     await engine.stop()
     await membership.close()
     log.info("agent stopped")

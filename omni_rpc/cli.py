@@ -501,6 +501,9 @@ def _node_details(node: dict[str, Any], now: float) -> list[str]:
         details.append(f"ejected for another {node['ejected_until'] - now:.1f}s")
     if node["last_error"]:
         details.append(f"last error: {_truncate(node['last_error'], DETAIL_WIDTH)}")
+    if node.get("launcher") not in (None, "", "local") or node.get("visible_devices"):
+        gpu = f", GPU {node['visible_devices']}" if node.get("visible_devices") else ""
+        details.append(f"placed by {node['launcher'] or 'unknown'} on {node['host']}{gpu}")
     return details
 
 

@@ -30,6 +30,12 @@ def add_process_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--port-file", help="write the bound port to this file once serving")
+    p.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="also serve grpc.health.v1 alone, in plaintext and without tokens, here: for "
+        "probes that cannot speak TLS (Kubernetes' gRPC probes) when the main port does",
+    )
 
 
 def new_server(
@@ -62,6 +68,17 @@ def add_health_and_reflection(
         server,
     )
     return health
+
+
+async def start_health_only(health: HealthServicer, listen: str | None) -> grpc.aio.Server | None:
+    """A second, plaintext server carrying only ``health`` (the same statuses)."""
+    if not listen:
+        return None
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bind(server, listen)
+    await server.start()
+    return server
 
 
 async def set_serving(health: HealthServicer, service_names: Iterable[str], serving: bool) -> None:

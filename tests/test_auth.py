@@ -27,7 +27,7 @@ from omni_rpc.v1 import (
     registry_pb2_grpc,
 )
 from tests.conftest import FAST_SIM, wait_until
-from tests.test_cli import omni
+from tests.test_cli import free_port, omni
 
 MakeCluster = Callable[..., LocalCluster]
 
@@ -273,3 +273,26 @@ def test_a_healthy_node_id_cannot_be_taken_over(make_cluster: MakeCluster) -> No
         )
     finally:
         client.close()
+
+
+def test_health_only_port_for_probes(make_cluster: MakeCluster) -> None:
+    """--health-listen: plaintext grpc.health.v1 alone, for probes that carry no credentials."""
+    port = free_port()
+    cluster = make_cluster(
+        1,
+        auth=True,
+        coordinator_args=["--health-listen", f"127.0.0.1:{port}", "--health-auth", "token"],
+    )
+    probe = grpc.insecure_channel(f"127.0.0.1:{port}")
+    main = grpc.insecure_channel(cluster.coordinator_address)
+    try:
+        request = health_pb2.HealthCheckRequest(service=config.COORDINATOR_SERVICE)
+        status = health_pb2_grpc.HealthStub(probe).Check(request, timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        # The main port wants a token for health here; the probe port offers nothing else.
+        main_check = health_pb2_grpc.HealthStub(main).Check
+        assert code_of(lambda: main_check(request, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: generate(probe)) == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        probe.close()
+        main.close()

@@ -242,6 +242,7 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str, tmp_path: Path) 
         assert _gpus_free() == LOGICAL_GPUS
         status = omni("status", "--coordinator", address, *token)
         assert status.returncode == 0 and "ray-node-2" in status.stdout
+        assert status.stdout.count("placed by ray on ") == 3
         refused = omni("status", "--coordinator", address)
         assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
     finally:

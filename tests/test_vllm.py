@@ -259,6 +259,8 @@ def test_bad_model_path_fails_at_start_up_with_a_clear_message(tmp_path: Path) -
                 "node_agent",
                 "--coordinator",
                 "127.0.0.1:1",
+                "--auth",
+                "off",
                 "--engine",
                 "vllm",
                 "--model",
