@@ -42,31 +42,39 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable))
     assert ray_cli, "the ray CLI is installed with the ray extra"
     address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run(
-        [
-            ray_cli,
-            "start",
-            "--head",
-            f"--port={address.rsplit(':', 1)[1]}",
-            f"--num-gpus={LOGICAL_GPUS}",
-            f"--num-cpus={2 * LOGICAL_GPUS}",
-            "--object-store-memory=100000000",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            f"--temp-dir={tmp_path_factory.mktemp('ray')}",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    ray.init(address=address, namespace="omni-rpc-tests", log_to_driver=False)
+    # Token auth off explicitly: Ray 2.60 turns it on when it finds ~/.ray/auth_token (which
+    # a local ray.init() leaves behind), and the head and this driver must agree.
+    settings = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     try:
+        subprocess.run(
+            [
+                ray_cli,
+                "start",
+                "--head",
+                f"--port={address.rsplit(':', 1)[1]}",
+                f"--num-gpus={LOGICAL_GPUS}",
+                f"--num-cpus={2 * LOGICAL_GPUS}",
+                "--object-store-memory=100000000",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={tmp_path_factory.mktemp('ray')}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        ray.init(address=address, namespace="omni-rpc-tests", log_to_driver=False)
         yield address
     finally:
         ray.shutdown()
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _gpus_free() -> float:
@@ -253,4 +261,31 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str, tmp_path: Path) 
         lambda: float(ray.available_resources().get("CPU", 0.0)) == cpus_before,
         60,
         "the agents' CPUs released",
+    )
+
+
+def test_ray_actor_runs_a_real_vllm_engine(ray_head: str) -> None:
+    """The engine users already run, placed by Ray: vLLM (CPU build here) inside the actor."""
+    from omni_rpc.models import prepare
+    from tests.test_vllm import ENGINE_FLAGS, MODEL
+
+    prepare(MODEL)
+    with DistributedOrchestrator(
+        model=MODEL,
+        engine="vllm",
+        num_nodes=1,
+        ray_address=ray_head,
+        ray_resources={"CPU": 1},  # no GPU here: the CPU build of vLLM
+        agent_args=ENGINE_FLAGS,
+    ) as orchestrator:
+        results = asyncio.run(
+            orchestrator.generate(["The capital of France is"], max_tokens=3, temperature=0.0)
+        )
+        assert results[0].text.startswith(" Paris")
+        node = orchestrator.get_stats()["health_stats"]["ray-node-0"]
+        assert (node["launcher"], node["engine"]) == ("ray", "vllm")
+    wait_until(
+        lambda: float(ray.available_resources().get("CPU", 0.0)) == 2 * LOGICAL_GPUS,
+        60,
+        "the actor's CPU released",
     )
