@@ -33,15 +33,30 @@ class Membership:
         self.join_request = join_request
         self.coordinator_id = ""
         self.joined = asyncio.Event()
-        self._channel = (channels or ChannelSecurity()).aio_channel(coordinator)
+        self._security = channels or ChannelSecurity()
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        self._stamp = self._security.files_stamp()
+        self._channel = self._security.aio_channel(self.coordinator)
         self._registry = registry_pb2_grpc.RegistryStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def _renew_channel_if_stale(self) -> None:
+        """After a certificate renewal, dial with the new certificate (gRPC reads the
+        files once per channel)."""
+        if self._security.files_stamp() != self._stamp:
+            old = self._channel
+            self._open_channel()
+            log.info("TLS files changed: new channel to the coordinator")
+            await old.close(None)
 
     async def run(self) -> None:
         """Join and stay joined until cancelled."""
         backoff = Backoff(config.JOIN_BACKOFF_BASE_S, config.JOIN_BACKOFF_CAP_S)
         node_id = self.join_request.node_id
         while True:
+            await self._renew_channel_if_stale()
             try:
                 response = await self._registry.Join(
                     self.join_request, timeout=config.JOIN_TIMEOUT_S

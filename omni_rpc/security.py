@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import hmac
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,6 +287,27 @@ class TlsFiles:
         ):
             if path and not Path(path).is_file():
                 raise SecurityConfigError(f"{flag} {path}: no such file")
+        self._check_contents()
+
+    def _check_contents(self) -> None:
+        """Load the files as gRPC will (which only says "cannot bind" when they are bad)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        for flag, path in (("--tls-ca", self.ca), ("--tls-cert", self.cert)):
+            if path:
+                try:
+                    context.load_verify_locations(cafile=path)
+                except ssl.SSLError as exc:
+                    raise SecurityConfigError(
+                        f"{flag} {path}: no PEM certificate can be read from it ({exc.reason})"
+                    ) from None
+        if self.cert and self.key:
+            try:
+                context.load_cert_chain(self.cert, self.key, password="")
+            except ssl.SSLError as exc:
+                raise SecurityConfigError(
+                    f"--tls-key {self.key}: not an unencrypted PEM private key matching "
+                    f"--tls-cert {self.cert} ({exc.reason})"
+                ) from None
 
 
 def _read(path: str | None) -> bytes | None:
@@ -310,15 +332,18 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
         )
 
     seen = [_mtimes(files)]
+    rejected: list[tuple[float, ...]] = [()]
 
     def fetch() -> Any:
         # Called by gRPC before each handshake: None keeps the current certificate.
         now = _mtimes(files)
-        if now == seen[0]:
+        if now in (seen[0], rejected[0]):
             return None
         try:
+            files.check()  # gRPC would refuse unusable files silently: say so instead
             fresh = load()
         except Exception as exc:  # a half-written file: keep serving the old certificate
+            rejected[0] = now  # warned once per version of the files
             log.warning("TLS files changed but cannot be loaded yet", error=str(exc))
             return None
         seen[0] = now
@@ -441,6 +466,10 @@ class ChannelSecurity:
         if self.token:
             channel = grpc.intercept_channel(channel, _SyncBearer(self.token))
         return channel
+
+    def files_stamp(self) -> tuple[float, ...]:
+        """Changes when the TLS files change: channels made before then are stale."""
+        return _mtimes(self.tls) if self.tls.enabled else ()
 
     def metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
