@@ -187,7 +187,7 @@ def _join_problem(request: registry_pb2.JoinRequest) -> str:
     if not request.node_id:
         return "node_id is empty"
     host, sep, port = request.address.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         return f"address must be HOST:PORT, got {request.address!r}"
     if request.capacity < 0:
         return f"capacity must be >= 0, got {request.capacity}"

@@ -61,6 +61,7 @@ GRPC_MESSAGE_OPTIONS: list[tuple[str, int]] = [
 # Largest request message the coordinator accepts from clients (gRPC's own default).
 MAX_CLIENT_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_PROMPT_BYTES = 1024 * 1024
+MAX_REQUEST_ID_CHARS = 256
 MAX_STREAMS = 10_000
 MAX_STREAMS_PER_CLIENT = 1_000
 # Requests admitted beyond the healthy nodes' total capacity (waiting on engines or for a node).

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
 import signal
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,12 +40,97 @@ def add_process_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Undecodable:
+    """What a request that does not parse becomes, so the handler can refuse it properly."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = f"request message does not parse: {type(error).__name__}: {error}"
+
+
+def _guarded(handler: Any) -> Any:
+    """``handler`` with a deserializer that cannot raise: a malformed request is answered
+    INVALID_ARGUMENT by the handler, where gRPC alone would say UNKNOWN and log a traceback."""
+    decode = handler.request_deserializer
+    if decode is None:
+        return handler
+
+    def safe_decode(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Undecodable) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.error)
+
+    def checked_iterator(requests: Any, context: Any) -> Any:
+        async def check() -> Any:
+            async for request in requests:
+                if isinstance(request, _Undecodable):
+                    await refuse(context, request)
+                yield request
+
+        return check()
+
+    def wrap(behavior: Any, streaming_request: bool) -> Any:
+        def checked(request: Any, context: Any) -> Any:
+            if streaming_request:
+                return behavior(checked_iterator(request, context), context)
+            if isinstance(request, _Undecodable):
+                if inspect.isasyncgenfunction(behavior):
+
+                    async def refused_stream() -> Any:
+                        await refuse(context, request)
+                        yield  # pragma: no cover
+
+                    return refused_stream()
+                return refuse(context, request)
+            return behavior(request, context)
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def checked_stream(request: Any, context: Any) -> Any:
+                async for response in checked(request, context):
+                    yield response
+
+            return checked_stream
+
+        async def checked_call(request: Any, context: Any) -> Any:
+            return await checked(request, context)
+
+        return checked_call
+
+    encode = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary, False), safe_decode, encode
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(handler.unary_stream, False), safe_decode, encode
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap(handler.stream_unary, True), safe_decode, encode
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap(handler.stream_stream, True), safe_decode, encode
+    )
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        return handler if handler is None else _guarded(handler)
+
+
 def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     max_message_bytes: int = config.MAX_MESSAGE_BYTES,
 ) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=list(interceptors),
+        # Auth first: an unauthenticated caller learns nothing, not even a parse error.
+        interceptors=[*interceptors, DecodeGuard()],
         options=[
             ("grpc.max_send_message_length", config.MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -52,12 +139,23 @@ def new_server(
     )
 
 
+class ListingHealthServicer(HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 with List, which grpcio-health-checking's async servicer lacks."""
+
+    async def List(self, request: Any, context: Any) -> Any:
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
 def add_health_and_reflection(
     server: grpc.aio.Server, service_names: Iterable[str]
 ) -> HealthServicer:
     """Serve grpc.health.v1 (for "" and each service) and server reflection."""
     names = list(service_names)
-    health = HealthServicer()
+    health = ListingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [

@@ -73,6 +73,12 @@ def validate_request(
     max_tokens_cap: int = config.MAX_TOKENS_CAP,
 ) -> Sampling:
     """Check a GenerateRequest; return its sampling settings with defaults applied."""
+    if len(request.request_id) > config.MAX_REQUEST_ID_CHARS:
+        # It goes into every log line about the request: no megabyte ids.
+        raise InvalidRequest(
+            "request_id",
+            f"at most {config.MAX_REQUEST_ID_CHARS} characters, got {len(request.request_id)}",
+        )
     if not request.prompt and not request.prompt_token_ids:
         raise InvalidRequest("prompt", "give a prompt or prompt_token_ids (both are empty)")
     if request.prompt and request.prompt_token_ids:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -41,6 +44,20 @@ async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def read_pty(master: int) -> tuple[list[bytes], threading.Thread]:
+    """Collect what a child writes to its terminal (``master``) on a daemon thread."""
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+            while data := os.read(master, 65536):
+                chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return chunks, reader
 
 
 def healthy_nodes(address: str, security: ChannelSecurity | None = None) -> list[str]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,43 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def omni_up_running(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``omni up ARGS`` in the background; Ctrl-C (SIGINT) when the block ends, which must
+    stop it cleanly (exit 0)."""
+    process = subprocess.Popen(
+        [*OMNI, "up", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        process.wait(60)
+    assert process.returncode == 0, process.communicate()[1]
+
+
+def wait_healthy_nodes(
+    process: subprocess.Popen[str], address: str, count: int, timeout: float, *auth: str
+) -> list[dict[str, Any]]:
+    """``omni nodes --json`` once ``count`` nodes are healthy (fails if omni up exits)."""
+
+    def healthy() -> list[dict[str, Any]]:
+        assert process.poll() is None, process.communicate()[1]
+        listed = omni("nodes", "--json", "--coordinator", address, *auth)
+        if listed.returncode != 0:
+            return []
+        nodes: list[dict[str, Any]] = json.loads(listed.stdout)
+        return nodes if sum(n["state"] == "healthy" for n in nodes) == count else []
+
+    found: list[dict[str, Any]] = wait_until(healthy, timeout, f"{count} healthy nodes")
+    return found
 
 
 @pytest.fixture

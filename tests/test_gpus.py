@@ -7,10 +7,7 @@ are real processes that set their own CUDA_VISIBLE_DEVICES from ``--gpu``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +15,7 @@ import pytest
 
 from omni_rpc import DistributedOrchestrator
 from omni_rpc.gpus import PlacementError, assign, parse_gpus, visible_gpus
-from tests.conftest import wait_until
-from tests.test_cli import OMNI, free_port, omni
+from tests.test_cli import free_port, omni, omni_up_running, wait_healthy_nodes
 
 FAKE_SMI = """#!/bin/sh
 [ "$1" = "-L" ] || exit 9
@@ -93,30 +89,11 @@ def test_omni_up_refuses_more_nodes_than_gpus(two_gpus: None) -> None:
     assert "3 nodes requested but this machine has 2 GPU(s)" in result.stderr
 
 
-def test_omni_up_one_agent_per_gpu(two_gpus: None, tmp_path: Path) -> None:
+def test_omni_up_one_agent_per_gpu(two_gpus: None) -> None:
     address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen(
-        [*OMNI, "up", "--nodes", "2", "--gpus", "all", "--listen", address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-
-        def nodes() -> list[dict[str, object]]:
-            assert process.poll() is None, process.communicate()[1]
-            listed = omni("nodes", "--json", "--coordinator", address)
-            if listed.returncode != 0:
-                return []
-            found: list[dict[str, object]] = json.loads(listed.stdout)
-            return found if len([n for n in found if n["state"] == "healthy"]) == 2 else []
-
-        listed = wait_until(nodes, 60, "2 healthy nodes")
-        assert sorted(str(n["visible_devices"]) for n in listed) == ["0", "1"]
-        assert {n["launcher"] for n in listed} == {"local"}
-    finally:
-        process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=30)
-    assert process.returncode == 0
+    with omni_up_running("--nodes", "2", "--gpus", "all", "--listen", address) as process:
+        nodes = wait_healthy_nodes(process, address, 2, 60)
+        assert sorted(str(n["visible_devices"]) for n in nodes) == ["0", "1"]
+        assert {n["launcher"] for n in nodes} == {"local"}
+    out, _ = process.communicate()
     assert "gpu 0" in out and "gpu 1" in out

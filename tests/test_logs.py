@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pytest
 from omni_rpc.client import CoordinatorClient, node_dict
 from omni_rpc.launcher import LocalCluster
 from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
-from tests.conftest import wait_until
+from tests.conftest import read_pty, wait_until
 
 MakeCluster = Callable[..., LocalCluster]
 Line = dict[str, Any]
@@ -325,15 +324,7 @@ def test_auto_format_is_readable_on_a_terminal(tmp_path: Path) -> None:
         env={**os.environ, "TERM": "xterm-256color"},
     )
     os.close(slave)
-    chunks: list[bytes] = []
-
-    def read() -> None:
-        with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
-            while data := os.read(master, 65536):
-                chunks.append(data)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    chunks, reader = read_pty(master)
     try:
         wait_until(lambda: b"coordinator serving" in b"".join(chunks), 30, "the serving line")
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ import pytest
 from omni_rpc import DistributedOrchestrator, HealthMonitor
 from omni_rpc.gpus import PlacementError
 from tests.conftest import wait_until
-from tests.test_cli import OMNI, omni
+from tests.test_cli import omni, omni_up_running, wait_healthy_nodes
 
 ray = pytest.importorskip("ray")
 
@@ -214,37 +213,19 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str, tmp_path: Path) 
     log_dir = tmp_path / "logs"
     token = ["--token-file", str(log_dir / "admin.token")]
     cpus_before = float(ray.available_resources().get("CPU", 0.0))
-    process = subprocess.Popen(
-        [
-            *OMNI,
-            "up",
-            "--nodes",
-            "3",
-            "--ray-address",
-            ray_head,
-            "--ray-resources",
-            '{"CPU": 1}',
-            "--listen",
-            address,
-            "--log-dir",
-            str(log_dir),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-
-        def healthy() -> list[dict[str, Any]]:
-            assert process.poll() is None, process.communicate()[1]
-            listed = omni("nodes", "--json", "--coordinator", address, *token)
-            if listed.returncode != 0:
-                return []
-            nodes: list[dict[str, Any]] = json.loads(listed.stdout)
-            return nodes if sum(n["state"] == "healthy" for n in nodes) == 3 else []
-
-        nodes = wait_until(healthy, 90, "3 Ray-placed nodes healthy")
+    with omni_up_running(
+        "--nodes",
+        "3",
+        "--ray-address",
+        ray_head,
+        "--ray-resources",
+        '{"CPU": 1}',
+        "--listen",
+        address,
+        "--log-dir",
+        str(log_dir),
+    ) as process:
+        nodes = wait_healthy_nodes(process, address, 3, 90, *token)
         assert {n["launcher"] for n in nodes} == {"ray"}
         assert {n["visible_devices"] for n in nodes} == {""}  # no GPU asked, none visible
         assert _gpus_free() == LOGICAL_GPUS
@@ -253,10 +234,6 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str, tmp_path: Path) 
         assert status.stdout.count("placed by ray on ") == 3
         refused = omni("status", "--coordinator", address)
         assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.communicate(timeout=60)
-    assert process.returncode == 0
     wait_until(
         lambda: float(ray.available_resources().get("CPU", 0.0)) == cpus_before,
         60,

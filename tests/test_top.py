@@ -23,7 +23,7 @@ from omni_rpc.client import CoordinatorClient
 from omni_rpc.launcher import LocalCluster
 from omni_rpc.sdk import build_request
 from omni_rpc.v1 import coordinator_pb2_grpc
-from tests.conftest import wait_until
+from tests.conftest import read_pty, wait_until
 
 OMNI = [sys.executable, "-m", "omni_rpc"]
 TERMINAL = {"COLUMNS": "120", "LINES": "40"}
@@ -201,15 +201,7 @@ def test_top_on_a_terminal_redraws_in_place(make_cluster: Callable[..., LocalClu
         env=env,
     )
     os.close(slave)
-    chunks: list[bytes] = []
-
-    def read() -> None:
-        with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
-            while data := os.read(master, 65536):
-                chunks.append(data)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    chunks, reader = read_pty(master)
     try:
         wait_until(
             lambda: b"".join(chunks).count(b"nodes healthy") >= 2, 20, "two frames on the pty"

@@ -133,6 +133,8 @@ class SimEngine(Engine):
         self._running = 0
         self._waiting = 0
         self._aborts: set[str] = set()
+        # Requests this engine has (waiting or running): abort() ignores any other id.
+        self._active: set[str] = set()
         self._healthy = False
         self._started = self._finished = self._aborted = self._failed = 0
         self._generated_tokens = 0
@@ -164,7 +166,8 @@ class SimEngine(Engine):
         return self._healthy
 
     async def abort(self, request_id: str) -> None:
-        self._aborts.add(request_id)
+        if request_id in self._active:
+            self._aborts.add(request_id)
 
     def load(self) -> EngineLoad:
         return EngineLoad(
@@ -188,6 +191,7 @@ class SimEngine(Engine):
             raise EngineDead("simulated engine is not running")
         self._started += 1
         outcome = "aborted"  # unless the stream reaches its end or the engine fails
+        self._active.add(request.request_id)
         try:
             if self.fault == "fail_requests":
                 raise EngineError("injected failure: the engine fails every request")
@@ -220,6 +224,7 @@ class SimEngine(Engine):
         finally:
             self._count(outcome)
             self._aborts.discard(request.request_id)
+            self._active.discard(request.request_id)
 
     def _count(self, outcome: str) -> None:
         if outcome == "finished":
