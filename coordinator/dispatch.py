@@ -263,11 +263,13 @@ class Dispatcher:
 
         async def send() -> None:
             await call.write(first)
-            # Nothing follows the request (the coordinator stops an attempt by cancelling the
-            # call), so half-close now. A request stream left open outlives the call when the
-            # channel has client interceptors (the bearer token's): grpc.aio's task feeding it
-            # stays pending forever, and asyncio logs errors when it is collected.
-            await call.done_writing()
+            # A request stream left open outlives the call when the channel has client
+            # interceptors (the bearer token's): grpc.aio's task feeding it stays pending
+            # forever, and asyncio logs errors when it is collected. Nothing follows the
+            # request (an attempt is stopped by cancelling the call), so half-close then; not
+            # otherwise, as it costs a batch operation per attempt (about 0.15 ms of CPU).
+            if self.registry.agent_channels.token:
+                await call.done_writing()
 
         node.lost_hooks.add(on_lost)
         finished = False
