@@ -131,6 +131,16 @@ def _coordinator_unreachable(exc: grpc.aio.AioRpcError) -> bool:
     return config.FINAL_ERROR_METADATA not in {str(item[0]) for item in trailing}  # type: ignore[index]
 
 
+class _Omitted:
+    """The default of ``ray_address``: distinguishes "not passed" from an explicit None."""
+
+    def __repr__(self) -> str:
+        return "<omitted>"
+
+
+OMITTED = _Omitted()
+
+
 class DistributedOrchestrator:
     """Generate across a cluster of vLLM nodes with load balancing and failover."""
 
@@ -141,7 +151,7 @@ class DistributedOrchestrator:
         load_balancing_strategy: str = config.DEFAULT_STRATEGY,
         health_check_interval: float = config.DEFAULT_HEALTH_CHECK_INTERVAL_S,
         max_retries: int = config.DEFAULT_MAX_RETRIES,
-        ray_address: str | None = None,
+        ray_address: str | _Omitted | None = OMITTED,
         memory_buffer_gb: float | None = None,
         *,
         coordinator: str | None = None,
@@ -158,14 +168,17 @@ class DistributedOrchestrator:
         tls: TlsFiles | None = None,
     ) -> None:
         """``launcher``: "local" (child processes) or "ray"; default "ray" when
-        ``ray_address`` is given ("auto", "ray://head:10001", "host:6379"), else "local".
-        With ``launcher="ray"`` and no address a local Ray instance is started.
+        ``ray_address`` is passed, else "local". ``ray_address``: "auto",
+        "ray://head:10001", "host:6379", or ``None`` for a local Ray instance started here, as
+        in the seed (``ray_address=None  # Local Ray cluster``); not passing it at all runs
+        the agents as child processes, without Ray.
         ``gpus``: for local agents, "auto" (vLLM: one agent per GPU), "all", "none" or a list
         of indices. ``ray_resources``: per Ray agent (default one GPU and one CPU).
         ``token`` (default ``OMNI_TOKEN``) and ``tls`` (CA, and a client certificate for
         mutual TLS) secure the calls to a coordinator given by ``coordinator=``."""
         global _current_coordinator, _current_token
-        launcher = launcher or ("ray" if ray_address is not None else "local")
+        address = None if isinstance(ray_address, _Omitted) else ray_address
+        launcher = launcher or ("local" if isinstance(ray_address, _Omitted) else "ray")
         if launcher not in LAUNCHERS:
             raise ValueError(f"unknown launcher {launcher!r} (known: {', '.join(LAUNCHERS)})")
         if load_balancing_strategy not in STRATEGIES:
@@ -224,7 +237,7 @@ class DistributedOrchestrator:
                     engine=engine,
                     model=model,
                     agent_args=every_agent,
-                    address=ray_address,
+                    address=address,
                     resources=dict(ray_resources or ray_launcher.DEFAULT_RESOURCES),
                     max_restarts=ray_max_restarts,
                 )

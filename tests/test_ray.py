@@ -44,6 +44,44 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LOCAL_RAY_SCRIPT = """
+import asyncio
+import ray
+from omni_rpc import DistributedOrchestrator
+
+# The seed's "Single Machine" example: ray_address=None is a local Ray instance (CPU-only
+# agents here, where there is no GPU).
+orchestrator = DistributedOrchestrator(num_nodes=2, ray_address=None, ray_resources={"CPU": 0.5})
+orchestrator.wait_ready()
+results = asyncio.run(orchestrator.generate(["a", "b", "c", "d"], max_tokens=4))
+stats = orchestrator.get_stats()
+print("SERVED_BY", sorted({r.node_id for r in results}))
+print("LAUNCHERS", sorted({n["launcher"] for n in stats["health_stats"].values()}))
+orchestrator.close()
+print("RAY_LEFT_RUNNING", ray.is_initialized())
+"""
+
+
+def test_explicit_ray_address_none_starts_a_local_ray_instance(tmp_path: Path) -> None:
+    """Runs before the module's Ray head exists: the instance is the orchestrator's own."""
+    script = tmp_path / "local_ray.py"
+    script.write_text(LOCAL_RAY_SCRIPT)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SERVED_BY ['ray-node-0', 'ray-node-1']" in done.stdout
+    assert "LAUNCHERS ['ray']" in done.stdout
+    assert "RAY_LEFT_RUNNING False" in done.stdout
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A local Ray cluster of one machine with 16 logical GPUs; the test process is a driver."""
