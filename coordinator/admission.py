@@ -98,7 +98,3 @@ class Admission:
                 self._per_client[client] = left
             else:
                 del self._per_client[client]
-
-    @property
-    def clients(self) -> int:
-        return len(self._per_client)

@@ -35,7 +35,7 @@ from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, node_dict
 from omni_rpc.gpus import PlacementError
 from omni_rpc.gpus import assign as assign_gpus
 from omni_rpc.launcher import LaunchError, LocalCluster
-from omni_rpc.sdk import ENGINES, build_request
+from omni_rpc.sdk import ENGINES, LAUNCHERS, build_request
 from omni_rpc.security import ChannelSecurity
 from omni_rpc.strategies import STRATEGIES
 from omni_rpc.top import add_arguments as add_top_arguments
@@ -78,10 +78,8 @@ def client_security(args: argparse.Namespace) -> ChannelSecurity:
         raise SystemExit(f"omni: {exc}") from None
 
 
-def _client(args: argparse.Namespace, timeout_s: float | None = None) -> CoordinatorClient:
-    if timeout_s is None:
-        return CoordinatorClient(args.coordinator, security=client_security(args))
-    return CoordinatorClient(args.coordinator, timeout_s, security=client_security(args))
+def _client(args: argparse.Namespace) -> CoordinatorClient:
+    return CoordinatorClient(args.coordinator, security=client_security(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     placement.add_argument(
         "--launcher",
-        choices=("local", "ray"),
+        choices=LAUNCHERS,
         help="who starts the agents: child processes, or Ray actors "
         "(default: ray with --ray-address, else local)",
     )

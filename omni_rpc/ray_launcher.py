@@ -106,12 +106,6 @@ class AgentActor:
             raise RuntimeError(self._error)
         return self._address
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def visible_devices(self) -> str:
-        return os.environ.get("CUDA_VISIBLE_DEVICES", "")
-
     def stop(self, timeout_s: float = 30.0) -> None:
         """Drain and leave the coordinator, as SIGTERM would for a process agent."""
         if self._loop is not None and self._stop is not None:

@@ -128,11 +128,16 @@ def read_tokens(path: str | None, env_value: str | None = None) -> list[str]:
     return tokens
 
 
-def token_for(role: str, args: argparse.Namespace) -> str | None:
-    """The token this process presents as ``role`` (first line of its file, or the env)."""
-    tokens = read_tokens(
+def role_tokens(role: str, args: argparse.Namespace) -> list[str]:
+    """``role``'s tokens: its ``--ROLE-token-file`` and ``OMNI_ROLE_TOKEN``."""
+    return read_tokens(
         getattr(args, f"{role}_token_file", None), os.environ.get(f"OMNI_{role.upper()}_TOKEN")
     )
+
+
+def token_for(role: str, args: argparse.Namespace) -> str | None:
+    """The token this process presents as ``role`` (first line of its file, or the env)."""
+    tokens = role_tokens(role, args)
     return tokens[0] if tokens else None
 
 
@@ -160,11 +165,7 @@ class TokenTable:
     def from_args(cls, args: argparse.Namespace, roles: Sequence[str]) -> TokenTable:
         table = cls()
         for role in roles:
-            tokens = read_tokens(
-                getattr(args, f"{role}_token_file", None),
-                os.environ.get(f"OMNI_{role.upper()}_TOKEN"),
-            )
-            table.by_role[role] = [t.encode() for t in tokens]
+            table.by_role[role] = [t.encode() for t in role_tokens(role, args)]
         return table
 
     def role_of(self, token: str | None) -> str | None:
@@ -470,9 +471,6 @@ class ChannelSecurity:
     def files_stamp(self) -> tuple[float, ...]:
         """Changes when the TLS files change: channels made before then are stale."""
         return _mtimes(self.tls) if self.tls.enabled else ()
-
-    def metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token}")] if self.token else []
 
 
 class _SyncBearer(

@@ -119,9 +119,19 @@ def _guarded(handler: Any) -> Any:
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self) -> None:
+        # Guarded handlers by method: built once each, not on every call. Bounded by the
+        # methods the server registers (unknown ones have no handler and are not kept).
+        self._guarded: dict[str, Any] = {}
+
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        return handler if handler is None else _guarded(handler)
+        guarded = self._guarded.get(details.method)
+        if guarded is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            guarded = self._guarded[details.method] = _guarded(handler)
+        return guarded
 
 
 def new_server(

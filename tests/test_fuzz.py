@@ -464,7 +464,7 @@ def call(
 _EXCEPTION_TEXT = re.compile(r"Traceback|Unexpected <class|Exception|Error\b")
 
 
-def check_outcome(target: Target, requests: Sequence[bytes], outcome: Outcome, raw: bool) -> None:
+def check_outcome(target: Target, requests: Sequence[bytes], outcome: Outcome) -> None:
     what = f"{target} with {[r[:200] for r in requests]!r}"
     assert outcome.elapsed_s < CALL_TIMEOUT_S + 2, f"{what}: took {outcome.elapsed_s:.1f}s"
     assert outcome.code != grpc.StatusCode.DEADLINE_EXCEEDED, f"{what}: hung ({outcome.details})"
@@ -710,7 +710,7 @@ def test_fuzz_messages(checked: Live, target: Target, data: st.DataObject, hold_
     requests = data.draw(checked.strategy(("messages", target), message_requests), "requests")
     outcome = call(checked, target, requests, hold_open)
     event(f"status {outcome.code.name}")  # pytest --hypothesis-show-statistics
-    check_outcome(target, requests, outcome, raw=False)
+    check_outcome(target, requests, outcome)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)
@@ -724,7 +724,7 @@ def test_fuzz_bytes(checked: Live, target: Target, data: st.DataObject, hold_ope
     hold_open = hold_open and bool(requests)
     outcome = call(checked, target, requests, hold_open)
     event(f"status {outcome.code.name}")
-    check_outcome(target, requests, outcome, raw=True)
+    check_outcome(target, requests, outcome)
 
 
 MEMBERSHIP = (
@@ -749,7 +749,7 @@ def test_fuzz_membership_sequences(checked: Live, data: st.DataObject) -> None:
         requests = data.draw(checked.strategy(("messages", target), message_requests))
         outcome = call(checked, target, requests)
         event(f"{target.method.name} status {outcome.code.name}")
-        check_outcome(target, requests, outcome, raw=False)
+        check_outcome(target, requests, outcome)
 
 
 def _authorization(live: Live) -> st.SearchStrategy[str | None]:
@@ -819,7 +819,7 @@ def test_fuzz_auth(checked_auth: Live, data: st.DataObject) -> None:
         metadata = (("authorization", authorization), *metadata)
     outcome = call(live, target, requests, metadata=metadata)
     event(f"status {outcome.code.name}")
-    check_outcome(target, requests, outcome, raw=False)
+    check_outcome(target, requests, outcome)
     role = _role_of(live, target.server, authorization)
     denied = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
     what = f"{target} with authorization {authorization!r:.80}"
