@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from coordinator.registry import Node, Registry
-from omni_rpc.strategies import Strategy
+from coordinator.strategies import Strategy
 
 
 class Balancer:

@@ -19,7 +19,7 @@ from coordinator.registry import UNHEALTHY, Node, Registry
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
-from omni_rpc.v1 import node_agent_pb2
+from omni_rpc.v1 import node_agent_pb2, node_pb2
 
 log = get_logger("coordinator.health")
 
@@ -101,7 +101,7 @@ class HealthMonitor:
         started = time.monotonic()
         try:
             response = await node.health.Check(_REQUEST, timeout=self.timeout_s)
-            load: node_agent_pb2.NodeLoad = await node.agent.GetLoad(
+            load: node_pb2.NodeLoad = await node.agent.GetLoad(
                 node_agent_pb2.GetLoadRequest(), timeout=self.timeout_s
             )
         except grpc.aio.AioRpcError as exc:

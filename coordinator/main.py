@@ -13,10 +13,10 @@ from coordinator.dispatch import Dispatcher
 from coordinator.health import HealthMonitor
 from coordinator.registry import Registry, state_name
 from coordinator.service import CoordinatorService, RegistryService
+from coordinator.strategies import STRATEGIES, make_strategy
 from omni_rpc import argtypes, config, security, servers, settings
 from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import CoordinatorMetrics, serve_metrics
-from omni_rpc.strategies import STRATEGIES, make_strategy
 from omni_rpc.v1 import coordinator_pb2_grpc, registry_pb2_grpc
 
 log = get_logger("coordinator")

@@ -19,7 +19,7 @@ from coordinator.circuit import BreakerPolicy, CircuitBreaker
 from omni_rpc import config
 from omni_rpc.logging import get_logger
 from omni_rpc.security import ChannelSecurity
-from omni_rpc.v1 import coordinator_pb2, node_agent_pb2, node_agent_pb2_grpc, registry_pb2
+from omni_rpc.v1 import coordinator_pb2, node_agent_pb2_grpc, node_pb2, registry_pb2
 
 log = get_logger("coordinator.registry")
 
@@ -58,7 +58,7 @@ class Node:
     served: int = 0
     failures: int = 0
     last_error: str = ""
-    load: node_agent_pb2.NodeLoad | None = None
+    load: node_pb2.NodeLoad | None = None
     last_health_check_at: float = 0.0
     health_check_latency_ms: float = 0.0
     # Set when dispatch saw a node-level failure: the health monitor probes at once.

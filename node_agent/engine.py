@@ -31,7 +31,6 @@ class EngineRequest:
     sampling: Sampling
     prompt: str = ""
     prompt_token_ids: tuple[int, ...] = ()
-    inputs: tuple[tuple[str, bytes], ...] = ()
     # Output another node already delivered: continue after it (see the Resume message).
     resume_token_ids: tuple[int, ...] = ()
     resume_text: str = ""

@@ -17,19 +17,19 @@ from prometheus_client import CollectorRegistry
 from node_agent.engine import Engine
 from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
 from node_agent.membership import Membership
+from node_agent.models import KNOWN as KNOWN_MODELS
+from node_agent.models import ModelError
+from node_agent.models import resolve as resolve_model
 from node_agent.service import NodeAgentService
 from omni_rpc import __version__, argtypes, config, security, servers, settings
 from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import EngineCollector, serve_metrics
-from omni_rpc.models import KNOWN as KNOWN_MODELS
-from omni_rpc.models import ModelError
-from omni_rpc.models import resolve as resolve_model
-from omni_rpc.v1 import node_agent_pb2_grpc, registry_pb2
+from omni_rpc.v1 import node_agent_pb2_grpc, node_pb2, registry_pb2
 
 log = get_logger("node_agent")
 
-ENGINES = ("sim", "vllm")
-LAUNCHERS = ("local", "ray", "kubernetes", "external")
+ENGINES = config.ENGINES
+LAUNCHERS = config.AGENT_LAUNCHERS
 # Kubernetes' downward API, as deploy/kubernetes sets it: becomes the node's placement labels.
 K8S_LABEL_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "k8s_node": "NODE_NAME"}
 
@@ -164,7 +164,7 @@ def _install_fault_signals(engine: Engine) -> None:
     loop.add_signal_handler(signal.SIGUSR2, toggle, "fail_requests")
 
 
-def own_gpu(gpu: int) -> registry_pb2.GpuInfo:
+def own_gpu(gpu: int) -> node_pb2.GpuInfo:
     """Make the engine see exactly GPU ``gpu`` (if given) and describe what it sees.
 
     Runs before torch or vLLM is imported, which read CUDA_VISIBLE_DEVICES once. Without
@@ -174,10 +174,10 @@ def own_gpu(gpu: int) -> registry_pb2.GpuInfo:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     index = gpu if gpu >= 0 else (int(visible) if visible.strip().isdigit() else -1)
-    return registry_pb2.GpuInfo(index=index, visible_devices=visible)
+    return node_pb2.GpuInfo(index=index, visible_devices=visible)
 
 
-def placement(launcher: str, labels: dict[str, str] | None = None) -> registry_pb2.Placement:
+def placement(launcher: str, labels: dict[str, str] | None = None) -> node_pb2.Placement:
     found = dict(labels or {})
     # Set by NVIDIA's device plugin and container toolkit (a GPU UUID or index): which
     # physical GPU this is, where CUDA_VISIBLE_DEVICES only says "0".
@@ -186,7 +186,7 @@ def placement(launcher: str, labels: dict[str, str] | None = None) -> registry_p
     for label, variable in K8S_LABEL_ENV.items():
         if os.environ.get(variable):
             found.setdefault(label, os.environ[variable])
-    return registry_pb2.Placement(launcher=launcher, host=socket.gethostname(), labels=found)
+    return node_pb2.Placement(launcher=launcher, host=socket.gethostname(), labels=found)
 
 
 async def serve(

@@ -11,7 +11,7 @@ import grpc
 from node_agent.engine import Delta, Engine, EngineError, EngineOverloaded, EngineRequest
 from omni_rpc import config
 from omni_rpc.logging import get_logger
-from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc
+from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc, node_pb2
 from omni_rpc.validation import InvalidRequest, validate_request
 
 log = get_logger("node_agent.service")
@@ -122,7 +122,6 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             sampling=sampling,
             prompt=request.prompt,
             prompt_token_ids=tuple(request.prompt_token_ids),
-            inputs=tuple((m.mime_type, m.data) for m in request.inputs),
             resume_token_ids=tuple(first.resume.token_ids),
             resume_text=first.resume.text,
         )
@@ -131,9 +130,6 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
         self.in_flight += 1
         self._idle.clear()
         finished = False
-        control = asyncio.create_task(
-            self._read_control(request_iterator, request.request_id, lambda: finished)
-        )
 
         async def abandon() -> None:
             # Client gone or deadline passed: nothing may keep running.
@@ -166,43 +162,20 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             bound.warning("engine failed the request", error=str(exc))
             await context.abort(grpc.StatusCode.INTERNAL, f"engine failure: {exc}")
         finally:
-            control.cancel()
             if not finished:
-                # Aborted in the engine by coalesce (abandon) or by a Cancel message.
+                # Aborted in the engine by coalesce (abandon): the call was cancelled.
                 bound.info("request aborted")
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
 
-    async def _read_control(
-        self,
-        request_iterator: AsyncIterator[node_agent_pb2.AgentRequest],
-        request_id: str,
-        finished: Callable[[], bool],
-    ) -> None:
-        """Act on control messages sent after the request (today: Cancel)."""
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-            async for message in request_iterator:
-                if message.WhichOneof("kind") == "cancel":
-                    if finished():
-                        return  # too late: the engine no longer has the request
-                    log.info(
-                        "cancel received",
-                        request_id=request_id,
-                        node_id=self.node_id,
-                        reason=message.cancel.reason,
-                    )
-                    await self.engine.abort(request_id)
-                    # One is enough: a second could reach the engine after the request ended.
-                    return
-
     async def GetLoad(
         self,
         request: node_agent_pb2.GetLoadRequest,
-        context: grpc.aio.ServicerContext[node_agent_pb2.GetLoadRequest, node_agent_pb2.NodeLoad],
-    ) -> node_agent_pb2.NodeLoad:
+        context: grpc.aio.ServicerContext[node_agent_pb2.GetLoadRequest, node_pb2.NodeLoad],
+    ) -> node_pb2.NodeLoad:
         load = self.engine.load()
-        return node_agent_pb2.NodeLoad(
+        return node_pb2.NodeLoad(
             node_id=self.node_id,
             running=load.running,
             waiting=load.waiting,

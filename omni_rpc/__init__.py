@@ -1,22 +1,49 @@
 """omni-rpc: distributed inference orchestration for vLLM over gRPC.
 
-The SDK entry points are importable from here::
+This package is the shared runtime (configuration, settings, logging, metrics, security,
+servers, backoff, validation and the generated ``omni_rpc.v1`` code) plus three layers on top:
+``omni_rpc.sdk`` (the Python client API), ``omni_rpc.launchers`` (local processes, Ray actors,
+GPU assignment) and ``omni_rpc.cli`` (the ``omni`` command). The SDK's names are importable from
+here, loaded on first use, so that importing the runtime (as the coordinator and the agent do)
+never loads the SDK::
 
     from omni_rpc import DistributedOrchestrator
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from omni_rpc.sdk import (
-    DistributedOrchestrator,
-    GenerationDelta,
-    GenerationError,
-    GenerationResult,
-    HealthMonitor,
-    LoadBalancer,
+if TYPE_CHECKING:
+    from omni_rpc.sdk import (
+        DistributedOrchestrator,
+        GenerationDelta,
+        GenerationError,
+        GenerationResult,
+        HealthMonitor,
+        LoadBalancer,
+    )
+
+_SDK_NAMES = frozenset(
+    {
+        "DistributedOrchestrator",
+        "GenerationDelta",
+        "GenerationError",
+        "GenerationResult",
+        "HealthMonitor",
+        "LoadBalancer",
+    }
 )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SDK_NAMES:
+        return getattr(importlib.import_module("omni_rpc.sdk"), name)
+    raise AttributeError(f"module 'omni_rpc' has no attribute {name!r}")
+
 
 __all__ = [
     "DistributedOrchestrator",

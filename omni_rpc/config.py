@@ -10,6 +10,13 @@ DEFAULT_NUM_NODES = 2
 DEFAULT_STRATEGY = "round_robin"
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5.0
 DEFAULT_MAX_RETRIES = 2
+# Ray restarts a killed agent actor this many times (then the node stays gone).
+RAY_MAX_RESTARTS = 3
+# The engines an agent can run, and what can start an agent (reported in its placement).
+ENGINES = ("sim", "vllm")
+# The launchers the SDK and `omni up` use; an agent may also be started by Kubernetes or by hand.
+LAUNCHERS = ("local", "ray")
+AGENT_LAUNCHERS = (*LAUNCHERS, "kubernetes", "external")
 
 # Engines: the model an agent serves when none is named, and how long a local cluster may
 # take to become healthy (a real engine loads its model first).

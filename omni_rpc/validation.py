@@ -87,9 +87,12 @@ def validate_request(
         raise InvalidRequest("prompt_token_ids", "token ids must be >= 0")
     if request.HasField("max_retries") and request.max_retries < 0:
         raise InvalidRequest("max_retries", f"must be >= 0, got {request.max_retries}")
-    for i, media in enumerate(request.inputs):
-        if not media.mime_type:
-            raise InvalidRequest(f"inputs[{i}].mime_type", "must not be empty")
+    if request.inputs:
+        # Refused rather than dropped: a request must never be answered as if its images or
+        # audio had been seen. Multimodal inputs are an upcoming capability.
+        raise InvalidRequest(
+            "inputs", "media inputs are not supported yet (text and token id prompts only)"
+        )
     return resolve_sampling(
         request.sampling, default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap
     )

@@ -43,8 +43,8 @@ from pathlib import Path
 import grpc
 
 from omni_rpc import config
-from omni_rpc.client import CoordinatorClient
-from omni_rpc.launcher import LaunchError, LocalCluster
+from omni_rpc.launchers.local import LaunchError, LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,

@@ -54,9 +54,9 @@ from bench import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node_agent.engines.vllm import VllmConfig, engine_args
+from node_agent.models import resolve as resolve_model
 from omni_rpc import config
-from omni_rpc.launcher import Child, LaunchError, LocalCluster
-from omni_rpc.models import resolve as resolve_model
+from omni_rpc.launchers.local import Child, LaunchError, LocalCluster
 from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc
 
 MODEL = "smollm2-135m-instruct"

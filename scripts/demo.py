@@ -31,11 +31,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from node_agent.models import ModelError, prepare
 from omni_rpc import DistributedOrchestrator, GenerationError, GenerationResult, config
-from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, state_name
-from omni_rpc.gpus import visible_gpus
-from omni_rpc.launcher import Child, LaunchError, LocalCluster
-from omni_rpc.models import ModelError, prepare
+from omni_rpc.launchers.gpus import visible_gpus
+from omni_rpc.launchers.local import Child, LaunchError, LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient, CoordinatorUnreachable, state_name
 
 SEED_PROMPTS = [
     "Generate an image of a sunset",

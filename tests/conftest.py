@@ -14,10 +14,10 @@ from typing import Any
 import grpc
 import pytest
 
-from omni_rpc.client import CoordinatorClient
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.security import ChannelSecurity
-from omni_rpc.v1 import coordinator_pb2_grpc, node_agent_pb2, node_agent_pb2_grpc
+from omni_rpc.v1 import coordinator_pb2_grpc, node_agent_pb2, node_agent_pb2_grpc, node_pb2
 
 # Fast simulated nodes: tests check behaviour, not speed.
 FAST_SIM = ["--sim-ttft-ms", "5", "--sim-itl-ms", "2"]
@@ -108,9 +108,9 @@ async def coordinator_stub(
         yield cluster, coordinator_pb2_grpc.CoordinatorStub(channel)
 
 
-async def agent_load(address: str) -> node_agent_pb2.NodeLoad:
+async def agent_load(address: str) -> node_pb2.NodeLoad:
     async with grpc.aio.insecure_channel(address) as channel:
-        load: node_agent_pb2.NodeLoad = await node_agent_pb2_grpc.NodeAgentStub(channel).GetLoad(
+        load: node_pb2.NodeLoad = await node_agent_pb2_grpc.NodeAgentStub(channel).GetLoad(
             node_agent_pb2.GetLoadRequest(), timeout=5
         )
         return load

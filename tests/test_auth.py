@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omni_rpc import config
-from omni_rpc.client import CoordinatorClient
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.security import ChannelSecurity
 from omni_rpc.v1 import (
     coordinator_pb2,

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from node_agent.engines.sim import simulate
-from omni_rpc.cli import format_status
-from omni_rpc.client import node_dict
+from omni_rpc.cli.main import format_status
+from omni_rpc.sdk.client import node_dict
 from omni_rpc.v1 import coordinator_pb2
 from tests.conftest import wait_until
 

@@ -19,9 +19,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from node_agent.engines.sim import simulate
 from omni_rpc import DistributedOrchestrator, GenerationError, HealthMonitor, LoadBalancer
-from omni_rpc.client import CoordinatorClient
-from omni_rpc.gpus import PlacementError
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.gpus import PlacementError
+from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
 from tests.conftest import (
     agent_load,
@@ -391,7 +391,7 @@ async def test_local_cluster_from_the_sdk_seed_example() -> None:
 def test_children_shut_down_when_the_launcher_dies(tmp_path: Path) -> None:
     script = (
         "import sys, time\n"
-        "from omni_rpc.launcher import LocalCluster\n"
+        "from omni_rpc.launchers.local import LocalCluster\n"
         f"c = LocalCluster(num_nodes=1, log_dir=__import__('pathlib').Path({str(tmp_path)!r}))\n"
         "c.start()\n"
         "print(c.coordinator.process.pid, c.agents[0].process.pid, flush=True)\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.engines.sim import simulate
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_EXAMPLE = ROOT / "examples" / "node"

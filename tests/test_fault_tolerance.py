@@ -18,9 +18,9 @@ import pytest
 
 from node_agent.engines.sim import simulate
 from omni_rpc import DistributedOrchestrator, GenerationError
-from omni_rpc.client import CoordinatorClient, node_dict
 from omni_rpc.config import DEFAULT_MAX_TOKENS
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient, node_dict
 from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
 from tests.conftest import agent_load, node_address, wait_until
 

@@ -43,11 +43,12 @@ from hypothesis import strategies as st
 
 from node_agent.engines.sim import simulate
 from omni_rpc import config
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.v1 import (
     coordinator_pb2,
     generate_pb2,
     node_agent_pb2,
+    node_pb2,
     registry_pb2,
 )
 from tests.conftest import FAST_SIM, wait_healthy, wait_until
@@ -616,7 +617,7 @@ def wait_idle(live: Live) -> None:
                     channel,
                     "/omni.v1.NodeAgent/GetLoad",
                     node_agent_pb2.GetLoadRequest(),
-                    node_agent_pb2.NodeLoad,
+                    node_pb2.NodeLoad,
                     live.metadata("node"),
                 )
                 if load.running or load.waiting:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from omni_rpc import DistributedOrchestrator
-from omni_rpc.gpus import PlacementError, assign, parse_gpus, visible_gpus
+from omni_rpc.launchers.gpus import PlacementError, assign, parse_gpus, visible_gpus
 from tests.test_cli import free_port, omni, omni_up_running, wait_healthy_nodes
 
 FAKE_SMI = """#!/bin/sh

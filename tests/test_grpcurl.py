@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from node_agent.engines.sim import simulate
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
 from tests.conftest import node_address
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"

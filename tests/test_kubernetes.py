@@ -36,11 +36,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.main import SERVICES as COORDINATOR_SERVICES
 from coordinator.main import build_parser as coordinator_parser
+from coordinator.strategies import STRATEGIES
 from node_agent.main import K8S_LABEL_ENV
 from node_agent.main import build_parser as agent_parser
 from omni_rpc import config, security, settings
-from omni_rpc.client import CoordinatorClient
-from omni_rpc.strategies import STRATEGIES
+from omni_rpc.sdk.client import CoordinatorClient
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"

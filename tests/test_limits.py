@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.security import ChannelSecurity
 from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
 from tests.conftest import wait_until

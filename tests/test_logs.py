@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 import pytest
 
-from omni_rpc.client import CoordinatorClient, node_dict
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient, node_dict
 from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
 from tests.conftest import read_pty, wait_until
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from omni_rpc import DistributedOrchestrator, GenerationError
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
 from tests.conftest import wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from omni_rpc import DistributedOrchestrator, HealthMonitor
-from omni_rpc.gpus import PlacementError
+from omni_rpc.launchers.gpus import PlacementError
 from tests.conftest import wait_until
 from tests.test_cli import omni, omni_up_running, wait_healthy_nodes
 
@@ -291,7 +291,7 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str, tmp_path: Path) 
 
 def test_ray_actor_runs_a_real_vllm_engine(ray_head: str) -> None:
     """The engine users already run, placed by Ray: vLLM (CPU build here) inside the actor."""
-    from omni_rpc.models import prepare
+    from node_agent.models import prepare
     from tests.test_vllm import ENGINE_FLAGS, MODEL
 
     prepare(MODEL)

@@ -25,9 +25,9 @@ from typing import Any
 import grpc
 import pytest
 
-from omni_rpc.client import CoordinatorClient
-from omni_rpc.launcher import Child, LocalCluster
+from omni_rpc.launchers.local import Child, LocalCluster
 from omni_rpc.sdk import DistributedOrchestrator
+from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.security import ChannelSecurity, TlsFiles
 from omni_rpc.v1 import (
     coordinator_pb2,

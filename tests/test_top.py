@@ -19,9 +19,9 @@ from typing import IO
 
 import grpc
 
-from omni_rpc.client import CoordinatorClient
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.sdk import build_request
+from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.v1 import coordinator_pb2_grpc
 from tests.conftest import read_pty, wait_until
 

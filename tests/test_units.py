@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from coordinator.strategies import LeastLoaded, PowerOfTwo, RoundRobin, make_strategy
 from node_agent.engine import EngineRequest
 from node_agent.engines.sim import SimConfig, SimEngine, simulate
 from omni_rpc.backoff import Backoff
-from omni_rpc.strategies import LeastLoaded, PowerOfTwo, RoundRobin, make_strategy
 from omni_rpc.v1 import generate_pb2
 from omni_rpc.validation import InvalidRequest, Sampling, validate_request
 

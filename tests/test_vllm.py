@@ -21,9 +21,9 @@ import grpc
 import psutil
 import pytest
 
+from node_agent.models import prepare
 from omni_rpc import DistributedOrchestrator, GenerationError
-from omni_rpc.launcher import LocalCluster
-from omni_rpc.models import prepare
+from omni_rpc.launchers.local import LocalCluster
 from tests.conftest import agent_load, async_wait_until, node_address, wait_healthy, wait_until
 
 pytestmark = [pytest.mark.timeout(1200)]

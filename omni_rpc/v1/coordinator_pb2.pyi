@@ -8,8 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from omni_rpc.v1 import node_agent_pb2 as _node_agent_pb2
-from omni_rpc.v1 import registry_pb2 as _registry_pb2
+from omni_rpc.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -104,13 +103,13 @@ class NodeInfo(_message.Message):
     """Times the circuit breaker ejected the node, and until when (Unix seconds; 0: not ejected)."""
     ejected_until: _builtins.float
     @_builtins.property
-    def gpu(self) -> _registry_pb2.GpuInfo: ...
+    def gpu(self) -> _node_pb2.GpuInfo: ...
     @_builtins.property
-    def load(self) -> _node_agent_pb2.NodeLoad:
+    def load(self) -> _node_pb2.NodeLoad:
         """The last load the agent reported (refreshed with the health checks)."""
 
     @_builtins.property
-    def placement(self) -> _registry_pb2.Placement: ...
+    def placement(self) -> _node_pb2.Placement: ...
     def __init__(
         self,
         *,
@@ -121,7 +120,7 @@ class NodeInfo(_message.Message):
         state: Global___NodeState.ValueType = ...,
         state_reason: _builtins.str = ...,
         capacity: _builtins.int = ...,
-        gpu: _registry_pb2.GpuInfo | None = ...,
+        gpu: _node_pb2.GpuInfo | None = ...,
         version: _builtins.str = ...,
         in_flight: _builtins.int = ...,
         dispatched: _builtins.int = ...,
@@ -129,14 +128,14 @@ class NodeInfo(_message.Message):
         failures: _builtins.int = ...,
         consecutive_failures: _builtins.int = ...,
         last_error: _builtins.str = ...,
-        load: _node_agent_pb2.NodeLoad | None = ...,
+        load: _node_pb2.NodeLoad | None = ...,
         joined_at: _builtins.float = ...,
         state_since: _builtins.float = ...,
         last_health_check_at: _builtins.float = ...,
         health_check_latency_ms: _builtins.float = ...,
         ejections: _builtins.int = ...,
         ejected_until: _builtins.float = ...,
-        placement: _registry_pb2.Placement | None = ...,
+        placement: _node_pb2.Placement | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "load", b"load", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -163,7 +162,7 @@ Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
 
 @_typing.final
 class ClusterStats(_message.Message):
-    """The seed's statistics: the SDK's get_stats() returns these keys."""
+    """Cluster statistics: the Python SDK's get_stats() returns these keys."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -91,7 +91,9 @@ Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
 class Media(_message.Message):
-    """An input or output that is not text: an image, audio clip, video."""
+    """An input or output that is not text: an image, audio clip, video. Multimodal support is
+    upcoming: until then no request may carry Media and no response does.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -129,7 +131,10 @@ class GenerateRequest(_message.Message):
     prompt: _builtins.str
     """Exactly one of prompt or prompt_token_ids must be given."""
     affinity_key: _builtins.str
-    """Requests with the same key prefer the same node (prefix-cache locality)."""
+    """Requests with the same key are to prefer the same node (prefix-cache locality): read by
+    the upcoming `consistent_hash` routing strategy; no strategy reads it yet, so it is
+    ignored until then.
+    """
     max_retries: _builtins.int
     """Per-call override of the coordinator's max_retries (further attempts on other nodes)."""
     @_builtins.property
@@ -137,7 +142,11 @@ class GenerateRequest(_message.Message):
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
     @_builtins.property
-    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Media]: ...
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Media]:
+        """Media inputs for multimodal models (upcoming). Until multimodal support lands the
+        coordinator and the agents refuse a request with inputs (INVALID_ARGUMENT).
+        """
+
     def __init__(
         self,
         *,
@@ -200,7 +209,9 @@ class GenerateResponse(_message.Message):
     request_id: _builtins.str
     text: _builtins.str
     finish_reason: _builtins.str
-    """Empty until the last message of the stream: "stop", "length", "abort" or "error"."""
+    """Empty until the last message of the stream: "stop", "length" or "abort". A failed
+    generation ends with a gRPC status instead.
+    """
     node_id: _builtins.str
     """The node that produced this delta."""
     attempt: _builtins.int
@@ -208,7 +219,11 @@ class GenerateResponse(_message.Message):
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
-    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Media]: ...
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Media]:
+        """Media outputs of multimodal models (upcoming); always empty until multimodal support
+        lands.
+        """
+
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Set on the last message: counts for the whole generation."""

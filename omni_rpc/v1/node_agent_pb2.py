@@ -23,25 +23,23 @@ _sym_db = _symbol_database.Default()
 
 
 from omni_rpc.v1 import generate_pb2 as omni_dot_v1_dot_generate__pb2
+from omni_rpc.v1 import node_pb2 as omni_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18omni/v1/node_agent.proto\x12\x07omni.v1\x1a\x16omni/v1/generate.proto\"\x99\x01\n\x0c\x41gentRequest\x12,\n\x08generate\x18\x01 \x01(\x0b\x32\x18.omni.v1.GenerateRequestH\x00\x12!\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x0f.omni.v1.CancelH\x00\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x1f\n\x06resume\x18\x04 \x01(\x0b\x32\x0f.omni.v1.ResumeB\x06\n\x04kind\")\n\x06Resume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x10\n\x0eGetLoadRequest\"\x81\x02\n\x08NodeLoad\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02\x12\x0f\n\x07started\x18\x06 \x01(\x03\x12\x10\n\x08\x66inished\x18\x07 \x01(\x03\x12\x0f\n\x07\x61\x62orted\x18\x08 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\t \x01(\x03\x12\x16\n\x0e\x65ngine_healthy\x18\n \x01(\x08\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x18\n\x10generated_tokens\x18\x0c \x01(\x03\x12\x10\n\x08rejected\x18\r \x01(\x03\x32\x84\x01\n\tNodeAgent\x12@\n\x08Generate\x12\x15.omni.v1.AgentRequest\x1a\x19.omni.v1.GenerateResponse(\x01\x30\x01\x12\x35\n\x07GetLoad\x12\x17.omni.v1.GetLoadRequest\x1a\x11.omni.v1.NodeLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18omni/v1/node_agent.proto\x12\x07omni.v1\x1a\x16omni/v1/generate.proto\x1a\x12omni/v1/node.proto\"\x84\x01\n\x0c\x41gentRequest\x12,\n\x08generate\x18\x01 \x01(\x0b\x32\x18.omni.v1.GenerateRequestH\x00\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x1f\n\x06resume\x18\x04 \x01(\x0b\x32\x0f.omni.v1.ResumeB\x06\n\x04kindJ\x04\x08\x02\x10\x03R\x06\x63\x61ncel\")\n\x06Resume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x10\n\x0eGetLoadRequest2\x84\x01\n\tNodeAgent\x12@\n\x08Generate\x12\x15.omni.v1.AgentRequest\x1a\x19.omni.v1.GenerateResponse(\x01\x30\x01\x12\x35\n\x07GetLoad\x12\x17.omni.v1.GetLoadRequest\x1a\x11.omni.v1.NodeLoadB`\n\x0e\x64\x65v.omnirpc.v1B\x0eNodeAgentProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'omni_rpc.v1.node_agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_AGENTREQUEST']._serialized_start=62
-  _globals['_AGENTREQUEST']._serialized_end=215
-  _globals['_RESUME']._serialized_start=217
-  _globals['_RESUME']._serialized_end=258
-  _globals['_CANCEL']._serialized_start=260
-  _globals['_CANCEL']._serialized_end=284
-  _globals['_GETLOADREQUEST']._serialized_start=286
-  _globals['_GETLOADREQUEST']._serialized_end=302
-  _globals['_NODELOAD']._serialized_start=305
-  _globals['_NODELOAD']._serialized_end=562
-  _globals['_NODEAGENT']._serialized_start=565
-  _globals['_NODEAGENT']._serialized_end=697
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.omnirpc.v1B\016NodeAgentProtoP\001Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\252\002\007Omni.V1'
+  _globals['_AGENTREQUEST']._serialized_start=82
+  _globals['_AGENTREQUEST']._serialized_end=214
+  _globals['_RESUME']._serialized_start=216
+  _globals['_RESUME']._serialized_end=257
+  _globals['_GETLOADREQUEST']._serialized_start=259
+  _globals['_GETLOADREQUEST']._serialized_end=275
+  _globals['_NODEAGENT']._serialized_start=278
+  _globals['_NODEAGENT']._serialized_end=410
 # @@protoc_insertion_point(module_scope)

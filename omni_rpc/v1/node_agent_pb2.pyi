@@ -24,7 +24,6 @@ class AgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GENERATE_FIELD_NUMBER: _builtins.int
-    CANCEL_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
@@ -34,8 +33,6 @@ class AgentRequest(_message.Message):
     @_builtins.property
     def generate(self) -> _generate_pb2.GenerateRequest: ...
     @_builtins.property
-    def cancel(self) -> Global___Cancel: ...
-    @_builtins.property
     def resume(self) -> Global___Resume:
         """Set on the first message when this attempt continues a stream another node started."""
 
@@ -43,15 +40,14 @@ class AgentRequest(_message.Message):
         self,
         *,
         generate: _generate_pb2.GenerateRequest | None = ...,
-        cancel: Global___Cancel | None = ...,
         attempt: _builtins.int = ...,
         resume: Global___Resume | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "generate", b"generate", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel", b"cancel", "generate", b"generate", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "generate", b"generate", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["generate", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["generate"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -87,27 +83,6 @@ class Resume(_message.Message):
 Global___Resume: _TypeAlias = Resume  # noqa: Y015
 
 @_typing.final
-class Cancel(_message.Message):
-    """Abort the request in the engine; the agent answers with finish_reason "abort"."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REASON_FIELD_NUMBER: _builtins.int
-    reason: _builtins.str
-    def __init__(
-        self,
-        *,
-        reason: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
-
-@_typing.final
 class GetLoadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -121,63 +96,3 @@ class GetLoadRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetLoadRequest: _TypeAlias = GetLoadRequest  # noqa: Y015
-
-@_typing.final
-class NodeLoad(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NODE_ID_FIELD_NUMBER: _builtins.int
-    RUNNING_FIELD_NUMBER: _builtins.int
-    WAITING_FIELD_NUMBER: _builtins.int
-    CAPACITY_FIELD_NUMBER: _builtins.int
-    KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
-    STARTED_FIELD_NUMBER: _builtins.int
-    FINISHED_FIELD_NUMBER: _builtins.int
-    ABORTED_FIELD_NUMBER: _builtins.int
-    FAILED_FIELD_NUMBER: _builtins.int
-    ENGINE_HEALTHY_FIELD_NUMBER: _builtins.int
-    DRAINING_FIELD_NUMBER: _builtins.int
-    GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
-    REJECTED_FIELD_NUMBER: _builtins.int
-    node_id: _builtins.str
-    running: _builtins.int
-    """Requests generating now and requests queued behind the concurrency limit."""
-    waiting: _builtins.int
-    capacity: _builtins.int
-    """Concurrency limit of the engine (0: unknown)."""
-    kv_cache_usage: _builtins.float
-    """Share of the KV cache in use, 0..1 (0 where the engine has none)."""
-    started: _builtins.int
-    """Lifetime counters of the engine."""
-    finished: _builtins.int
-    aborted: _builtins.int
-    failed: _builtins.int
-    engine_healthy: _builtins.bool
-    draining: _builtins.bool
-    generated_tokens: _builtins.int
-    rejected: _builtins.int
-    """Requests refused because the engine was full (RESOURCE_EXHAUSTED)."""
-    def __init__(
-        self,
-        *,
-        node_id: _builtins.str = ...,
-        running: _builtins.int = ...,
-        waiting: _builtins.int = ...,
-        capacity: _builtins.int = ...,
-        kv_cache_usage: _builtins.float = ...,
-        started: _builtins.int = ...,
-        finished: _builtins.int = ...,
-        aborted: _builtins.int = ...,
-        failed: _builtins.int = ...,
-        engine_healthy: _builtins.bool = ...,
-        draining: _builtins.bool = ...,
-        generated_tokens: _builtins.int = ...,
-        rejected: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted", b"aborted", "capacity", b"capacity", "draining", b"draining", "engine_healthy", b"engine_healthy", "failed", b"failed", "finished", b"finished", "generated_tokens", b"generated_tokens", "kv_cache_usage", b"kv_cache_usage", "node_id", b"node_id", "rejected", b"rejected", "running", b"running", "started", b"started", "waiting", b"waiting"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___NodeLoad: _TypeAlias = NodeLoad  # noqa: Y015

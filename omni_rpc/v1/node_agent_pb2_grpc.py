@@ -5,6 +5,7 @@ import warnings
 
 from omni_rpc.v1 import generate_pb2 as omni_dot_v1_dot_generate__pb2
 from omni_rpc.v1 import node_agent_pb2 as omni_dot_v1_dot_node__agent__pb2
+from omni_rpc.v1 import node_pb2 as omni_dot_v1_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -43,7 +44,7 @@ class NodeAgentStub:
         self.GetLoad = channel.unary_unary(
                 '/omni.v1.NodeAgent/GetLoad',
                 request_serializer=omni_dot_v1_dot_node__agent__pb2.GetLoadRequest.SerializeToString,
-                response_deserializer=omni_dot_v1_dot_node__agent__pb2.NodeLoad.FromString,
+                response_deserializer=omni_dot_v1_dot_node__pb2.NodeLoad.FromString,
                 _registered_method=True)
 
 
@@ -51,8 +52,10 @@ class NodeAgentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request_iterator, context):
-        """Bidirectional: the first message carries the request, later ones control it (Cancel).
-        The stream ends with a response whose finish_reason is set, or with a status.
+        """Bidirectional: the first message carries the request and is the only one the coordinator
+        sends; it stops an attempt by cancelling the call, and the agent then aborts the request
+        in the engine. The stream ends with a response whose finish_reason is set, or with a
+        status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,7 +79,7 @@ def add_NodeAgentServicer_to_server(servicer, server):
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
                     request_deserializer=omni_dot_v1_dot_node__agent__pb2.GetLoadRequest.FromString,
-                    response_serializer=omni_dot_v1_dot_node__agent__pb2.NodeLoad.SerializeToString,
+                    response_serializer=omni_dot_v1_dot_node__pb2.NodeLoad.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,7 +135,7 @@ class NodeAgent:
             target,
             '/omni.v1.NodeAgent/GetLoad',
             omni_dot_v1_dot_node__agent__pb2.GetLoadRequest.SerializeToString,
-            omni_dot_v1_dot_node__agent__pb2.NodeLoad.FromString,
+            omni_dot_v1_dot_node__pb2.NodeLoad.FromString,
             options,
             channel_credentials,
             insecure,

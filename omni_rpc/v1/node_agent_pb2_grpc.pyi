@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from omni_rpc.v1 import generate_pb2 as _generate_pb2
 from omni_rpc.v1 import node_agent_pb2 as _node_agent_pb2
+from omni_rpc.v1 import node_pb2 as _node_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -33,20 +34,24 @@ class NodeAgentStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeAgentAsyncStub: ...
     Generate: _grpc.StreamStreamMultiCallable[_node_agent_pb2.AgentRequest, _generate_pb2.GenerateResponse]
-    """Bidirectional: the first message carries the request, later ones control it (Cancel).
-    The stream ends with a response whose finish_reason is set, or with a status.
+    """Bidirectional: the first message carries the request and is the only one the coordinator
+    sends; it stops an attempt by cancelling the call, and the agent then aborts the request
+    in the engine. The stream ends with a response whose finish_reason is set, or with a
+    status.
     """
-    GetLoad: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.GetLoadRequest, _node_agent_pb2.NodeLoad]
+    GetLoad: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.GetLoadRequest, _node_pb2.NodeLoad]
     """The engine's current load and lifetime counters."""
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.StreamStreamMultiCallable[_node_agent_pb2.AgentRequest, _generate_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Bidirectional: the first message carries the request, later ones control it (Cancel).
-    The stream ends with a response whose finish_reason is set, or with a status.
+    """Bidirectional: the first message carries the request and is the only one the coordinator
+    sends; it stops an attempt by cancelling the call, and the agent then aborts the request
+    in the engine. The stream ends with a response whose finish_reason is set, or with a
+    status.
     """
-    GetLoad: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.GetLoadRequest, _node_agent_pb2.NodeLoad]  # type: ignore[assignment]
+    GetLoad: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.GetLoadRequest, _node_pb2.NodeLoad]  # type: ignore[assignment]
     """The engine's current load and lifetime counters."""
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
@@ -56,8 +61,10 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_node_agent_pb2.AgentRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_generate_pb2.GenerateResponse], _abc.AsyncIterator[_generate_pb2.GenerateResponse]]:
-        """Bidirectional: the first message carries the request, later ones control it (Cancel).
-        The stream ends with a response whose finish_reason is set, or with a status.
+        """Bidirectional: the first message carries the request and is the only one the coordinator
+        sends; it stops an attempt by cancelling the call, and the agent then aborts the request
+        in the engine. The stream ends with a response whose finish_reason is set, or with a
+        status.
         """
 
     @_abc_1.abstractmethod
@@ -65,7 +72,7 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _node_agent_pb2.GetLoadRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_node_agent_pb2.NodeLoad, _abc.Awaitable[_node_agent_pb2.NodeLoad]]:
+    ) -> _typing.Union[_node_pb2.NodeLoad, _abc.Awaitable[_node_pb2.NodeLoad]]:
         """The engine's current load and lifetime counters."""
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

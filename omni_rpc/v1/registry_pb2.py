@@ -22,31 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from omni_rpc.v1 import node_pb2 as omni_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16omni/v1/registry.proto\x12\x07omni.v1\"U\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fvisible_devices\x18\x04 \x01(\t\"\x8a\x01\n\tPlacement\x12\x10\n\x08launcher\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.omni.v1.Placement.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x1d\n\x03gpu\x18\x06 \x01(\x0b\x32\x10.omni.v1.GpuInfo\x12\x0f\n\x07version\x18\x07 \x01(\t\x12%\n\tplacement\x18\x08 \x01(\x0b\x32\x12.omni.v1.Placement\"d\n\x0cJoinResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x03 \x01(\t\x12\x1a\n\x12refresh_interval_s\x18\x04 \x01(\x01\"@\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\x0f\n\rLeaveResponse2w\n\x08Registry\x12\x33\n\x04Join\x12\x14.omni.v1.JoinRequest\x1a\x15.omni.v1.JoinResponse\x12\x36\n\x05Leave\x12\x15.omni.v1.LeaveRequest\x1a\x16.omni.v1.LeaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16omni/v1/registry.proto\x12\x07omni.v1\x1a\x12omni/v1/node.proto\"\xb7\x01\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x1d\n\x03gpu\x18\x06 \x01(\x0b\x32\x10.omni.v1.GpuInfo\x12\x0f\n\x07version\x18\x07 \x01(\t\x12%\n\tplacement\x18\x08 \x01(\x0b\x32\x12.omni.v1.Placement\"d\n\x0cJoinResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x03 \x01(\t\x12\x1a\n\x12refresh_interval_s\x18\x04 \x01(\x01\"@\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\x0f\n\rLeaveResponse2w\n\x08Registry\x12\x33\n\x04Join\x12\x14.omni.v1.JoinRequest\x1a\x15.omni.v1.JoinResponse\x12\x36\n\x05Leave\x12\x15.omni.v1.LeaveRequest\x1a\x16.omni.v1.LeaveResponseB_\n\x0e\x64\x65v.omnirpc.v1B\rRegistryProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'omni_rpc.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_PLACEMENT_LABELSENTRY']._loaded_options = None
-  _globals['_PLACEMENT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_GPUINFO']._serialized_start=35
-  _globals['_GPUINFO']._serialized_end=120
-  _globals['_PLACEMENT']._serialized_start=123
-  _globals['_PLACEMENT']._serialized_end=261
-  _globals['_PLACEMENT_LABELSENTRY']._serialized_start=216
-  _globals['_PLACEMENT_LABELSENTRY']._serialized_end=261
-  _globals['_JOINREQUEST']._serialized_start=264
-  _globals['_JOINREQUEST']._serialized_end=447
-  _globals['_JOINRESPONSE']._serialized_start=449
-  _globals['_JOINRESPONSE']._serialized_end=549
-  _globals['_LEAVEREQUEST']._serialized_start=551
-  _globals['_LEAVEREQUEST']._serialized_end=615
-  _globals['_LEAVERESPONSE']._serialized_start=617
-  _globals['_LEAVERESPONSE']._serialized_end=632
-  _globals['_REGISTRY']._serialized_start=634
-  _globals['_REGISTRY']._serialized_end=753
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.omnirpc.v1B\rRegistryProtoP\001Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\252\002\007Omni.V1'
+  _globals['_JOINREQUEST']._serialized_start=56
+  _globals['_JOINREQUEST']._serialized_end=239
+  _globals['_JOINRESPONSE']._serialized_start=241
+  _globals['_JOINRESPONSE']._serialized_end=341
+  _globals['_LEAVEREQUEST']._serialized_start=343
+  _globals['_LEAVEREQUEST']._serialized_end=407
+  _globals['_LEAVERESPONSE']._serialized_start=409
+  _globals['_LEAVERESPONSE']._serialized_end=424
+  _globals['_REGISTRY']._serialized_start=426
+  _globals['_REGISTRY']._serialized_end=545
 # @@protoc_insertion_point(module_scope)

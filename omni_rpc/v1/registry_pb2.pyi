@@ -5,10 +5,9 @@ Membership: agents join the coordinator and leave it. The coordinator's registry
 state rebuilt from these calls, so a restarted coordinator is repopulated by its agents.
 """
 
-from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from omni_rpc.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,90 +18,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-@_typing.final
-class GpuInfo(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    INDEX_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
-    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
-    VISIBLE_DEVICES_FIELD_NUMBER: _builtins.int
-    index: _builtins.int
-    """Index on the host (-1: no GPU), as in CUDA_VISIBLE_DEVICES."""
-    name: _builtins.str
-    memory_bytes: _builtins.int
-    visible_devices: _builtins.str
-    """CUDA_VISIBLE_DEVICES as the agent's engine sees it ("": not set)."""
-    def __init__(
-        self,
-        *,
-        index: _builtins.int = ...,
-        name: _builtins.str = ...,
-        memory_bytes: _builtins.int = ...,
-        visible_devices: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_bytes", b"memory_bytes", "name", b"name", "visible_devices", b"visible_devices"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GpuInfo: _TypeAlias = GpuInfo  # noqa: Y015
-
-@_typing.final
-class Placement(_message.Message):
-    """Who placed the agent and where: the same cluster can mix agents started by `omni up`, by
-    Ray and by Kubernetes.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class LabelsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    LAUNCHER_FIELD_NUMBER: _builtins.int
-    HOST_FIELD_NUMBER: _builtins.int
-    LABELS_FIELD_NUMBER: _builtins.int
-    launcher: _builtins.str
-    """"local" (omni up / the SDK), "ray", "kubernetes" or "external" (started by hand)."""
-    host: _builtins.str
-    """Host name of the machine the agent runs on."""
-    @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Launcher-specific details, e.g. ray_node_id and ray_actor_id, or pod and k8s_node."""
-
-    def __init__(
-        self,
-        *,
-        launcher: _builtins.str = ...,
-        host: _builtins.str = ...,
-        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "labels", b"labels", "launcher", b"launcher"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Placement: _TypeAlias = Placement  # noqa: Y015
 
 @_typing.final
 class JoinRequest(_message.Message):
@@ -127,9 +42,9 @@ class JoinRequest(_message.Message):
     version: _builtins.str
     """omni-rpc version of the agent."""
     @_builtins.property
-    def gpu(self) -> Global___GpuInfo: ...
+    def gpu(self) -> _node_pb2.GpuInfo: ...
     @_builtins.property
-    def placement(self) -> Global___Placement: ...
+    def placement(self) -> _node_pb2.Placement: ...
     def __init__(
         self,
         *,
@@ -138,9 +53,9 @@ class JoinRequest(_message.Message):
         model: _builtins.str = ...,
         engine: _builtins.str = ...,
         capacity: _builtins.int = ...,
-        gpu: Global___GpuInfo | None = ...,
+        gpu: _node_pb2.GpuInfo | None = ...,
         version: _builtins.str = ...,
-        placement: Global___Placement | None = ...,
+        placement: _node_pb2.Placement | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

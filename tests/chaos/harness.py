@@ -69,8 +69,8 @@ import grpc
 
 from node_agent.engines.sim import VOCAB_SIZE, Completion, simulate, word
 from omni_rpc import DistributedOrchestrator, GenerationError
-from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient, CoordinatorUnreachable
 from omni_rpc.v1 import coordinator_pb2
 
 HEALTHY = coordinator_pb2.NODE_STATE_HEALTHY

@@ -30,15 +30,17 @@ from typing import Any, NoReturn, TextIO
 
 import grpc
 
-from omni_rpc import __version__, argtypes, config, models, ray_launcher, security
-from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
-from omni_rpc.gpus import PlacementError
-from omni_rpc.gpus import assign as assign_gpus
-from omni_rpc.launcher import LaunchError, LocalCluster
-from omni_rpc.sdk import ENGINES, LAUNCHERS, build_request
+from coordinator.strategies import STRATEGIES
+from node_agent import models
+from omni_rpc import __version__, argtypes, config, security
+from omni_rpc.cli.top import add_arguments as add_top_arguments
+from omni_rpc.launchers import ray_actors
+from omni_rpc.launchers.gpus import PlacementError
+from omni_rpc.launchers.gpus import assign as assign_gpus
+from omni_rpc.launchers.local import LaunchError, LocalCluster
+from omni_rpc.sdk import build_request
+from omni_rpc.sdk.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
 from omni_rpc.security import ChannelSecurity
-from omni_rpc.strategies import STRATEGIES
-from omni_rpc.top import add_arguments as add_top_arguments
 from omni_rpc.v1 import coordinator_pb2_grpc
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start a coordinator and N agents (foreground)")
     up.add_argument("--nodes", type=argtypes.positive_int, required=True, help="number of agents")
-    up.add_argument("--engine", choices=ENGINES, default="sim")
+    up.add_argument("--engine", choices=config.ENGINES, default="sim")
     up.add_argument(
         "--model",
         help="model served by every agent (sim: any name; vllm: folder, hub id or known name)",
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     placement.add_argument(
         "--launcher",
-        choices=LAUNCHERS,
+        choices=config.LAUNCHERS,
         help="who starts the agents: child processes, or Ray actors "
         "(default: ray with --ray-address, else local)",
     )
@@ -388,14 +390,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         auth=_auth_wanted(args.auth, on_ray, args.listen),
     )
     ray_agents = (
-        ray_launcher.RayAgents(
+        ray_actors.RayAgents(
             num_nodes=args.nodes,
             coordinator_address="",
             engine=args.engine,
             model=model,
             agent_args=agent_args,
             address=args.ray_address,
-            resources=args.ray_resources or dict(ray_launcher.DEFAULT_RESOURCES),
+            resources=args.ray_resources or dict(ray_actors.DEFAULT_RESOURCES),
         )
         if on_ray
         else None
@@ -406,7 +408,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     startup_timeout = args.startup_timeout or config.STARTUP_TIMEOUT_S[args.engine]
     try:
         if ray_agents is not None:
-            ray_launcher.start(cluster, ray_agents, startup_timeout)
+            ray_actors.start(cluster, ray_agents, startup_timeout)
         else:
             cluster.start(startup_timeout)
         _wait_healthy(cluster, args.nodes, startup_timeout)

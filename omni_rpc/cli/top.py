@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from omni_rpc import argtypes
-from omni_rpc.client import CoordinatorClient, CoordinatorUnreachable, stats_dict
+from omni_rpc.sdk.client import CoordinatorClient, CoordinatorUnreachable, stats_dict
 from omni_rpc.security import SecurityConfigError, client_security
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from omni_rpc.strategies.base import Candidate, Strategy
-from omni_rpc.strategies.least_loaded import utilization
+from coordinator.strategies.base import Candidate, Strategy
+from coordinator.strategies.least_loaded import utilization
 
 
 class PowerOfTwo(Strategy):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from omni_rpc.strategies.base import Candidate, Strategy
+from coordinator.strategies.base import Candidate, Strategy
 
 
 class RoundRobin(Strategy):

@@ -60,7 +60,7 @@ class LocalCluster:
     agent_args: Sequence[str] = ()
     # Per-agent extra arguments, by index (e.g. a slower simulated node).
     per_agent_args: dict[int, Sequence[str]] = field(default_factory=dict)
-    # The GPU each agent owns, by index (None: CPU agents); see omni_rpc.gpus.assign.
+    # The GPU each agent owns, by index (None: CPU agents); see omni_rpc.launchers.gpus.assign.
     gpus: Sequence[int] | None = None
     # Tokens for every role, made at start and handed to the children in files (0600 in
     # log_dir); False runs the cluster with --auth off, which suits loopback-only use.

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from omni_rpc.strategies.base import Candidate, Strategy
-from omni_rpc.strategies.least_loaded import LeastLoaded
-from omni_rpc.strategies.power_of_two import PowerOfTwo
-from omni_rpc.strategies.round_robin import RoundRobin
+from coordinator.strategies.base import Candidate, Strategy
+from coordinator.strategies.least_loaded import LeastLoaded
+from coordinator.strategies.power_of_two import PowerOfTwo
+from coordinator.strategies.round_robin import RoundRobin
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (RoundRobin, LeastLoaded, PowerOfTwo)

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omni_rpc import config
-from omni_rpc.gpus import PlacementError
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.launchers.gpus import PlacementError
+from omni_rpc.launchers.local import LocalCluster
 
 # Per agent, unless the caller says otherwise: a GPU and a CPU core to drive it.
 DEFAULT_RESOURCES: Mapping[str, float] = {"GPU": 1.0, "CPU": 1.0}
-DEFAULT_MAX_RESTARTS = 3
+DEFAULT_MAX_RESTARTS = config.RAY_MAX_RESTARTS
 PLACEMENT_TIMEOUT_S = 30.0
 RAY_NAMESPACE = "omni-rpc"
 # The coordinator of a Ray-placed cluster listens on every interface (agents on other machines).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omni_rpc.logging import get_logger
 
-log = get_logger("omni_rpc.models")
+log = get_logger("node_agent.models")
 
 
 class ModelError(ValueError):

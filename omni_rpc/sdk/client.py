@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from omni_rpc.security import ChannelSecurity
-from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, node_agent_pb2
+from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, node_pb2
 
 DEFAULT_CALL_TIMEOUT_S = 10.0
 
@@ -26,7 +26,7 @@ def state_name(state: int) -> str:
     return coordinator_pb2.NodeState.Name(state).removeprefix("NODE_STATE_").lower()  # type: ignore[arg-type]
 
 
-def load_dict(load: node_agent_pb2.NodeLoad) -> dict[str, Any]:
+def load_dict(load: node_pb2.NodeLoad) -> dict[str, Any]:
     return {
         "running": load.running,
         "waiting": load.waiting,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from omni_rpc.strategies.base import Candidate, Strategy
+from coordinator.strategies.base import Candidate, Strategy
 
 
 def utilization(c: Candidate) -> float:

@@ -1,9 +1,10 @@
-"""The Python SDK: the seed document's ``DistributedOrchestrator``, ``LoadBalancer`` and
-``HealthMonitor``, over the coordinator's gRPC services.
+"""``DistributedOrchestrator``: generate across the cluster through the coordinator.
 
 Without ``coordinator=`` the orchestrator starts a cluster and stops it in ``close()``: a
 coordinator as a child process, and ``num_nodes`` agents either as child processes (one per
-GPU) or, with ``ray_address`` or ``launcher="ray"``, as actors on a Ray cluster.
+GPU) or, with ``ray_address`` or ``launcher="ray"``, as actors on a Ray cluster. Starting one
+goes through ``omni_rpc.launchers``, imported only then: a client of a running coordinator
+never loads the launchers or Ray.
 """
 
 from __future__ import annotations
@@ -12,74 +13,33 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from omni_rpc import config, ray_launcher
-from omni_rpc import gpus as gpu_placement
+from coordinator.strategies import STRATEGIES
+from omni_rpc import config
 from omni_rpc.backoff import Backoff
-from omni_rpc.client import CoordinatorClient, node_dict, stats_dict
-from omni_rpc.launcher import LocalCluster
+from omni_rpc.sdk.client import CoordinatorClient, node_dict, stats_dict
+from omni_rpc.sdk.monitor import HealthMonitor, LoadBalancer, remember_coordinator
+from omni_rpc.sdk.results import (
+    GenerationDelta,
+    GenerationError,
+    GenerationResult,
+    Prompt,
+)
 from omni_rpc.security import ChannelSecurity, TlsFiles
-from omni_rpc.strategies import STRATEGIES, Candidate, make_strategy
-from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
+from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
 
-Prompt = str | Sequence[int]
+if TYPE_CHECKING:
+    from omni_rpc.launchers import StartedCluster
+    from omni_rpc.launchers.local import LocalCluster
+    from omni_rpc.launchers.ray_actors import RayAgents
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-ENGINES = ("sim", "vllm")
-LAUNCHERS = ("local", "ray")
-# The coordinator of the orchestrator started last in this process, as its agents reach it:
-# what HealthMonitor.remote() connects to when given no address (as in the seed).
-_current_coordinator = ""
-_current_token: str | None = None
-
-
-class GenerationError(RuntimeError):
-    """A request that could not be served; ``code`` is the gRPC status."""
-
-    def __init__(
-        self, code: grpc.StatusCode, message: str, request_id: str = "", index: int | None = None
-    ) -> None:
-        where = f"prompt #{index}: " if index is not None else ""
-        super().__init__(f"{where}{code.name}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-        self.index = index
-
-
-@dataclass
-class GenerationDelta:
-    """One streamed message: new text and token ids since the previous delta."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    node_id: str
-    attempt: int
-    request_id: str
-    # Set on the last delta: token counts of the whole generation.
-    usage: dict[str, int] | None = None
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    node_id: str
-    # Nodes that worked on the request, in order (more than one after a failover).
-    attempts: int
-    usage: dict[str, int]
-    request_id: str = ""
-    nodes: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return self.text
+ENGINES = config.ENGINES
+LAUNCHERS = config.LAUNCHERS
 
 
 def build_request(
@@ -163,7 +123,7 @@ class DistributedOrchestrator:
         launcher: str | None = None,
         gpus: str | Sequence[int] = "auto",
         ray_resources: Mapping[str, float] | None = None,
-        ray_max_restarts: int = ray_launcher.DEFAULT_MAX_RESTARTS,
+        ray_max_restarts: int = config.RAY_MAX_RESTARTS,
         token: str | None = None,
         tls: TlsFiles | None = None,
     ) -> None:
@@ -176,7 +136,6 @@ class DistributedOrchestrator:
         of indices. ``ray_resources``: per Ray agent (default one GPU and one CPU).
         ``token`` (default ``OMNI_TOKEN``) and ``tls`` (CA, and a client certificate for
         mutual TLS) secure the calls to a coordinator given by ``coordinator=``."""
-        global _current_coordinator, _current_token
         address = None if isinstance(ray_address, _Omitted) else ray_address
         launcher = launcher or ("local" if isinstance(ray_address, _Omitted) else "ray")
         if launcher not in LAUNCHERS:
@@ -207,52 +166,36 @@ class DistributedOrchestrator:
         self.security = ChannelSecurity(
             token=token or os.environ.get("OMNI_TOKEN") or None, tls=tls or TlsFiles()
         )
-        self.cluster: LocalCluster | None = None
-        self.ray_agents: ray_launcher.RayAgents | None = None
+        self._started: StartedCluster | None = None
         self._ready = coordinator is not None
         reachable_at = coordinator or ""
         if coordinator is None:
-            model = model or config.DEFAULT_MODELS[engine]
-            every_agent = [*agent_args, *_engine_flags(engine, memory_buffer_gb)]
-            on_ray = launcher == "ray"
-            self.cluster = LocalCluster(
-                num_nodes=0 if on_ray else num_nodes,
-                strategy=load_balancing_strategy,
-                health_check_interval=health_check_interval,
-                max_retries=max_retries,
-                engine=engine,
-                model=model,
-                coordinator_listen=ray_launcher.COORDINATOR_LISTEN if on_ray else "127.0.0.1:0",
-                agent_args=every_agent,
-                coordinator_args=coordinator_args,
-                gpus=None if on_ray else gpu_placement.assign(num_nodes, engine, gpus),
-                # Ray's coordinator listens beyond loopback: tokens for every role then.
-                auth=on_ray,
-            )
-            if on_ray:
-                self.security = ChannelSecurity(token=self.cluster.tokens.get("admin"))
-                self.ray_agents = ray_launcher.RayAgents(
+            from omni_rpc import launchers
+
+            self._started = launchers.start_cluster(
+                launchers.ClusterPlan(
                     num_nodes=num_nodes,
-                    coordinator_address="",
+                    strategy=load_balancing_strategy,
+                    health_check_interval=health_check_interval,
+                    max_retries=max_retries,
                     engine=engine,
-                    model=model,
-                    agent_args=every_agent,
-                    address=address,
-                    resources=dict(ray_resources or ray_launcher.DEFAULT_RESOURCES),
-                    max_restarts=ray_max_restarts,
-                )
-                coordinator = ray_launcher.start(
-                    self.cluster, self.ray_agents, self.startup_timeout
-                )
-                reachable_at = self.ray_agents.coordinator_address
-            else:
-                try:
-                    coordinator = reachable_at = self.cluster.start(self.startup_timeout)
-                except BaseException:
-                    self.cluster.stop()  # leave no half-started cluster behind
-                    raise
-        _current_coordinator = reachable_at
-        _current_token = self.security.token
+                    model=model or config.DEFAULT_MODELS[engine],
+                    launcher=launcher,
+                    agent_args=[*agent_args, *_engine_flags(engine, memory_buffer_gb)],
+                    coordinator_args=coordinator_args,
+                    gpus=gpus,
+                    ray_address=address,
+                    ray_resources=dict(ray_resources or launchers.ray_actors.DEFAULT_RESOURCES),
+                    ray_max_restarts=ray_max_restarts,
+                ),
+                self.startup_timeout,
+            )
+            coordinator = self._started.coordinator
+            reachable_at = self._started.reachable_at
+            if self._started.ray_agents is not None:
+                # Ray's coordinator listens beyond loopback, so it was started with tokens.
+                self.security = ChannelSecurity(token=self._started.processes.tokens.get("admin"))
+        remember_coordinator(reachable_at, self.security.token)
         self.coordinator = coordinator
         self._client = CoordinatorClient(coordinator, security=self.security)
         self._aio: (
@@ -265,6 +208,16 @@ class DistributedOrchestrator:
         ) = None
         self.load_balancer = LoadBalancer(load_balancing_strategy, client=self._client)
         self.health_monitor = HealthMonitor(client=self._client)
+
+    @property
+    def cluster(self) -> LocalCluster | None:
+        """The local processes of the cluster this orchestrator started (None: it did not)."""
+        return self._started.processes if self._started is not None else None
+
+    @property
+    def ray_agents(self) -> RayAgents | None:
+        """The Ray actors of the cluster this orchestrator started on Ray, if it did."""
+        return self._started.ray_agents if self._started is not None else None
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -442,12 +395,9 @@ class DistributedOrchestrator:
             if not loop.is_closed() and loop.is_running():
                 loop.create_task(channel.close(None))
         self._client.close()
-        if self.ray_agents is not None:
-            self.ray_agents.close()
-            self.ray_agents = None
-        if self.cluster is not None:
-            self.cluster.stop()
-            self.cluster = None
+        if self._started is not None:
+            self._started.stop()
+            self._started = None
 
     async def __aenter__(self) -> DistributedOrchestrator:
         await self._ensure_ready()
@@ -467,140 +417,3 @@ class DistributedOrchestrator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass
-class _Planned:
-    """A node as a strategy sees it while planning a distribution."""
-
-    node_id: str
-    in_flight: int
-    capacity: int
-    kv_cache_usage: float = 0.0
-
-
-class LoadBalancer:
-    """The seed's LoadBalancer: the coordinator's strategies over its live node state."""
-
-    def __init__(
-        self,
-        strategy: str = config.DEFAULT_STRATEGY,
-        *,
-        coordinator: str | None = None,
-        client: CoordinatorClient | None = None,
-    ) -> None:
-        self.strategy_name = strategy
-        self.strategy = make_strategy(strategy)
-        if client is None:
-            if coordinator is None:
-                raise ValueError("LoadBalancer needs coordinator='host:port' or a client")
-            client = CoordinatorClient(coordinator)
-        self._client = client
-
-    def distribute_requests(
-        self, prompts: Sequence[Prompt], healthy_nodes: Sequence[str] | None = None
-    ) -> dict[str, list[Prompt]]:
-        """Plan which node each prompt would go to, as the coordinator's strategy would.
-
-        ``healthy_nodes`` restricts the plan to those node ids (default: the healthy ones).
-        """
-        nodes = {n.node_id: n for n in self._client.nodes()}
-        ids = (
-            list(healthy_nodes)
-            if healthy_nodes is not None
-            else [i for i, n in nodes.items() if n.state == coordinator_pb2.NODE_STATE_HEALTHY]
-        )
-        if not ids:
-            raise GenerationError(grpc.StatusCode.UNAVAILABLE, "no healthy nodes available")
-        planned = [
-            _Planned(i, nodes[i].in_flight, nodes[i].capacity, nodes[i].load.kv_cache_usage)
-            if i in nodes
-            else _Planned(i, 0, 0)
-            for i in ids
-        ]
-        plan: dict[str, list[Prompt]] = {i: [] for i in ids}
-        candidates: list[Candidate] = list(planned)
-        for prompt in prompts:
-            chosen = self.strategy.pick(candidates, prompt if isinstance(prompt, str) else "")
-            assert isinstance(chosen, _Planned)
-            chosen.in_flight += 1
-            plan[chosen.node_id].append(prompt)
-        return plan
-
-    def get_load_stats(self) -> dict[str, dict[str, Any]]:
-        """Per node: the coordinator's counts and the engine's reported load."""
-        return {
-            n.node_id: {
-                "state": node_dict(n)["state"],
-                "in_flight": n.in_flight,
-                "dispatched": n.dispatched,
-                "served": n.served,
-                "capacity": n.capacity,
-                **{
-                    k: v
-                    for k, v in node_dict(n)["load"].items()
-                    if k in ("running", "waiting", "kv_cache_usage")
-                },
-            }
-            for n in self._client.nodes()
-        }
-
-
-class HealthMonitor:
-    """The seed's HealthMonitor, reading the coordinator's health state."""
-
-    def __init__(
-        self,
-        *,
-        coordinator: str | None = None,
-        client: CoordinatorClient | None = None,
-        token: str | None = None,
-    ) -> None:
-        if client is None:
-            if coordinator is None:
-                raise ValueError("HealthMonitor needs coordinator='host:port' or a client")
-            security = ChannelSecurity(token=token or os.environ.get("OMNI_TOKEN") or None)
-            client = CoordinatorClient(coordinator, security=security)
-        self._client = client
-
-    def get_healthy_nodes(self) -> list[str]:
-        return list(self._client.stats().healthy_nodes)
-
-    def get_health_stats(self) -> dict[str, dict[str, Any]]:
-        return {n.node_id: node_dict(n) for n in self._client.nodes()}
-
-    @classmethod
-    def remote(cls, *, coordinator: str | None = None, **actor_options: Any) -> Any:
-        """A HealthMonitor as a Ray actor, as in the seed: ``HealthMonitor.remote()``.
-
-        Reads the coordinator at ``coordinator``, else ``OMNI_COORDINATOR``, else the one the
-        last DistributedOrchestrator of this process started. Its methods return ObjectRefs:
-        ``await monitor.get_health_stats.remote()``.
-        """
-        address = coordinator or os.environ.get("OMNI_COORDINATOR") or _current_coordinator
-        if not address:
-            raise ValueError(
-                "HealthMonitor.remote() has no coordinator: start a DistributedOrchestrator "
-                "first, pass coordinator='host:port', or set OMNI_COORDINATOR"
-            )
-        ray = ray_launcher.import_ray()
-        actor = ray.remote(_HealthMonitorActor)
-        options: dict[str, Any] = {"num_cpus": 0, **actor_options}
-        token = os.environ.get("OMNI_TOKEN") or (None if coordinator else _current_token)
-        if token:  # in the actor's environment, not its arguments
-            options.setdefault("runtime_env", {}).setdefault("env_vars", {})["OMNI_TOKEN"] = token
-        return actor.options(**options).remote(address)
-
-
-class _HealthMonitorActor:
-    """The body of ``HealthMonitor.remote()`` (Ray wraps this class, not HealthMonitor, whose
-    own ``remote`` classmethod would shadow Ray's)."""
-
-    def __init__(self, coordinator: str) -> None:
-        self._monitor = HealthMonitor(coordinator=coordinator)
-
-    def get_healthy_nodes(self) -> list[str]:
-        return self._monitor.get_healthy_nodes()
-
-    def get_health_stats(self) -> dict[str, dict[str, Any]]:
-        return self._monitor.get_health_stats()
