@@ -16,8 +16,11 @@ class Balancer:
     def pick(self, key: str = "", avoid: Collection[str] = ()) -> Node | None:
         """A dispatchable node, preferring those not in ``avoid`` (nodes already tried)."""
         nodes = self.registry.dispatchable()
-        fresh = [n for n in nodes if n.node_id not in avoid]
-        candidates = fresh or nodes
+        if avoid:
+            fresh = [n for n in nodes if n.node_id not in avoid]
+            candidates = fresh or nodes
+        else:
+            candidates = nodes
         if not candidates:
             return None
         chosen = self.strategy.pick(candidates, key)

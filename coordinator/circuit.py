@@ -7,11 +7,13 @@ at ``max_s``, as Envoy's outlier detection does. Failures while the node is alre
 rotation do not count: one incident with many streams in flight is one incident. While
 ejected, passing probes do not re-admit it; afterwards they do (half-open), and
 one successful request closes the breaker.
+
+Times are monotonic seconds passed in by the caller (``coordinator.clock.now()``), so the
+breaker is a pure state machine.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from omni_rpc import config
@@ -34,9 +36,8 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self.consecutive_failures = 0
 
-    def record_failure(self, now: float | None = None) -> float:
+    def record_failure(self, now: float) -> float:
         """Count a failure; return the ejection time in seconds if this one trips it, else 0."""
-        now = now if now is not None else time.time()
         if self.ejections and now - self.ejected_until > self.policy.max_s:
             # Well-behaved for longer than the longest ejection since the last one: forgive
             # the history, so one bad day does not cost maximal ejections forever.
@@ -50,5 +51,5 @@ class CircuitBreaker:
         self.ejected_until = now + duration
         return duration
 
-    def is_open(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.time()) < self.ejected_until
+    def is_open(self, now: float) -> bool:
+        return now < self.ejected_until

@@ -11,15 +11,17 @@ which is passed on to each agent call explicitly (gRPC Python does not propagate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
+from coordinator import clock
 from coordinator.balancer import Balancer
+from coordinator.node_client import NodeCallError
 from coordinator.registry import Node, Registry
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
@@ -123,7 +125,7 @@ class Dispatcher:
         """Stream the responses of ``request``; raise DispatchError when it cannot be served."""
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        deadline = time.monotonic() + time_remaining if time_remaining is not None else None
+        deadline = clock.now() + time_remaining if time_remaining is not None else None
         max_retries = request.max_retries if request.HasField("max_retries") else self.max_retries
         bound = log.bind(request_id=request.request_id)
         counters = self.counters
@@ -135,7 +137,7 @@ class Dispatcher:
         errors: list[str] = []
         ok = False
         metrics = self.metrics
-        started = time.monotonic()
+        started = clock.now()
         first_token = False
         status = "CANCELLED"  # unless it ends otherwise: the client went away
         error = ""  # why it failed, for the log
@@ -143,12 +145,17 @@ class Dispatcher:
             for attempt in range(1, max_retries + 2):
                 node = await self._wait_for_node(request, tried, deadline)
                 tried.append(node.node_id)
+                # Closed here, not when collected: a client that goes away stops the attempt now.
+                relay = contextlib.aclosing(
+                    self._relay(node, request, attempt, deadline, delivered)
+                )
                 try:
-                    async for response in self._relay(node, request, attempt, deadline, delivered):
-                        if not first_token and response.token_ids:
-                            first_token = True
-                            metrics.time_to_first_token.observe(time.monotonic() - started)
-                        yield response
+                    async with relay as responses:
+                        async for response in responses:
+                            if not first_token and response.token_ids:
+                                first_token = True
+                                metrics.time_to_first_token.observe(clock.now() - started)
+                            yield response
                     ok, status = True, "OK"
                     return
                 except AttemptError as exc:
@@ -157,6 +164,13 @@ class Dispatcher:
                         raise DispatchError(exc.code, exc.details) from None
                     if attempt > max_retries:
                         break
+                    if _expired(deadline):
+                        # No time left for another attempt: say why the last ones failed.
+                        raise DispatchError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"deadline exceeded after {len(tried)} attempt(s): "
+                            + "; ".join(errors),
+                        )
                     counters.retries_total += 1
                     metrics.retries.inc()
                     if exc.kind is Failure.NODE:
@@ -188,7 +202,7 @@ class Dispatcher:
                 counters.requests_succeeded += 1
             else:
                 counters.requests_failed += 1
-            duration = time.monotonic() - started
+            duration = clock.now() - started
             metrics.requests.labels(status).inc()
             metrics.request_duration.observe(duration)
             metrics.generated_tokens.inc(len(delivered.token_ids))
@@ -212,16 +226,16 @@ class Dispatcher:
         deadline: float | None,
     ) -> Node:
         """A node for the next attempt, waiting with backoff while there is none."""
-        give_up = time.monotonic() + self.no_node_wait_s
+        give_up = clock.now() + self.no_node_wait_s
         if deadline is not None:
             # Answer a little before the caller's deadline so the reason reaches it.
-            give_up = min(give_up, deadline - min(0.05, 0.1 * (deadline - time.monotonic())))
+            give_up = min(give_up, deadline - min(0.05, 0.1 * (deadline - clock.now())))
         backoff = Backoff(config.NO_NODE_BACKOFF_BASE_S, config.NO_NODE_BACKOFF_CAP_S)
         while True:
             node = self.balancer.pick(request.affinity_key or request.prompt[:256], tried)
             if node is not None:
                 return node
-            left = give_up - time.monotonic()
+            left = give_up - clock.now()
             if left <= 0:
                 raise DispatchError(grpc.StatusCode.UNAVAILABLE, "no healthy nodes available")
             await self.registry.wait_available(min(backoff.next_delay(), left))
@@ -239,7 +253,7 @@ class Dispatcher:
         When an earlier attempt already delivered output, the node is asked to resume after
         it, so the client receives each token exactly once.
         """
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout = None if deadline is None else max(0.0, deadline - clock.now())
         first = node_agent_pb2.AgentRequest(generate=request, attempt=attempt)
         if delivered.token_ids:
             first.resume.token_ids.extend(delivered.token_ids)
@@ -248,35 +262,18 @@ class Dispatcher:
             self.metrics.resumes.inc()
         node.in_flight += 1
         node.dispatched += 1
-        call = node.agent.Generate(timeout=timeout)  # type: ignore[call-arg]
+        stream = node.client.generate(first, timeout)
         lost: list[str] = []
-        write: asyncio.Future[None] | None = None
 
         def on_lost(reason: str) -> None:
             # The health monitor found the node unreachable (e.g. frozen): stop waiting on it.
             lost.append(reason)
-            call.cancel()
-            if write is not None:
-                # grpc.aio's write() waits for the call's initial metadata to be sent and never
-                # wakes up if the call is cancelled before that: cancel the wait too.
-                write.cancel()
-
-        async def send() -> None:
-            await call.write(first)
-            # A request stream left open outlives the call when the channel has client
-            # interceptors (the bearer token's): grpc.aio's task feeding it stays pending
-            # forever, and asyncio logs errors when it is collected. Nothing follows the
-            # request (an attempt is stopped by cancelling the call), so half-close then; not
-            # otherwise, as it costs a batch operation per attempt (about 0.15 ms of CPU).
-            if self.registry.agent_channels.token:
-                await call.done_writing()
+            stream.cancel()
 
         node.lost_hooks.add(on_lost)
         finished = False
         try:
-            write = asyncio.ensure_future(send())
-            await write
-            async for response in call:
+            async for response in stream:
                 delivered.token_ids.extend(response.token_ids)
                 delivered.text.append(response.text)
                 if response.finish_reason:
@@ -293,39 +290,37 @@ class Dispatcher:
                     "stream ended without a finish_reason",
                 )
             self.registry.record_success(node)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(deadline):
+        except NodeCallError as exc:
+            if lost:
+                error = AttemptError(
+                    node.node_id, grpc.StatusCode.UNAVAILABLE, f"node lost: {lost[0]}"
+                )
+                self.registry.record_failure(node, str(error), unreachable=True)
+                raise error from None
+            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(deadline):
                 # The caller's own deadline: not the node's fault, nothing to retry.
                 raise DispatchError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
                 ) from None
-            details = f"node lost: {lost[0]}" if lost else exc.details() or ""
-            error = AttemptError(node.node_id, exc.code(), details)
+            error = AttemptError(node.node_id, exc.code, exc.details)
             if error.kind is Failure.NODE:
                 self.registry.record_failure(
-                    node, str(error), unreachable=exc.code() == grpc.StatusCode.UNAVAILABLE
+                    node, str(error), unreachable=exc.code == grpc.StatusCode.UNAVAILABLE
                 )
-            raise error from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not lost or (task is not None and task.cancelling()):
-                raise  # the client went away, or the server is stopping
-            error = AttemptError(node.node_id, grpc.StatusCode.UNAVAILABLE, f"node lost: {lost[0]}")
-            self.registry.record_failure(node, str(error), unreachable=True)
             raise error from None
         finally:
             node.lost_hooks.discard(on_lost)
             node.in_flight -= 1
             if not finished:
                 # Client cancelled, deadline, or failure: make sure the agent stops too.
-                call.cancel()
+                stream.cancel()
 
 
 def _expired(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() >= deadline - 0.01
+    return deadline is not None and clock.now() >= deadline - 0.01
 
 
 async def _sleep_within(delay: float, deadline: float | None) -> None:
     if deadline is not None:
-        delay = min(delay, max(0.0, deadline - time.monotonic()))
+        delay = min(delay, max(0.0, deadline - clock.now()))
     await asyncio.sleep(delay)

@@ -3,6 +3,7 @@
 The Watch stream reports a change at once (and breaks at once when the process dies); the
 periodic Check catches what a stream cannot: a frozen process keeps its socket open but stops
 answering, and only a deadline notices. Each probe also refreshes the node's reported load.
+The monitor turns what it hears into reports to the registry, which owns the verdicts.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import time
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health_pb2
 
+from coordinator import clock
+from coordinator.node_client import SERVING, NodeCallError
 from coordinator.registry import UNHEALTHY, Node, Registry
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
-from omni_rpc.v1 import node_agent_pb2, node_pb2
 
 log = get_logger("coordinator.health")
 
-_SERVING = health_pb2.HealthCheckResponse.SERVING
-_REQUEST = health_pb2.HealthCheckRequest(service=config.NODE_AGENT_SERVICE)
 # A check that fails this way means the node cannot be reached (or is frozen).
 _UNREACHABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -64,19 +63,16 @@ class HealthMonitor:
     async def _watch(self, node: Node) -> None:
         backoff = Backoff(config.PROBE_BACKOFF_BASE_S, self.interval_s)
         while True:
-            call = node.health.Watch(_REQUEST)
             try:
-                async for response in call:
-                    backoff.reset()
-                    serving = response.status == _SERVING
-                    self.registry.report_watch(
-                        node, serving, f"health watch: {_status_name(response.status)}"
-                    )
+                async with contextlib.aclosing(node.client.watch()) as statuses:
+                    async for status in statuses:
+                        backoff.reset()
+                        self.registry.report_watch(
+                            node, status == SERVING, f"health watch: {status}"
+                        )
                 reason = "health watch stream ended"
-            except grpc.aio.AioRpcError as exc:
-                reason = f"health watch stream broke: {exc.code().name}"
-            finally:
-                call.cancel()
+            except NodeCallError as exc:
+                reason = f"health watch stream broke: {exc.code.name}"
             # The stream only breaks when the connection does: the process is gone or cut off.
             self.registry.report_unreachable(node, reason)
             await backoff.sleep()
@@ -98,34 +94,24 @@ class HealthMonitor:
 
     async def probe(self, node: Node) -> None:
         """One active Check (with a deadline) plus a load refresh."""
-        started = time.monotonic()
+        started = clock.now()
         try:
-            response = await node.health.Check(_REQUEST, timeout=self.timeout_s)
-            load: node_pb2.NodeLoad = await node.agent.GetLoad(
-                node_agent_pb2.GetLoadRequest(), timeout=self.timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
+            status = await node.client.check(self.timeout_s)
+            load = await node.client.load(self.timeout_s)
+        except NodeCallError as exc:
             node.last_health_check_at = time.time()
-            reason = f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
-            if exc.code() in _UNREACHABLE:
+            reason = f"health check failed: {exc.code.name} {exc.details}".strip()
+            if exc.code in _UNREACHABLE:
                 self.registry.report_unreachable(node, reason)
             else:
                 self.registry.report_probe(node, False, False, reason)
             return
         node.last_health_check_at = time.time()
-        elapsed = time.monotonic() - started
+        elapsed = clock.now() - started
         node.health_check_latency_ms = elapsed * 1000.0
         if self.observe_probe is not None:
             self.observe_probe(elapsed)
         node.load = load
         self.registry.report_probe(
-            node,
-            response.status == _SERVING,
-            load.draining,
-            f"health check: {_status_name(response.status)}",
+            node, status == SERVING, load.draining, f"health check: {status}"
         )
-
-
-def _status_name(status: int) -> str:
-    name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    return name

@@ -11,6 +11,7 @@ from coordinator.balancer import Balancer
 from coordinator.circuit import BreakerPolicy
 from coordinator.dispatch import Dispatcher
 from coordinator.health import HealthMonitor
+from coordinator.node_client_grpc import GrpcConnector
 from coordinator.registry import Registry, state_name
 from coordinator.service import CoordinatorService, RegistryService
 from coordinator.strategies import STRATEGIES, make_strategy
@@ -131,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int:
     stop = servers.stop_event_on_signals()
     registry = Registry(
+        GrpcConnector(guard.outgoing),
         BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
         readmit_after=args.readmit_after,
-        agent_channels=guard.outgoing,
     )
     metrics = CoordinatorMetrics()
     HealthMonitor(
@@ -169,7 +170,7 @@ async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int
                 max_streams_per_client=args.max_streams_per_client,
                 max_queue=args.max_queue,
             ),
-            capacity=lambda: sum(max(1, n.capacity) for n in registry.dispatchable()),
+            capacity=lambda: registry.capacity,
         ),
     )
     server = servers.new_server(guard.interceptors, args.max_message_bytes)

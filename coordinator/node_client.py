@@ -10,7 +10,7 @@ failure classification is written in), never as a transport's own exception type
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol
 
 import grpc
@@ -52,7 +52,7 @@ class NodeClient(Protocol):
         """Start an attempt: ``first`` carries the request (and where to resume)."""
         ...
 
-    def watch(self) -> AsyncIterator[str]:
+    def watch(self) -> AsyncGenerator[str, None]:
         """The node's health status, at once and on every change, until the stream breaks
         (``NodeCallError``) or ends."""
         ...

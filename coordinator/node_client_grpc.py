@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -84,7 +84,7 @@ class GrpcNodeClient:
         call = self._agent.Generate(timeout=timeout_s)  # type: ignore[call-arg]
         return GrpcAttemptStream(call, first, self._half_close)
 
-    async def watch(self) -> AsyncIterator[str]:
+    async def watch(self) -> AsyncGenerator[str, None]:
         call = self._health.Watch(_HEALTH_REQUEST)
         try:
             async for response in call:

@@ -3,6 +3,11 @@
 A node's state is derived from three facts kept separately, so that no event can undo
 another by accident: its last health verdict (JOINING until the first answer, then HEALTHY
 or UNHEALTHY), whether an operator drained it, and whether it left.
+
+The set of dispatchable nodes and their total capacity are kept up to date on every state
+change (not recomputed per request): the balancer and admission read them on the hot path.
+Nodes are reached through a ``NodeClient`` made by the registry's ``Connector``; the registry
+itself never touches the network.
 """
 
 from __future__ import annotations
@@ -12,14 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
-from grpc_health.v1 import health_pb2_grpc
-
+from coordinator import clock
 from coordinator.circuit import BreakerPolicy, CircuitBreaker
+from coordinator.node_client import Connector, NodeClient
 from omni_rpc import config
 from omni_rpc.logging import get_logger
-from omni_rpc.security import ChannelSecurity
-from omni_rpc.v1 import coordinator_pb2, node_agent_pb2_grpc, node_pb2, registry_pb2
+from omni_rpc.v1 import coordinator_pb2, node_pb2, registry_pb2
 
 log = get_logger("coordinator.registry")
 
@@ -38,9 +41,7 @@ def state_name(state: int) -> str:
 @dataclass(eq=False)
 class Node:
     info: registry_pb2.JoinRequest
-    channel: grpc.aio.Channel
-    agent: node_agent_pb2_grpc.NodeAgentAsyncStub
-    health: health_pb2_grpc.HealthStub
+    client: NodeClient
     joined_at: float = field(default_factory=time.time)
     # Health verdict: JOINING, HEALTHY or UNHEALTHY.
     verdict: int = JOINING
@@ -120,7 +121,9 @@ class Node:
             last_health_check_at=self.last_health_check_at,
             health_check_latency_ms=self.health_check_latency_ms,
             ejections=self.breaker.ejections,
-            ejected_until=self.breaker.ejected_until,
+            ejected_until=clock.to_wall(self.breaker.ejected_until)
+            if self.breaker.ejections
+            else 0.0,
             placement=self.info.placement,
         )
         if self.load is not None:
@@ -136,15 +139,18 @@ class Registry:
 
     def __init__(
         self,
+        connect: Connector,
         breaker_policy: BreakerPolicy | None = None,
         readmit_after: int = config.READMIT_AFTER_PROBES,
-        agent_channels: ChannelSecurity | None = None,
     ) -> None:
+        self.connect = connect
         self.breaker_policy = breaker_policy or BreakerPolicy()
-        # Token and TLS for dialing agents.
-        self.agent_channels = agent_channels or ChannelSecurity()
         self.readmit_after = readmit_after
         self.nodes: dict[str, Node] = {}
+        # Derived from ``nodes`` on every change: the dispatchable nodes in id order, and the
+        # sum of their capacities (at least 1 each: a node that reports none still runs one).
+        self._dispatchable: tuple[Node, ...] = ()
+        self.capacity = 0
         self.on_added: list[NodeListener] = []
         self.on_removed: list[NodeListener] = []
         self.on_ejected: list[NodeListener] = []
@@ -152,8 +158,14 @@ class Registry:
         self._available = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
 
-    def dispatchable(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.dispatchable]
+    def dispatchable(self) -> tuple[Node, ...]:
+        """The nodes that take new work now, in node id order."""
+        return self._dispatchable
+
+    def _refresh(self) -> None:
+        ready = sorted((n for n in self.nodes.values() if n.dispatchable), key=_by_id)
+        self._dispatchable = tuple(ready)
+        self.capacity = sum(max(1, n.capacity) for n in ready)
 
     def join(self, request: registry_pb2.JoinRequest) -> tuple[Node, bool]:
         """Register or refresh a node; returns (node, whether it is new)."""
@@ -161,6 +173,7 @@ class Registry:
         if known is not None and known.address == request.address:
             # A refresh: the agent's other facts may have changed (capacity, version).
             known.info = request
+            self._refresh()
             return known, False
         if known is not None:
             log.info(
@@ -170,12 +183,9 @@ class Registry:
                 address=request.address,
             )
             self.remove(known, "replaced by a re-join from a new address")
-        channel = self.agent_channels.aio_channel(request.address, config.KEEPALIVE_CHANNEL_OPTIONS)
         node = Node(
             info=request,
-            channel=channel,
-            agent=node_agent_pb2_grpc.NodeAgentStub(channel),
-            health=health_pb2_grpc.HealthStub(channel),
+            client=self.connect(request),
             breaker=CircuitBreaker(self.breaker_policy),
         )
         self.nodes[node.node_id] = node
@@ -195,14 +205,15 @@ class Registry:
         if self.nodes.get(node.node_id) is node:
             del self.nodes[node.node_id]
         self._transition(node, reason, lambda: setattr(node, "left", True))
+        self._refresh()
         for listener in self.on_removed:
             listener(node)
         # Streams still open on the node are lost: their relays fail over (and resume) instead
         # of seeing a bare cancellation when the channel closes below.
         for hook in list(node.lost_hooks):
             hook(f"node removed: {reason}")
-        # Closing cancels in-flight RPCs on the channel: callers see CANCELLED/UNAVAILABLE.
-        task = asyncio.create_task(node.channel.close(grace=None))
+        # Closing cancels in-flight calls on the connection: callers see them fail.
+        task = asyncio.create_task(node.client.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -255,7 +266,7 @@ class Registry:
         if node.verdict == JOINING:
             self._set_verdict(node, HEALTHY, reason)
         elif node.verdict == UNHEALTHY:
-            if node.breaker.is_open():
+            if node.breaker.is_open(clock.now()):
                 node.good_probes = 0
                 return
             node.good_probes += 1
@@ -284,7 +295,7 @@ class Registry:
             # flight fail together, and that is one incident, not many for the breaker.
             node.probe_now.set()
             return
-        ejected_s = node.breaker.record_failure()
+        ejected_s = node.breaker.record_failure(clock.now())
         if ejected_s:
             for listener in self.on_ejected:
                 listener(node)
@@ -319,6 +330,7 @@ class Registry:
             return
         node.state_reason = reason
         node.state_since = time.time()
+        self._refresh()
         log.info(
             "node state changed",
             node_id=node.node_id,
@@ -342,5 +354,10 @@ class Registry:
         for node in list(self.nodes.values()):
             for listener in self.on_removed:
                 listener(node)
-            await node.channel.close(grace=None)
+            await node.client.close()
         self.nodes.clear()
+        self._refresh()
+
+
+def _by_id(node: Node) -> str:
+    return node.node_id

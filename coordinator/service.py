@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -63,8 +64,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             with self.admission.admit(client_identity(context)):
-                async for response in self.dispatcher.generate(request, context.time_remaining()):
-                    yield response
+                # Closed here, not when collected: a client that goes away frees its node now.
+                async with contextlib.aclosing(
+                    self.dispatcher.generate(request, context.time_remaining())
+                ) as responses:
+                    async for response in responses:
+                        yield response
         except LimitExceeded as exc:
             await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except DispatchError as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -45,6 +45,8 @@ class Fault:
     details: str = "injected"
     # Stop answering after ``after_tokens`` (a frozen process) instead of failing.
     hang: bool = False
+    # End the stream after ``after_tokens`` without a finish_reason and without an error.
+    end: bool = False
 
 
 def join_request(node_id: str, capacity: int = 4) -> registry_pb2.JoinRequest:
@@ -54,19 +56,34 @@ def join_request(node_id: str, capacity: int = 4) -> registry_pb2.JoinRequest:
 
 
 class FakeAttempt:
-    def __init__(self, node: FakeNode, first: node_agent_pb2.AgentRequest) -> None:
+    def __init__(
+        self, node: FakeNode, first: node_agent_pb2.AgentRequest, timeout_s: float | None
+    ) -> None:
         self.node = node
         self.first = first
+        # Like a gRPC deadline: the call fails with DEADLINE_EXCEEDED when it passes.
+        loop = asyncio.get_running_loop()
+        self.deadline = None if timeout_s is None else loop.time() + timeout_s
         self.fault = node.faults.popleft() if node.faults else None
         self._stop = asyncio.Event()
         self._error: NodeCallError | None = None
         self.cancelled = False
 
     async def _pause(self, seconds: float | None) -> None:
-        """Let ``seconds`` pass (None: forever) unless the attempt is stopped first."""
+        """Let ``seconds`` pass (None: forever) unless the attempt is stopped or its deadline
+        passes first."""
+        limit, expires = seconds, False
+        if self.deadline is not None:
+            left = self.deadline - asyncio.get_running_loop().time()
+            if limit is None or left <= limit:
+                limit, expires = max(0.0, left), True
         try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            await asyncio.wait_for(self._stop.wait(), limit)
         except TimeoutError:
+            if expires:
+                raise NodeCallError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+                ) from None
             return
         raise self._error or NodeCallError(grpc.StatusCode.CANCELLED, "attempt cancelled")
 
@@ -85,6 +102,7 @@ class FakeAttempt:
         try:
             if not node.reachable:
                 raise NodeCallError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+            await self._pause(0.0)  # a deadline already passed fails the call at once
             if node.frozen:
                 await self._pause(None)
             if node.busy:
@@ -100,6 +118,8 @@ class FakeAttempt:
                 if self.fault is not None and position - start >= self.fault.after_tokens:
                     if self.fault.hang:
                         await self._pause(None)
+                    if self.fault.end:
+                        return
                     raise NodeCallError(self.fault.code, self.fault.details)
                 token = token_at(request.prompt, position)
                 response = generate_pb2.GenerateResponse(
@@ -134,6 +154,7 @@ class FakeNode:
         self.draining = False
         self.faults: deque[Fault] = deque()
         self.attempts: list[node_agent_pb2.AgentRequest] = []
+        self.streams: list[FakeAttempt] = []
         self.active: set[FakeAttempt] = set()
         self.tokens_sent = 0
         self.checks = 0
@@ -171,9 +192,11 @@ class FakeNode:
 
     def generate(self, first: node_agent_pb2.AgentRequest, timeout_s: float | None) -> FakeAttempt:
         self.attempts.append(first)
-        return FakeAttempt(self, first)
+        attempt = FakeAttempt(self, first, timeout_s)
+        self.streams.append(attempt)
+        return attempt
 
-    async def watch(self) -> AsyncIterator[str]:
+    async def watch(self) -> AsyncGenerator[str, None]:
         if not self.reachable:
             raise NodeCallError(grpc.StatusCode.UNAVAILABLE, "connection refused")
         queue: asyncio.Queue[str | NodeCallError] = asyncio.Queue()
