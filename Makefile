@@ -7,7 +7,7 @@ SEED ?= 42
 REQUESTS ?= 5000
 CONCURRENCY ?= 64
 
-.PHONY: install proto proto-check lint test demo bench chaos fuzz buf-lint buf-breaking clean
+.PHONY: install proto proto-check lint go-toolchain test demo bench chaos fuzz buf-lint buf-breaking clean
 
 install:
 	@bash scripts/install.sh
@@ -23,7 +23,12 @@ lint: install
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: install lint
+# Go, protoc and the Go gRPC libraries from Debian's packages, for tests/test_go_client.py
+# (installed when missing and root with apt-get; otherwise it says why and that test skips).
+go-toolchain:
+	@bash scripts/install_go.sh
+
+test: install lint go-toolchain
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: install
