@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import enum
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import grpc
@@ -121,7 +121,7 @@ class Dispatcher:
 
     async def generate(
         self, request: generate_pb2.GenerateRequest, time_remaining: float | None
-    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[generate_pb2.GenerateResponse, None]:
         """Stream the responses of ``request``; raise DispatchError when it cannot be served."""
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
@@ -170,7 +170,7 @@ class Dispatcher:
                             grpc.StatusCode.DEADLINE_EXCEEDED,
                             f"deadline exceeded after {len(tried)} attempt(s): "
                             + "; ".join(errors),
-                        )
+                        ) from None
                     counters.retries_total += 1
                     metrics.retries.inc()
                     if exc.kind is Failure.NODE:
@@ -247,7 +247,7 @@ class Dispatcher:
         attempt: int,
         deadline: float | None,
         delivered: Delivered,
-    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[generate_pb2.GenerateResponse, None]:
         """One attempt: stream the node's responses; AttemptError if the node fails.
 
         When an earlier attempt already delivered output, the node is asked to resume after

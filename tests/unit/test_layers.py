@@ -107,8 +107,7 @@ def test_each_layer_imports_only_what_it_may() -> None:
     wrong = [
         f"{i.source} -> {i.target}"
         for i in all_imports()
-        if not i.typing
-        and layer(i.target) not in ALLOWED[layer(i.source)]
+        if (not i.typing and layer(i.target) not in ALLOWED[layer(i.source)])
         # The SDK previews the coordinator's plan with its pure routing policies, nothing more.
         or (
             layer(i.source) == "sdk"
