@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from node_agent.engine import Engine
 from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
+from node_agent.gpu import own_gpu
 from node_agent.membership import Membership
 from node_agent.models import KNOWN as KNOWN_MODELS
 from node_agent.models import ModelError
@@ -162,19 +163,6 @@ def _install_fault_signals(engine: Engine) -> None:
 
     loop.add_signal_handler(signal.SIGUSR1, toggle, "dead")
     loop.add_signal_handler(signal.SIGUSR2, toggle, "fail_requests")
-
-
-def own_gpu(gpu: int) -> node_pb2.GpuInfo:
-    """Make the engine see exactly GPU ``gpu`` (if given) and describe what it sees.
-
-    Runs before torch or vLLM is imported, which read CUDA_VISIBLE_DEVICES once. Without
-    ``--gpu`` the environment's value stands: Ray and Kubernetes' device plugin set it.
-    """
-    if gpu >= 0:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    index = gpu if gpu >= 0 else (int(visible) if visible.strip().isdigit() else -1)
-    return node_pb2.GpuInfo(index=index, visible_devices=visible)
 
 
 def placement(launcher: str, labels: dict[str, str] | None = None) -> node_pb2.Placement:

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from node_agent.engines.sim import simulate
-from omni_rpc import DistributedOrchestrator, GenerationError
+from omni_rpc import DistributedOrchestrator
 from omni_rpc.config import DEFAULT_MAX_TOKENS
 from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.sdk.client import CoordinatorClient, node_dict
@@ -72,6 +72,9 @@ class Collected:
     nodes: list[str] = field(default_factory=list)
     usage: dict[str, int] | None = None
     finish_reason: str | None = None
+    # When ``action`` ran, and when the first delta of each later attempt arrived (monotonic).
+    acted_at: float = 0.0
+    resumed_at: list[float] = field(default_factory=list)
 
 
 async def collect(
@@ -88,6 +91,8 @@ async def collect(
         out.text += delta.text
         out.token_ids += delta.token_ids
         if not out.attempts or out.attempts[-1] != delta.attempt:
+            if out.attempts:
+                out.resumed_at.append(time.monotonic())
             out.attempts.append(delta.attempt)
             out.nodes.append(delta.node_id)
         out.usage = delta.usage or out.usage
@@ -95,6 +100,7 @@ async def collect(
         if action is not None and not acted and len(out.token_ids) >= after_tokens:
             acted = True
             await asyncio.to_thread(action, delta.node_id)
+            out.acted_at = time.monotonic()
     return out
 
 
@@ -116,17 +122,20 @@ def wait_state(cluster: LocalCluster, node_id: str, state: str, timeout: float) 
 async def test_sigkill_mid_stream_resumes_on_another_node(make_cluster: MakeCluster) -> None:
     cluster = ft_cluster(make_cluster, 2)
     orch = orchestrator(cluster)
-    killed: list[tuple[str, float]] = []
+    killed: list[str] = []
 
     def kill(node_id: str) -> None:
         os.kill(agent_of(cluster, node_id), signal.SIGKILL)
-        killed.append((node_id, time.monotonic()))
+        killed.append(node_id)
 
     out = await collect(orch, "a story interrupted by a crash", 80, after_tokens=10, action=kill)
     assert_undisturbed(out, "a story interrupted by a crash", 80)
-    victim = killed[0][0]
+    victim = killed[0]
     assert out.attempts == [1, 2]
     assert out.nodes[0] == victim and out.nodes[1] != victim
+    # Detection bound: the broken stream is seen at once (typically ~0.1 s; the limit is
+    # generous for a loaded machine, far below any health-check interval based detection).
+    assert out.resumed_at[0] - out.acted_at < 5.0
     # The watch stream breaks with the process: the node is unhealthy at once.
     wait_state(cluster, victim, "unhealthy", 5.0)
     stats = orch.get_stats()
@@ -144,15 +153,15 @@ async def test_sigstop_mid_stream_is_detected_and_resumed(make_cluster: MakeClus
         frozen.append(node_id)
 
     try:
-        started = time.monotonic()
         out = await collect(orch, "a story interrupted by a freeze", 80, 10, freeze)
         assert_undisturbed(out, "a story interrupted by a freeze", 80)
         victim = frozen[0]
         assert out.attempts == [1, 2] and out.nodes[0] == victim
-        # Bound: health_check_interval + the check deadline (+ slack for a loaded machine).
-        detected = time.monotonic() - started
-        wait_state(cluster, victim, "unhealthy", INTERVAL + CHECK_TIMEOUT + 4.0)
-        print(f"SIGSTOP: stream resumed {detected:.2f}s after the start")
+        # Detection bound: a frozen process is found by the next Check's deadline, so the
+        # stream resumes within health_check_interval + the check timeout (+ generous slack
+        # for a loaded machine; typically about 1 s here).
+        assert out.resumed_at[0] - out.acted_at < INTERVAL + CHECK_TIMEOUT + 5.0
+        assert state_of(cluster, victim) == "unhealthy"
         info = node_info(cluster, victim)
         assert info is not None and "health check failed" in str(info["state_reason"])
     finally:
@@ -186,81 +195,6 @@ async def test_dead_engine_in_a_live_agent(make_cluster: MakeCluster) -> None:
     assert all(agent.alive for agent in cluster.agents)
     os.kill(agent_of(cluster, victim), signal.SIGUSR1)  # engine back
     wait_state(cluster, victim, "healthy", 10.0)
-    await orch.aclose()
-
-
-async def test_circuit_breaker_ejects_a_node_that_fails_requests(
-    make_cluster: MakeCluster,
-) -> None:
-    # node-1 answers health checks but fails every request.
-    cluster = ft_cluster(
-        make_cluster,
-        2,
-        strategy="round_robin",
-        agent_args=["--sim-ttft-ms", "1", "--sim-itl-ms", "1"],
-        per_agent_args={1: ["--sim-fault", "fail_requests"]},
-        coordinator_args=["--breaker-failures", "3", "--breaker-base-ejection", "2"],
-    )
-    orch = orchestrator(cluster)
-    for i in range(12):  # sequential, so the failures on node-1 are consecutive
-        result = await orch.generate_one(f"breaker {i}", max_tokens=4)
-        assert result.text == simulate(f"breaker {i}", max_tokens=4).text
-        assert result.node_id == "node-0"
-    info = node_info(cluster, "node-1")
-    assert info is not None
-    assert info["state"] == "unhealthy" and info["ejections"] == 1
-    assert "circuit breaker open" in str(info["state_reason"])
-    ejected_until = float(info["ejected_until"])  # type: ignore[arg-type]
-    # While ejected, passing probes do not bring it back.
-    results = await orch.generate([f"ejected {i}" for i in range(6)], max_tokens=4)
-    assert {r.node_id for r in results} == {"node-0"}
-    assert state_of(cluster, "node-1") == "unhealthy" or time.time() >= ejected_until
-    os.kill(agent_of(cluster, "node-1"), signal.SIGUSR2)  # the node is repaired
-    wait_state(cluster, "node-1", "healthy", 15.0)
-    assert time.time() >= ejected_until
-    results = await orch.generate([f"after {i}" for i in range(6)], max_tokens=4)
-    assert {r.node_id for r in results} == {"node-0", "node-1"}
-    await orch.aclose()
-
-
-async def test_full_node_is_tried_elsewhere_without_blame(make_cluster: MakeCluster) -> None:
-    cluster = ft_cluster(
-        make_cluster,
-        2,
-        strategy="round_robin",
-        per_agent_args={0: ["--sim-max-concurrency", "1", "--sim-max-queue", "0"]},
-    )
-    orch = orchestrator(cluster)
-    prompts = [f"crowd {i}" for i in range(4)]
-    results = await orch.generate(prompts, max_tokens=30)
-    assert [r.text for r in results] == [simulate(p, max_tokens=30).text for p in prompts]
-    load = await agent_load(node_address(cluster, "node-0"))
-    assert load.rejected >= 1
-    info = node_info(cluster, "node-0")
-    assert info is not None
-    assert info["state"] == "healthy" and info["failures"] == 0
-    await orch.aclose()
-
-
-async def test_max_retries_per_call_and_the_error_names_the_attempts(
-    make_cluster: MakeCluster,
-) -> None:
-    cluster = ft_cluster(
-        make_cluster,
-        2,
-        agent_args=["--sim-ttft-ms", "1", "--sim-itl-ms", "1", "--sim-fault", "fail_requests"],
-        coordinator_args=["--breaker-failures", "1000"],
-    )
-    orch = orchestrator(cluster)
-    with pytest.raises(GenerationError) as info:
-        await orch.generate(["doomed"], max_retries=0)
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE
-    assert "after 1 attempt(s)" in info.value.message and "INTERNAL" in info.value.message
-    with pytest.raises(GenerationError) as info:
-        await orch.generate(["doomed"], max_retries=3)
-    message = info.value.message
-    assert "after 4 attempt(s)" in message
-    assert "node-0" in message and "node-1" in message  # both nodes were tried
     await orch.aclose()
 
 

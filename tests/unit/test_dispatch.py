@@ -7,6 +7,7 @@ every timing below is exact: "the call gave up after 30 s" means 30 s of virtual
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 from coordinator.balancer import Balancer
 from coordinator.dispatch import AttemptError, Dispatcher, DispatchError, Failure, classify
 from coordinator.registry import HEALTHY, UNHEALTHY, Node, Registry
-from coordinator.strategies import RoundRobin
+from coordinator.strategies import LeastLoaded, RoundRobin
 from omni_rpc.metrics import CoordinatorMetrics
 from omni_rpc.v1 import generate_pb2
 from tests.unit.clock import VirtualClock
@@ -302,3 +303,31 @@ async def test_repeated_failures_open_the_breaker_and_eject_the_node(
         assert tokens(out) == expected_tokens(PROMPT)
     assert ejected == ["n1"] and flaky.state == UNHEALTHY
     assert "circuit breaker open after 3 consecutive failures" in flaky.state_reason
+
+
+async def test_least_loaded_sends_fewer_requests_to_a_slow_node(
+    registry: Registry, fleet: FakeFleet
+) -> None:
+    # n3 is 5x slower per token; with 9 requests in flight at a time it holds its requests
+    # longer, so least_loaded gives it fewer. On virtual time the outcome is exact.
+    healthy(registry, fleet, "n1", "n2", itl_s=0.01)
+    healthy(registry, fleet, "n3", itl_s=0.05)
+    d = Dispatcher(registry, Balancer(registry, LeastLoaded()), 2, metrics=CoordinatorMetrics())
+    gate = asyncio.Semaphore(9)
+
+    async def one(i: int) -> str:
+        async with gate:
+            out = await collect(d.generate(request(f"load {i}", 20), None))
+            assert tokens(out) == expected_tokens(f"load {i}", 20)
+            return out[-1].node_id
+
+    counts = collections.Counter(await asyncio.gather(*(one(i) for i in range(60))))
+    assert sum(counts.values()) == 60
+    assert counts["n3"] < 0.5 * min(counts["n1"], counts["n2"])
+    # Round robin, by contrast, splits evenly whatever the speed.
+    rr = dispatcher(registry)
+    served_by = [
+        (await collect(rr.generate(request(f"rr {i}", 4), None)))[-1].node_id for i in range(60)
+    ]
+    even = collections.Counter(served_by)
+    assert even == {"n1": 20, "n2": 20, "n3": 20}
