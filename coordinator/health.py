@@ -82,13 +82,15 @@ class HealthMonitor:
         # backoff, so a recovered node comes back quickly and a dead one costs little.
         backoff = Backoff(config.PROBE_BACKOFF_BASE_S, self.interval_s)
         while True:
+            # Cleared before the probe, not after: a request to probe at once that arrives
+            # while this probe is in flight (a failed request) gets a probe right after it.
+            node.probe_now.clear()
             await self.probe(node)
             if node.verdict == UNHEALTHY:
                 wait_s = backoff.next_ceiling()
             else:
                 backoff.reset()
                 wait_s = self.interval_s
-            node.probe_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(node.probe_now.wait(), wait_s)
 

@@ -1,5 +1,5 @@
-"""Cluster statistics with the seed's keys (num_nodes, healthy_nodes, unhealthy_nodes,
-load_distribution, health_stats) plus totals."""
+"""Cluster statistics: the keys the SDK's ``get_stats()`` documents (num_nodes, healthy_nodes,
+unhealthy_nodes, load_distribution, health_stats) plus totals."""
 
 from __future__ import annotations
 

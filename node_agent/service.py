@@ -86,6 +86,8 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False if ``timeout_s`` passed first."""
+        if self._idle.is_set():
+            return True  # also for timeout_s=0, which wait_for would count as a time-out
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:

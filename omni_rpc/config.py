@@ -1,11 +1,13 @@
 """Defaults shared by the coordinator, the agents and the SDK: one place for each number.
 
-The first block is the seed document's configuration table; the rest are ours.
+The first block holds the defaults of the SDK's ``DistributedOrchestrator`` arguments (num_nodes,
+load_balancing_strategy, health_check_interval, max_retries); the rest are the other defaults
+and limits of the SDK and the servers.
 """
 
 from __future__ import annotations
 
-# The seed's table.
+# DistributedOrchestrator's defaults.
 DEFAULT_NUM_NODES = 2
 DEFAULT_STRATEGY = "round_robin"
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5.0
@@ -55,7 +57,9 @@ COORDINATOR_SERVICE = "omni.v1.Coordinator"
 REGISTRY_SERVICE = "omni.v1.Registry"
 NODE_AGENT_SERVICE = "omni.v1.NodeAgent"
 
-# Message size limit on every channel (media inputs can be large).
+# Message size limit of every channel we open and of what our servers send (agents also receive
+# up to this); the coordinator takes at most --max-message-bytes (MAX_CLIENT_MESSAGE_BYTES) from
+# its clients.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 GRPC_MESSAGE_OPTIONS: list[tuple[str, int]] = [

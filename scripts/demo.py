@@ -2,10 +2,10 @@
 
 --engine vllm (the default): a local cluster of vLLM agents serving SmolLM2-135M-Instruct (one
 agent per GPU where there are GPUs, two CPU agents otherwise), with a progress display while the
-engines load; the seed's prompts, chat answers streamed live, a node SIGKILLed in the middle of a
+engines load; example prompts, chat answers streamed live, a node SIGKILLed in the middle of a
 greedy stream that another node finishes, and the cluster's statistics.
 
---engine sim: a local cluster of simulated nodes (no model), the seed's prompts, live streams, a
+--engine sim: a local cluster of simulated nodes (no model), example prompts, live streams, a
 concurrent burst, and the cluster's statistics.
 
     make demo                     # = .venv/bin/python scripts/demo.py --engine vllm
@@ -102,7 +102,7 @@ def heading(text: str) -> None:
 
 
 async def seed_prompts(orchestrator: DistributedOrchestrator) -> None:
-    heading("(a) the seed's prompts")
+    heading("(a) example prompts")
     results: list[GenerationResult] = await orchestrator.generate(SEED_PROMPTS, max_tokens=12)
     for result in results:
         # Simulated text starts with the space before its first word.
@@ -189,7 +189,7 @@ async def run(args: argparse.Namespace, phases: Phases) -> None:
             await asyncio.to_thread(orchestrator.wait_ready)
         assert orchestrator.cluster is not None
         print(f"Coordinator at {orchestrator.coordinator}, logs in {orchestrator.cluster.log_dir}")
-        with phases.phase("(a) seed prompts"):
+        with phases.phase("(a) example prompts"):
             await seed_prompts(orchestrator)
         with phases.phase("(b) live streams"):
             await live_streams(orchestrator)
@@ -335,7 +335,7 @@ async def wait_for_engines(cluster: LocalCluster, timeout_s: float) -> None:
 
 
 async def vllm_seed_prompts(orchestrator: DistributedOrchestrator) -> None:
-    heading("(a) the seed's prompts (as chat messages, greedy)")
+    heading("(a) example prompts (as chat messages, greedy)")
     results: list[GenerationResult] = await orchestrator.generate(
         [chat(p) for p in SEED_PROMPTS], max_tokens=40, temperature=0.0, stop=STOP
     )
@@ -494,7 +494,7 @@ async def run_vllm(args: argparse.Namespace, phases: Phases) -> None:
             print("Loading the engines (each node joins the coordinator once its model is up):")
             await wait_for_engines(cluster, config.STARTUP_TIMEOUT_S["vllm"])
         orchestrator = DistributedOrchestrator(coordinator=cluster.coordinator_address, timeout=300)
-        with phases.phase("(a) seed prompts"):
+        with phases.phase("(a) example prompts"):
             await vllm_seed_prompts(orchestrator)
         with phases.phase("(b) live streams"):
             await vllm_live_streams(orchestrator)

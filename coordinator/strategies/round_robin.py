@@ -1,4 +1,4 @@
-"""Round robin: the seed's default; each healthy node in turn."""
+"""Round robin, the default strategy: each healthy node in turn."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ class VllmConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 16
     dtype: str = "auto"
-    # Reserve this much GPU memory for everything but vLLM (the seed's memory_buffer_gb).
+    # Reserve this much GPU memory for everything but vLLM (the SDK's memory_buffer_gb).
     memory_buffer_gb: float | None = None
     enforce_eager: bool | None = None
     # Any other AsyncEngineArgs field, passed through.

@@ -75,7 +75,8 @@ def node_dict(node: coordinator_pb2.NodeInfo) -> dict[str, Any]:
 
 
 def stats_dict(stats: coordinator_pb2.ClusterStats) -> dict[str, Any]:
-    """The seed's keys first, then our totals."""
+    """The documented keys of ``get_stats()`` first (num_nodes, healthy_nodes, unhealthy_nodes,
+    load_distribution, health_stats), then the coordinator's totals."""
     return {
         "num_nodes": stats.num_nodes,
         "healthy_nodes": list(stats.healthy_nodes),

@@ -1,4 +1,4 @@
-"""The seed API's ``LoadBalancer`` and ``HealthMonitor``: views of the coordinator's state."""
+"""The SDK's ``LoadBalancer`` and ``HealthMonitor``: views of the coordinator's state."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class _Planned:
 
 
 class LoadBalancer:
-    """The seed's LoadBalancer: the coordinator's strategies over its live node state."""
+    """Plans and load figures: the coordinator's strategies over its live node state."""
 
     def __init__(
         self,
@@ -105,7 +105,7 @@ class LoadBalancer:
 
 
 class HealthMonitor:
-    """The seed's HealthMonitor, reading the coordinator's health state."""
+    """Healthy nodes and per-node health figures, read from the coordinator."""
 
     def __init__(
         self,
@@ -129,7 +129,7 @@ class HealthMonitor:
 
     @classmethod
     def remote(cls, *, coordinator: str | None = None, **actor_options: Any) -> Any:
-        """A HealthMonitor as a Ray actor, as in the seed: ``HealthMonitor.remote()``.
+        """A HealthMonitor as a Ray actor: ``HealthMonitor.remote()``.
 
         Reads the coordinator at ``coordinator``, else ``OMNI_COORDINATOR``, else the one the
         last DistributedOrchestrator of this process started. Its methods return ObjectRefs:

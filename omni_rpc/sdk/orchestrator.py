@@ -129,9 +129,9 @@ class DistributedOrchestrator:
     ) -> None:
         """``launcher``: "local" (child processes) or "ray"; default "ray" when
         ``ray_address`` is passed, else "local". ``ray_address``: "auto",
-        "ray://head:10001", "host:6379", or ``None`` for a local Ray instance started here, as
-        in the seed (``ray_address=None  # Local Ray cluster``); not passing it at all runs
-        the agents as child processes, without Ray.
+        "ray://head:10001", "host:6379", or ``None`` for a local Ray instance started here
+        (``ray_address=None  # Local Ray cluster``); not passing it at all runs the agents as
+        child processes, without Ray.
         ``gpus``: for local agents, "auto" (vLLM: one agent per GPU), "all", "none" or a list
         of indices. ``ray_resources``: per Ray agent (default one GPU and one CPU).
         ``token`` (default ``OMNI_TOKEN``) and ``tls`` (CA, and a client certificate for
@@ -370,7 +370,8 @@ class DistributedOrchestrator:
     # -- monitoring ------------------------------------------------------------------------
 
     def get_stats(self) -> dict[str, Any]:
-        """Cluster statistics with the seed's keys (a plain dict)."""
+        """Cluster statistics as a plain dict: num_nodes, healthy_nodes, unhealthy_nodes,
+        load_distribution and health_stats, then the coordinator's totals."""
         return stats_dict(self._client.stats())
 
     def drain(self, node_id: str) -> dict[str, Any]:

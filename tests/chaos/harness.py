@@ -31,7 +31,7 @@ against the median latency of undisturbed requests of the same output length (bu
 tokens), grouped by the fault behind the first failed attempt (from the coordinator's log),
 and the stall: the longest wait for the first delta of a new attempt.
 
-The schedule of decisions (kinds, targets, durations) is a function of the seed; the exact
+The schedule of decisions (kinds, targets, durations) is a function of the run's seed; the exact
 moments depend on the machine, so two runs of one seed differ in detail, not in kind.
 
 CLI: ``python -m tests.chaos.harness --seed 42 --requests 5000 --concurrency 64 [--nodes N]
@@ -161,7 +161,7 @@ class RequestSpec:
 
 
 def iter_specs(seed: int, cfg: ChaosConfig) -> Iterator[RequestSpec]:
-    """The endless, seeded sequence of requests of a run (request i depends only on the seed)."""
+    """The endless, seeded sequence of requests of a run (request i depends only on ``seed``)."""
     rng = random.Random(f"chaos-load-{seed}")
     for index in itertools.count():
         max_tokens = rng.randint(cfg.min_tokens, cfg.max_tokens)

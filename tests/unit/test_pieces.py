@@ -1,4 +1,4 @@
-"""Unit tests of the pure pieces: backoff, strategies, validation, the simulated engine."""
+"""The pure pieces: backoff, routing strategies, request validation, the simulated engine."""
 
 from __future__ import annotations
 
