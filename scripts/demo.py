@@ -37,7 +37,7 @@ from omni_rpc.launchers.gpus import visible_gpus
 from omni_rpc.launchers.local import Child, LaunchError, LocalCluster
 from omni_rpc.sdk.client import CoordinatorClient, CoordinatorUnreachable, state_name
 
-SEED_PROMPTS = [
+EXAMPLE_PROMPTS = [
     "Generate an image of a sunset",
     "Create a picture of a mountain",
     "Draw a forest landscape",
@@ -101,9 +101,9 @@ def heading(text: str) -> None:
     print(f"\n== {text} ==", flush=True)
 
 
-async def seed_prompts(orchestrator: DistributedOrchestrator) -> None:
+async def example_prompts(orchestrator: DistributedOrchestrator) -> None:
     heading("(a) example prompts")
-    results: list[GenerationResult] = await orchestrator.generate(SEED_PROMPTS, max_tokens=12)
+    results: list[GenerationResult] = await orchestrator.generate(EXAMPLE_PROMPTS, max_tokens=12)
     for result in results:
         # Simulated text starts with the space before its first word.
         print(f"Generated: {str(result).lstrip()}")
@@ -190,7 +190,7 @@ async def run(args: argparse.Namespace, phases: Phases) -> None:
         assert orchestrator.cluster is not None
         print(f"Coordinator at {orchestrator.coordinator}, logs in {orchestrator.cluster.log_dir}")
         with phases.phase("(a) example prompts"):
-            await seed_prompts(orchestrator)
+            await example_prompts(orchestrator)
         with phases.phase("(b) live streams"):
             await live_streams(orchestrator)
         with phases.phase(f"(c) burst of {BURST_SIZE}"):
@@ -334,12 +334,12 @@ async def wait_for_engines(cluster: LocalCluster, timeout_s: float) -> None:
         client.close()
 
 
-async def vllm_seed_prompts(orchestrator: DistributedOrchestrator) -> None:
+async def vllm_example_prompts(orchestrator: DistributedOrchestrator) -> None:
     heading("(a) example prompts (as chat messages, greedy)")
     results: list[GenerationResult] = await orchestrator.generate(
-        [chat(p) for p in SEED_PROMPTS], max_tokens=40, temperature=0.0, stop=STOP
+        [chat(p) for p in EXAMPLE_PROMPTS], max_tokens=40, temperature=0.0, stop=STOP
     )
-    for prompt, result in zip(SEED_PROMPTS, results, strict=True):
+    for prompt, result in zip(EXAMPLE_PROMPTS, results, strict=True):
         print(f"> {prompt}")
         print(f"Generated: {one_line(str(result))}")
         print(
@@ -495,7 +495,7 @@ async def run_vllm(args: argparse.Namespace, phases: Phases) -> None:
             await wait_for_engines(cluster, config.STARTUP_TIMEOUT_S["vllm"])
         orchestrator = DistributedOrchestrator(coordinator=cluster.coordinator_address, timeout=300)
         with phases.phase("(a) example prompts"):
-            await vllm_seed_prompts(orchestrator)
+            await vllm_example_prompts(orchestrator)
         with phases.phase("(b) live streams"):
             await vllm_live_streams(orchestrator)
         if nodes >= 2:

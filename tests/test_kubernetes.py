@@ -604,7 +604,7 @@ def test_every_gpu_node_gets_one_agent_per_gpu() -> None:
     assert any(len(w["spec"]["template"]["spec"]["containers"]) > 1 for w in daemonsets)
 
 
-def test_raycluster_matches_the_seed_and_the_image() -> None:
+def test_raycluster_matches_the_sdk_example_and_the_image() -> None:
     (cluster,) = docs_of("RayCluster")
     assert cluster["apiVersion"] == "ray.io/v1"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -1,6 +1,7 @@
 """The Python SDK: ``DistributedOrchestrator``, ``LoadBalancer`` and ``HealthMonitor``.
 
-The API of vLLM-Omni's distributed orchestration page, over the coordinator's gRPC services.
+Generation with load balancing and failover over the coordinator's gRPC services, and views of
+the cluster's load and health (see the README for the whole API).
 """
 
 from __future__ import annotations
