@@ -76,30 +76,49 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Greedy outputs of vLLM called directly (offline LLM API, its own process)."""
+def reference_run(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[str]]:
+    """vLLM called directly (offline LLM API, its own process), started before the cluster so
+    that it loads while the agents' engines do: loading is most of this module's time."""
     script = tmp_path_factory.mktemp("reference") / "reference.py"
     script.write_text(REFERENCE)
-    done = subprocess.run(
+    run = subprocess.Popen(
         [
             sys.executable,
             str(script),
             json.dumps([PROMPTS, MAX_TOKENS, RESUME_PROMPT, RESUME_TOKENS]),
             str(model_dir),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )
-    lines = [x for x in done.stdout.splitlines() if x.startswith("REFERENCE ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    try:
+        yield run
+    finally:
+        if run.poll() is None:  # the module failed before the reference was read
+            run.kill()
+            run.communicate()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: subprocess.Popen[str]) -> dict[str, Any]:
+    """Greedy outputs of vLLM called directly."""
+    stdout, stderr = reference_run.communicate(timeout=900)
+    lines = [x for x in stdout.splitlines() if x.startswith("REFERENCE ")]
+    assert reference_run.returncode == 0 and lines, stderr[-3000:]
     result: dict[str, Any] = json.loads(lines[-1].removeprefix("REFERENCE "))
     return result
 
 
 @pytest.fixture(scope="module")
-def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(
+    model_dir: Path,
+    reference_run: subprocess.Popen[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LocalCluster]:
     cluster = LocalCluster(
         num_nodes=2,
         engine="vllm",
