@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -24,14 +24,13 @@ def _status_name(status: int) -> str:
 
 
 class GrpcAttemptStream:
-    """A ``NodeAgent.Generate`` call: writes the first message, then relays responses."""
+    """A ``NodeAgent.Generate`` call: writes the first message, then relays responses.
 
-    def __init__(
-        self,
-        call: Any,
-        first: node_agent_pb2.AgentRequest,
-        half_close: bool,
-    ) -> None:
+    An iterator over ``call.read()`` rather than an async generator around the call's own:
+    one layer less per message on the data path, and nothing left for the collector to close.
+    """
+
+    def __init__(self, call: Any, first: node_agent_pb2.AgentRequest, half_close: bool) -> None:
         self._call = call
         self._first = first
         self._half_close = half_close
@@ -48,12 +47,15 @@ class GrpcAttemptStream:
         if self._half_close:
             await self._call.done_writing()
 
-    async def __aiter__(self) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    def __aiter__(self) -> GrpcAttemptStream:
+        return self
+
+    async def __anext__(self) -> generate_pb2.GenerateResponse:
         try:
-            self._write = asyncio.ensure_future(self._send())
-            await self._write
-            async for response in self._call:
-                yield response
+            if self._write is None:
+                self._write = asyncio.ensure_future(self._send())
+                await self._write
+            response = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             raise NodeCallError(exc.code(), exc.details() or "") from None
         except asyncio.CancelledError:
@@ -61,6 +63,10 @@ class GrpcAttemptStream:
             if not self._cancelled or (task is not None and task.cancelling()):
                 raise  # the caller's own cancellation
             raise NodeCallError(grpc.StatusCode.CANCELLED, "attempt cancelled") from None
+        if response is grpc.aio.EOF:  # type: ignore[attr-defined]
+            raise StopAsyncIteration
+        result: generate_pb2.GenerateResponse = response
+        return result
 
     def cancel(self) -> None:
         self._cancelled = True
