@@ -27,20 +27,9 @@ if TYPE_CHECKING:
         LoadBalancer,
     )
 
-_SDK_NAMES = frozenset(
-    {
-        "DistributedOrchestrator",
-        "GenerationDelta",
-        "GenerationError",
-        "GenerationResult",
-        "HealthMonitor",
-        "LoadBalancer",
-    }
-)
-
 
 def __getattr__(name: str) -> Any:
-    if name in _SDK_NAMES:
+    if name in __all__ and name != "__version__":
         return getattr(importlib.import_module("omni_rpc.sdk"), name)
     raise AttributeError(f"module 'omni_rpc' has no attribute {name!r}")
 
