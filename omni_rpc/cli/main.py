@@ -32,11 +32,10 @@ import grpc
 
 from coordinator.strategies import STRATEGIES
 from node_agent import models
-from omni_rpc import __version__, argtypes, config, security
+from omni_rpc import __version__, argtypes, config, launchers, security
 from omni_rpc.cli.top import add_arguments as add_top_arguments
 from omni_rpc.launchers import ray_actors
 from omni_rpc.launchers.gpus import PlacementError
-from omni_rpc.launchers.gpus import assign as assign_gpus
 from omni_rpc.launchers.local import LaunchError, LocalCluster
 from omni_rpc.sdk import build_request
 from omni_rpc.sdk.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
@@ -368,49 +367,35 @@ def cmd_up(args: argparse.Namespace) -> int:
         agent_args += ["--sim-ttft-ms", str(args.sim_ttft_ms)]
     if args.sim_itl_ms is not None:
         agent_args += ["--sim-itl-ms", str(args.sim_itl_ms)]
-    on_ray = (args.launcher or ("ray" if args.ray_address else "local")) == "ray"
-    model = args.model or config.DEFAULT_MODELS[args.engine]
-    try:
-        gpus = None if on_ray else assign_gpus(args.nodes, args.engine, args.gpus)
-    except PlacementError as exc:
-        print(f"omni: {exc}", file=sys.stderr)
-        return 2
-    cluster = LocalCluster(
-        num_nodes=0 if on_ray else args.nodes,
+    launcher = args.launcher or ("ray" if args.ray_address else "local")
+    plan = launchers.ClusterPlan(
+        num_nodes=args.nodes,
         strategy=args.strategy,
         health_check_interval=args.health_check_interval,
         max_retries=args.max_retries,
         engine=args.engine,
-        model=model,
-        # Ray agents may run on other machines: they need the coordinator on every interface.
-        coordinator_listen=f"0.0.0.0:{args.listen.rsplit(':', 1)[1]}" if on_ray else args.listen,
+        model=args.model or config.DEFAULT_MODELS[args.engine],
+        launcher=launcher,
         agent_args=agent_args,
+        listen=args.listen,
         log_dir=args.log_dir,
-        gpus=gpus,
-        auth=_auth_wanted(args.auth, on_ray, args.listen),
+        auth=_auth_wanted(args.auth, launcher == "ray", args.listen),
+        gpus=args.gpus,
+        ray_address=args.ray_address,
+        ray_resources=args.ray_resources or dict(ray_actors.DEFAULT_RESOURCES),
     )
-    ray_agents = (
-        ray_actors.RayAgents(
-            num_nodes=args.nodes,
-            coordinator_address="",
-            engine=args.engine,
-            model=model,
-            agent_args=agent_args,
-            address=args.ray_address,
-            resources=args.ray_resources or dict(ray_actors.DEFAULT_RESOURCES),
-        )
-        if on_ray
-        else None
-    )
+    try:
+        planned = launchers.plan_cluster(plan)
+    except PlacementError as exc:
+        print(f"omni: {exc}", file=sys.stderr)
+        return 2
+    cluster = planned.processes
     # Installed before anything starts, so a signal during start-up still stops every child.
     _install_signal_handlers(_raise_shutdown)
     code = 0
     startup_timeout = args.startup_timeout or config.STARTUP_TIMEOUT_S[args.engine]
     try:
-        if ray_agents is not None:
-            ray_actors.start(cluster, ray_agents, startup_timeout)
-        else:
-            cluster.start(startup_timeout)
+        planned.start(startup_timeout)
         _wait_healthy(cluster, args.nodes, startup_timeout)
         _print_cluster(cluster)
         code = _watch(cluster)
@@ -423,8 +408,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"omni: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        if ray_agents is not None:
-            ray_agents.close()
+        if planned.ray_agents is not None:
+            planned.ray_agents.close()
         _stop(cluster)
     if code == 0:
         print(f"omni: stopped (logs in {cluster.log_dir})", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omni_rpc import config
 from omni_rpc.launchers import gpus as gpu_placement
@@ -34,6 +35,12 @@ class ClusterPlan:
     coordinator_args: Sequence[str] = ()
     # Local agents: "auto", "all", "none" or GPU indices (see gpus.assign).
     gpus: str | Sequence[int] = "auto"
+    # Where the coordinator listens. Ray agents may run on other machines, so with Ray it
+    # listens on every interface (on this port).
+    listen: str = "127.0.0.1:0"
+    log_dir: Path | None = None
+    # Tokens for every role (None: only with Ray, whose coordinator is reachable from afar).
+    auth: bool | None = None
     # Ray: the cluster's address (None: a local Ray instance started here), per-agent
     # resources and restarts.
     ray_address: str | None = None
@@ -44,12 +51,28 @@ class ClusterPlan:
 
 
 @dataclass
-class StartedCluster:
+class Cluster:
+    """A planned cluster: its local processes and, with Ray, its agent actors."""
+
     processes: LocalCluster
-    # Where this process reaches the coordinator, and where its agents do.
-    coordinator: str
-    reachable_at: str
     ray_agents: ray_actors.RayAgents | None = None
+    # Where this process reaches the coordinator, once started.
+    coordinator: str = ""
+
+    @property
+    def reachable_at(self) -> str:
+        """Where the agents reach the coordinator."""
+        if self.ray_agents is not None:
+            return self.ray_agents.coordinator_address
+        return self.coordinator
+
+    def start(self, startup_timeout_s: float) -> str:
+        """Start everything; return the coordinator's address for local clients."""
+        if self.ray_agents is not None:
+            self.coordinator = ray_actors.start(self.processes, self.ray_agents, startup_timeout_s)
+        else:
+            self.coordinator = self.processes.start(startup_timeout_s)
+        return self.coordinator
 
     def stop(self) -> None:
         if self.ray_agents is not None:
@@ -58,11 +81,13 @@ class StartedCluster:
         self.processes.stop()
 
 
-def start_cluster(plan: ClusterPlan, startup_timeout_s: float) -> StartedCluster:
-    """Start the cluster ``plan`` describes; on failure nothing is left running."""
+def plan_cluster(plan: ClusterPlan) -> Cluster:
+    """The processes and actors ``plan`` needs, not started yet (PlacementError when the GPUs
+    asked for are not there)."""
     if plan.launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {plan.launcher!r} (known: {', '.join(LAUNCHERS)})")
     on_ray = plan.launcher == "ray"
+    port = plan.listen.rsplit(":", 1)[1]
     processes = LocalCluster(
         num_nodes=0 if on_ray else plan.num_nodes,
         strategy=plan.strategy,
@@ -70,20 +95,15 @@ def start_cluster(plan: ClusterPlan, startup_timeout_s: float) -> StartedCluster
         max_retries=plan.max_retries,
         engine=plan.engine,
         model=plan.model,
-        coordinator_listen=ray_actors.COORDINATOR_LISTEN if on_ray else "127.0.0.1:0",
+        coordinator_listen=f"0.0.0.0:{port}" if on_ray else plan.listen,
         agent_args=plan.agent_args,
         coordinator_args=plan.coordinator_args,
         gpus=None if on_ray else gpu_placement.assign(plan.num_nodes, plan.engine, plan.gpus),
-        # Ray's coordinator listens beyond loopback: tokens for every role then.
-        auth=on_ray,
+        auth=on_ray if plan.auth is None else plan.auth,
+        log_dir=plan.log_dir,
     )
     if not on_ray:
-        try:
-            address = processes.start(startup_timeout_s)
-        except BaseException:
-            processes.stop()  # leave no half-started cluster behind
-            raise
-        return StartedCluster(processes, address, address)
+        return Cluster(processes)
     agents = ray_actors.RayAgents(
         num_nodes=plan.num_nodes,
         coordinator_address="",
@@ -94,16 +114,27 @@ def start_cluster(plan: ClusterPlan, startup_timeout_s: float) -> StartedCluster
         resources=dict(plan.ray_resources),
         max_restarts=plan.ray_max_restarts,
     )
-    address = ray_actors.start(processes, agents, startup_timeout_s)
-    return StartedCluster(processes, address, agents.coordinator_address, agents)
+    return Cluster(processes, agents)
+
+
+def start_cluster(plan: ClusterPlan, startup_timeout_s: float) -> Cluster:
+    """Start the cluster ``plan`` describes; on failure nothing is left running."""
+    cluster = plan_cluster(plan)
+    try:
+        cluster.start(startup_timeout_s)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 __all__ = [
     "LAUNCHERS",
+    "Cluster",
     "ClusterPlan",
     "LaunchError",
     "LocalCluster",
     "PlacementError",
-    "StartedCluster",
+    "plan_cluster",
     "start_cluster",
 ]

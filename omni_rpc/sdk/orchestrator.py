@@ -33,7 +33,7 @@ from omni_rpc.security import ChannelSecurity, TlsFiles
 from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
 
 if TYPE_CHECKING:
-    from omni_rpc.launchers import StartedCluster
+    from omni_rpc.launchers import Cluster
     from omni_rpc.launchers.local import LocalCluster
     from omni_rpc.launchers.ray_actors import RayAgents
 
@@ -166,7 +166,7 @@ class DistributedOrchestrator:
         self.security = ChannelSecurity(
             token=token or os.environ.get("OMNI_TOKEN") or None, tls=tls or TlsFiles()
         )
-        self._started: StartedCluster | None = None
+        self._started: Cluster | None = None
         self._ready = coordinator is not None
         reachable_at = coordinator or ""
         if coordinator is None:
