@@ -18,6 +18,10 @@ _HEALTH_REQUEST = health_pb2.HealthCheckRequest(service=config.NODE_AGENT_SERVIC
 _LOAD_REQUEST = node_agent_pb2.GetLoadRequest()
 
 
+def _node_error(exc: grpc.aio.AioRpcError) -> NodeCallError:
+    return NodeCallError(exc.code(), exc.details() or "")
+
+
 def _status_name(status: int) -> str:
     name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     return name
@@ -57,7 +61,7 @@ class GrpcAttemptStream:
                 await self._write
             response = await self._call.read()
         except grpc.aio.AioRpcError as exc:
-            raise NodeCallError(exc.code(), exc.details() or "") from None
+            raise _node_error(exc) from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._cancelled or (task is not None and task.cancelling()):
@@ -96,7 +100,7 @@ class GrpcNodeClient:
             async for response in call:
                 yield _status_name(response.status)
         except grpc.aio.AioRpcError as exc:
-            raise NodeCallError(exc.code(), exc.details() or "") from None
+            raise _node_error(exc) from None
         finally:
             call.cancel()
 
@@ -104,14 +108,14 @@ class GrpcNodeClient:
         try:
             response = await self._health.Check(_HEALTH_REQUEST, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise NodeCallError(exc.code(), exc.details() or "") from None
+            raise _node_error(exc) from None
         return _status_name(response.status)
 
     async def load(self, timeout_s: float) -> node_pb2.NodeLoad:
         try:
             report: node_pb2.NodeLoad = await self._agent.GetLoad(_LOAD_REQUEST, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise NodeCallError(exc.code(), exc.details() or "") from None
+            raise _node_error(exc) from None
         return report
 
     async def close(self) -> None:

@@ -204,8 +204,8 @@ class Registry:
     def remove(self, node: Node, reason: str) -> None:
         if self.nodes.get(node.node_id) is node:
             del self.nodes[node.node_id]
+        # LEFT is a new state for a registered node: the transition refreshes the derived set.
         self._transition(node, reason, lambda: setattr(node, "left", True))
-        self._refresh()
         for listener in self.on_removed:
             listener(node)
         # Streams still open on the node are lost: their relays fail over (and resume) instead

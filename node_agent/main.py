@@ -29,8 +29,6 @@ from omni_rpc.v1 import node_agent_pb2_grpc, node_pb2, registry_pb2
 
 log = get_logger("node_agent")
 
-ENGINES = config.ENGINES
-LAUNCHERS = config.AGENT_LAUNCHERS
 # Kubernetes' downward API, as deploy/kubernetes sets it: becomes the node's placement labels.
 K8S_LABEL_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "k8s_node": "NODE_NAME"}
 
@@ -41,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: any)")
     p.add_argument("--advertise", help="HOST:PORT the coordinator dials (default: listen address)")
     p.add_argument("--node-id", help="stable node id (default: HOSTNAME-PORT)")
-    p.add_argument("--engine", choices=ENGINES, default="sim")
+    p.add_argument("--engine", choices=config.ENGINES, default="sim")
     p.add_argument(
         "--model",
         help="sim: a name; vllm: a model folder, a hub id, or a known name "
@@ -56,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--launcher",
-        choices=LAUNCHERS,
+        choices=config.AGENT_LAUNCHERS,
         default="external",
         help="what started this agent, reported to the coordinator (omni nodes shows it)",
     )

@@ -17,8 +17,6 @@ from omni_rpc.launchers import ray_actors
 from omni_rpc.launchers.gpus import PlacementError
 from omni_rpc.launchers.local import LaunchError, LocalCluster
 
-LAUNCHERS = config.LAUNCHERS
-
 
 @dataclass
 class ClusterPlan:
@@ -84,8 +82,9 @@ class Cluster:
 def plan_cluster(plan: ClusterPlan) -> Cluster:
     """The processes and actors ``plan`` needs, not started yet (PlacementError when the GPUs
     asked for are not there)."""
-    if plan.launcher not in LAUNCHERS:
-        raise ValueError(f"unknown launcher {plan.launcher!r} (known: {', '.join(LAUNCHERS)})")
+    if plan.launcher not in config.LAUNCHERS:
+        known = ", ".join(config.LAUNCHERS)
+        raise ValueError(f"unknown launcher {plan.launcher!r} (known: {known})")
     on_ray = plan.launcher == "ray"
     port = plan.listen.rsplit(":", 1)[1]
     processes = LocalCluster(
@@ -129,7 +128,6 @@ def start_cluster(plan: ClusterPlan, startup_timeout_s: float) -> Cluster:
 
 
 __all__ = [
-    "LAUNCHERS",
     "Cluster",
     "ClusterPlan",
     "LaunchError",

@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from omni_rpc.launchers.ray_actors import RayAgents
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-ENGINES = config.ENGINES
-LAUNCHERS = config.LAUNCHERS
 
 
 def build_request(
@@ -138,8 +136,9 @@ class DistributedOrchestrator:
         mutual TLS) secure the calls to a coordinator given by ``coordinator=``."""
         address = None if isinstance(ray_address, _Omitted) else ray_address
         launcher = launcher or ("local" if isinstance(ray_address, _Omitted) else "ray")
-        if launcher not in LAUNCHERS:
-            raise ValueError(f"unknown launcher {launcher!r} (known: {', '.join(LAUNCHERS)})")
+        if launcher not in config.LAUNCHERS:
+            known = ", ".join(config.LAUNCHERS)
+            raise ValueError(f"unknown launcher {launcher!r} (known: {known})")
         if load_balancing_strategy not in STRATEGIES:
             raise ValueError(
                 f"unknown load_balancing_strategy {load_balancing_strategy!r} "
@@ -153,8 +152,9 @@ class DistributedOrchestrator:
             raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         if memory_buffer_gb is not None and not memory_buffer_gb >= 0:
             raise ValueError(f"memory_buffer_gb must be >= 0, got {memory_buffer_gb!r}")
-        if coordinator is None and engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r} (available: {', '.join(ENGINES)})")
+        if coordinator is None and engine not in config.ENGINES:
+            known = ", ".join(config.ENGINES)
+            raise ValueError(f"unknown engine {engine!r} (available: {known})")
         self.model = model
         self.num_nodes = num_nodes
         self.load_balancing_strategy = load_balancing_strategy
