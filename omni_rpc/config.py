@@ -28,6 +28,12 @@ STARTUP_TIMEOUT_S = {"sim": 60.0, "vllm": 600.0}
 # Requests.
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_CAP = 8192
+# The fewest new tokens per streamed message (``stream_interval``): 1 sends every token as soon
+# as it exists; the last message of a stream may carry fewer.
+DEFAULT_STREAM_INTERVAL = 1
+# Output a coordinator holds for one request whose client is not reading, in tokens; past it
+# the request is aborted in the engine and the client gets RESOURCE_EXHAUSTED naming the limit.
+MAX_BUFFERED_TOKENS = 4096
 # Deadline applied by the SDK when the caller gives none; the coordinator itself imposes none.
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 

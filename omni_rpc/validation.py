@@ -87,6 +87,8 @@ def validate_request(
         raise InvalidRequest("prompt_token_ids", "token ids must be >= 0")
     if request.HasField("max_retries") and request.max_retries < 0:
         raise InvalidRequest("max_retries", f"must be >= 0, got {request.max_retries}")
+    if request.HasField("stream_interval") and request.stream_interval < 1:
+        raise InvalidRequest("stream_interval", f"must be >= 1, got {request.stream_interval}")
     if request.inputs:
         # Refused rather than dropped: a request must never be answered as if its images or
         # audio had been seen. Multimodal inputs are an upcoming capability.

@@ -126,6 +126,7 @@ class GenerateRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     AFFINITY_KEY_FIELD_NUMBER: _builtins.int
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    STREAM_INTERVAL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Filled in by the coordinator when empty; echoed on every response."""
     prompt: _builtins.str
@@ -137,6 +138,12 @@ class GenerateRequest(_message.Message):
     """
     max_retries: _builtins.int
     """Per-call override of the coordinator's max_retries (further attempts on other nodes)."""
+    stream_interval: _builtins.int
+    """The fewest tokens per response message (as vLLM's and SGLang's stream_interval): output
+    is held until this many new tokens exist, except the last message. Unset: the server's
+    default (--stream-interval, 1: every token as soon as it exists). Must be >= 1. A slow
+    reader receives larger messages either way: pending output is merged, never queued.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -157,14 +164,20 @@ class GenerateRequest(_message.Message):
         inputs: _abc.Iterable[Global___Media] | None = ...,
         affinity_key: _builtins.str = ...,
         max_retries: _builtins.int | None = ...,
+        stream_interval: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "max_retries", b"max_retries", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
+    _WhichOneofReturnType__stream_interval: _TypeAlias = _typing.Literal["stream_interval"]  # noqa: Y015
+    _WhichOneofArgType__stream_interval: _TypeAlias = _typing.Literal["_stream_interval", b"_stream_interval"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_interval) -> _WhichOneofReturnType__stream_interval | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 

@@ -46,6 +46,11 @@ class NodeAgentStub:
                 request_serializer=omni_dot_v1_dot_node__agent__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=omni_dot_v1_dot_node__pb2.NodeLoad.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/omni.v1.NodeAgent/Session',
+                request_serializer=omni_dot_v1_dot_node__agent__pb2.SessionRequest.SerializeToString,
+                response_deserializer=omni_dot_v1_dot_node__agent__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -68,6 +73,17 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """One long-lived multiplexed stream per coordinator process: requests to start and cancel
+        go down, and each message up carries the output of every request that advanced since the
+        previous one (one message per engine step, not one per request and token). A request's
+        failure ends that request only (an output with `error_code`); the stream ending or
+        breaking ends every request on it, which the agent then aborts in the engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +96,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=omni_dot_v1_dot_node__agent__pb2.GetLoadRequest.FromString,
                     response_serializer=omni_dot_v1_dot_node__pb2.NodeLoad.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=omni_dot_v1_dot_node__agent__pb2.SessionRequest.FromString,
+                    response_serializer=omni_dot_v1_dot_node__agent__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +157,33 @@ class NodeAgent:
             '/omni.v1.NodeAgent/GetLoad',
             omni_dot_v1_dot_node__agent__pb2.GetLoadRequest.SerializeToString,
             omni_dot_v1_dot_node__pb2.NodeLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/omni.v1.NodeAgent/Session',
+            omni_dot_v1_dot_node__agent__pb2.SessionRequest.SerializeToString,
+            omni_dot_v1_dot_node__agent__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

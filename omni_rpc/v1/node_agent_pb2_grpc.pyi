@@ -41,6 +41,13 @@ class NodeAgentStub:
     """
     GetLoad: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.GetLoadRequest, _node_pb2.NodeLoad]
     """The engine's current load and lifetime counters."""
+    Session: _grpc.StreamStreamMultiCallable[_node_agent_pb2.SessionRequest, _node_agent_pb2.SessionResponse]
+    """One long-lived multiplexed stream per coordinator process: requests to start and cancel
+    go down, and each message up carries the output of every request that advanced since the
+    previous one (one message per engine step, not one per request and token). A request's
+    failure ends that request only (an output with `error_code`); the stream ending or
+    breaking ends every request on it, which the agent then aborts in the engine.
+    """
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -53,6 +60,13 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """
     GetLoad: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.GetLoadRequest, _node_pb2.NodeLoad]  # type: ignore[assignment]
     """The engine's current load and lifetime counters."""
+    Session: _aio.StreamStreamMultiCallable[_node_agent_pb2.SessionRequest, _node_agent_pb2.SessionResponse]  # type: ignore[assignment]
+    """One long-lived multiplexed stream per coordinator process: requests to start and cancel
+    go down, and each message up carries the output of every request that advanced since the
+    previous one (one message per engine step, not one per request and token). A request's
+    failure ends that request only (an output with `error_code`); the stream ending or
+    breaking ends every request on it, which the agent then aborts in the engine.
+    """
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -74,5 +88,18 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.NodeLoad, _abc.Awaitable[_node_pb2.NodeLoad]]:
         """The engine's current load and lifetime counters."""
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_node_agent_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_agent_pb2.SessionResponse], _abc.AsyncIterator[_node_agent_pb2.SessionResponse]]:
+        """One long-lived multiplexed stream per coordinator process: requests to start and cancel
+        go down, and each message up carries the output of every request that advanced since the
+        previous one (one message per engine step, not one per request and token). A request's
+        failure ends that request only (an output with `error_code`); the stream ending or
+        breaking ends every request on it, which the agent then aborts in the engine.
+        """
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
