@@ -21,7 +21,7 @@ import grpc
 
 from coordinator import clock
 from coordinator.balancer import Balancer
-from coordinator.node_client import NodeCallError
+from coordinator.node_client import NodeCallError, OutputOverflow
 from coordinator.registry import Node, Registry
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
@@ -109,6 +109,7 @@ class Dispatcher:
         no_node_wait_s: float = config.NO_NODE_WAIT_S,
         metrics: CoordinatorMetrics | None = None,
         log_prompts: bool = False,
+        stream_interval: int = config.DEFAULT_STREAM_INTERVAL,
     ) -> None:
         self.metrics = metrics or CoordinatorMetrics()
         # Prompts are user data: they reach the logs only when the operator asks.
@@ -117,6 +118,8 @@ class Dispatcher:
         self.balancer = balancer
         self.max_retries = max_retries
         self.no_node_wait_s = no_node_wait_s
+        # For requests that do not set their own; the agents and the relay read the field.
+        self.stream_interval = stream_interval
         self.counters = DispatchCounters()
 
     async def generate(
@@ -125,6 +128,8 @@ class Dispatcher:
         """Stream the responses of ``request``; raise DispatchError when it cannot be served."""
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
+        if self.stream_interval != 1 and not request.HasField("stream_interval"):
+            request.stream_interval = self.stream_interval
         deadline = clock.now() + time_remaining if time_remaining is not None else None
         max_retries = request.max_retries if request.HasField("max_retries") else self.max_retries
         bound = log.bind(request_id=request.request_id)
@@ -232,7 +237,7 @@ class Dispatcher:
             give_up = min(give_up, deadline - min(0.05, 0.1 * (deadline - clock.now())))
         backoff = Backoff(config.NO_NODE_BACKOFF_BASE_S, config.NO_NODE_BACKOFF_CAP_S)
         while True:
-            node = self.balancer.pick(request.affinity_key or request.prompt[:256], tried)
+            node = self.balancer.pick(request.affinity_key, tried)
             if node is not None:
                 return node
             left = give_up - clock.now()
@@ -290,6 +295,9 @@ class Dispatcher:
                     "stream ended without a finish_reason",
                 )
             self.registry.record_success(node)
+        except OutputOverflow as exc:
+            # The client's doing, not the node's: the request ends here.
+            raise DispatchError(exc.code, exc.details) from None
         except NodeCallError as exc:
             if lost:
                 error = AttemptError(

@@ -30,6 +30,21 @@ class NodeCallError(Exception):
         self.details = details
 
 
+class OutputOverflow(NodeCallError):
+    """The client stopped reading and the request's buffered output reached the limit.
+
+    A verdict on the request, not the node: it ends the call (RESOURCE_EXHAUSTED), never fails
+    over.
+    """
+
+    def __init__(self, buffered: int, limit: int) -> None:
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the client is not reading its stream: {buffered} tokens of output are buffered, "
+            f"over the limit max_buffered_tokens={limit}; the request was aborted",
+        )
+
+
 class AttemptStream(Protocol):
     """One Generate attempt on one node: the responses, and a way to stop it.
 
