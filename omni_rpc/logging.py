@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import queue
 import sys
-from typing import Any
+import threading
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
@@ -17,6 +21,63 @@ def resolve_format(fmt: str) -> str:
     if fmt == "auto":
         return "console" if sys.stderr.isatty() else "json"
     return fmt
+
+
+class _Writer:
+    """Renders and writes log lines on a thread of its own.
+
+    Every line is rendered (JSON or console) and written here, not on the caller's event loop:
+    a coordinator logs one line per request, and the loop has streams to serve. Lines keep
+    their order; whatever is queued is written before the process exits normally.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, TextIO, dict[str, Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+
+    def put(self, renderer: Any, file: TextIO, event: dict[str, Any]) -> None:
+        self._queue.put((renderer, file, event))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            renderer, file, event = item
+            try:
+                file.write(renderer(None, "", event) + "\n")
+                if self._queue.empty():
+                    file.flush()
+            except Exception:  # a closed stream at exit: nothing left to tell anyone
+                pass
+
+    def flush(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+
+
+_writer: _Writer | None = None
+
+
+class _QueuedLogger:
+    """The structlog logger: hands each event to the writer thread, rendered there."""
+
+    def __init__(self, writer: _Writer, renderer: Any, file: TextIO) -> None:
+        self._writer = writer
+        self._renderer = renderer
+        self._file = file
+
+    def msg(self, event: dict[str, Any]) -> None:
+        self._writer.put(self._renderer, self._file, event)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _hand_over(_: Any, __: str, event: MutableMapping[str, Any]) -> tuple[Any, ...]:
+    # The last processor: the event itself goes to the logger, which renders it off the loop.
+    return (event,), {}
 
 
 def configure_logging(fmt: str = "auto", level: str = "INFO", **context: Any) -> None:
@@ -33,10 +94,14 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", **context: Any) ->
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    global _writer
+    if _writer is None:
+        _writer = _Writer()
+    writer, file = _writer, sys.stderr
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, _hand_over],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: _QueuedLogger(writer, renderer, file),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()

@@ -38,4 +38,8 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def pick(self, candidates: Sequence[Candidate], key: str = "") -> Candidate:
-        """Choose one of ``candidates`` (never empty) for a request with affinity ``key``."""
+        """Choose one of ``candidates`` (never empty) for a request with affinity ``key``.
+
+        ``candidates`` come in node id order (the registry keeps its dispatchable set so), so a
+        strategy's rotation is stable as nodes come and go without sorting on every request.
+        """

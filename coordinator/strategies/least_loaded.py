@@ -24,9 +24,15 @@ class LeastLoaded(Strategy):
         self._turn = 0
 
     def pick(self, candidates: Sequence[Candidate], key: str = "") -> Candidate:
-        ordered = sorted(candidates, key=lambda c: c.node_id)
-        n = len(ordered)
+        n = len(candidates)
         start = self._turn % n
         self._turn += 1
-        rotated = ordered[start:] + ordered[:start]
-        return min(rotated, key=lambda c: (utilization(c), c.kv_cache_usage))
+        # The first of the least loaded, counting from this turn's start: ties rotate.
+        best = candidates[start]
+        best_load = (utilization(best), best.kv_cache_usage)
+        for offset in range(1, n):
+            candidate = candidates[(start + offset) % n]
+            load = (utilization(candidate), candidate.kv_cache_usage)
+            if load < best_load:
+                best, best_load = candidate, load
+        return best

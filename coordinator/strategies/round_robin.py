@@ -14,8 +14,6 @@ class RoundRobin(Strategy):
         self._next = 0
 
     def pick(self, candidates: Sequence[Candidate], key: str = "") -> Candidate:
-        # Order by id so the rotation is stable while the healthy set changes.
-        ordered = sorted(candidates, key=lambda c: c.node_id)
-        chosen = ordered[self._next % len(ordered)]
+        chosen = candidates[self._next % len(candidates)]
         self._next += 1
         return chosen

@@ -64,7 +64,7 @@ class LoadBalancer:
         """
         nodes = {n.node_id: n for n in self._client.nodes()}
         ids = (
-            list(healthy_nodes)
+            sorted(healthy_nodes)  # strategies take their candidates in node id order
             if healthy_nodes is not None
             else [i for i, n in nodes.items() if n.state == coordinator_pb2.NODE_STATE_HEALTHY]
         )
@@ -77,7 +77,7 @@ class LoadBalancer:
             for i in ids
         ]
         plan: dict[str, list[Prompt]] = {i: [] for i in ids}
-        candidates: list[Candidate] = list(planned)
+        candidates: list[Candidate] = sorted(planned, key=lambda c: c.node_id)
         for prompt in prompts:
             chosen = self.strategy.pick(candidates, prompt if isinstance(prompt, str) else "")
             assert isinstance(chosen, _Planned)

@@ -43,10 +43,12 @@ class Node:
     kv_cache_usage: float = 0.0
 
 
-def test_round_robin_cycles_in_id_order() -> None:
-    nodes = [Node("c"), Node("a"), Node("b")]
+def test_round_robin_cycles_through_the_candidates_in_their_order() -> None:
+    nodes = [Node("a"), Node("b"), Node("c")]  # candidates come in node id order
     rr = RoundRobin()
     assert [rr.pick(nodes).node_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    # A node going away keeps the rotation going over the others.
+    assert [rr.pick(nodes[1:]).node_id for _ in range(2)] == ["b", "c"]
 
 
 def test_least_loaded_prefers_lower_utilization_and_rotates_ties() -> None:
