@@ -7,7 +7,7 @@ SEED ?= 42
 REQUESTS ?= 5000
 CONCURRENCY ?= 64
 
-.PHONY: install proto proto-check lint go-toolchain test demo bench chaos fuzz buf-lint buf-breaking clean
+.PHONY: install proto proto-check lint go-toolchain test demo bench bench-peers chaos fuzz buf-lint buf-breaking clean
 
 install:
 	@bash scripts/install.sh
@@ -36,6 +36,12 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench.py
+
+# omni-rpc and vllm-router (installed once from PyPI into its own cached environment) side by
+# side on the same simulated engines; writes its section of docs/benchmarks.md (~7 minutes).
+# A smoke run: make bench-peers BENCH_PEERS_ARGS=--quick
+bench-peers: install
+	$(PY) scripts/bench_peers.py $(BENCH_PEERS_ARGS)
 
 # A long chaos run: make chaos SEED=7 REQUESTS=20000
 chaos: install

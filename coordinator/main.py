@@ -1,11 +1,17 @@
-"""omni-coordinator: the registry, health monitor, balancer and dispatcher in one server."""
+"""omni-coordinator: the registry, health monitor, balancer and dispatcher in one server.
+
+With ``--workers N`` (N > 1) one control process keeps the registry, health monitoring, the
+circuit breaker, stats and metrics, and N worker processes serve Generate on the shared port.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
+from coordinator import control
 from coordinator.admission import Admission, Limits
 from coordinator.balancer import Balancer
 from coordinator.circuit import BreakerPolicy
@@ -25,9 +31,26 @@ log = get_logger("coordinator")
 SERVICES = [config.COORDINATOR_SERVICE, config.REGISTRY_SERVICE]
 
 
+def workers_count(text: str) -> int:
+    """``--workers``: a positive number, or ``auto`` for one per CPU core this process may use."""
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    try:
+        return argtypes.positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1 or auto, got {text}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni-coordinator", description=__doc__)
     p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0: any free)")
+    p.add_argument(
+        "--workers",
+        type=workers_count,
+        default=config.DEFAULT_COORDINATOR_WORKERS,
+        help="processes serving Generate on the port (auto: one per core); above 1, a control "
+        "process keeps the registry, health checks, stats and metrics (default: %(default)s)",
+    )
     p.add_argument(
         "--strategy",
         default=config.DEFAULT_STRATEGY,
@@ -86,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="calls admitted beyond the healthy nodes' total capacity",
     )
     p.add_argument(
+        "--stream-interval",
+        type=argtypes.positive_int,
+        default=config.DEFAULT_STREAM_INTERVAL,
+        help="fewest new tokens per streamed message, for requests that do not set stream_interval",
+    )
+    p.add_argument(
+        "--max-buffered-tokens",
+        type=argtypes.positive_int,
+        default=config.MAX_BUFFERED_TOKENS,
+        help="output held for one request whose client is not reading, in tokens",
+    )
+    p.add_argument(
         "--no-node-wait",
         type=argtypes.non_negative_float,
         default=config.NO_NODE_WAIT_S,
@@ -132,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int:
     stop = servers.stop_event_on_signals()
     registry = Registry(
-        GrpcConnector(guard.outgoing),
+        GrpcConnector(guard.outgoing, max_buffered_tokens=args.max_buffered_tokens),
         BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
         readmit_after=args.readmit_after,
     )
@@ -156,6 +191,7 @@ async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int
         no_node_wait_s=args.no_node_wait,
         metrics=metrics,
         log_prompts=args.log_prompts,
+        stream_interval=args.stream_interval,
     )
     coordinator = CoordinatorService(
         registry,
@@ -230,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     except security.SecurityConfigError as exc:
         parser.error(str(exc))  # exits 2 with the message
     try:
+        if args.workers > 1:
+            return asyncio.run(control.serve_control(args, guard))
         return asyncio.run(serve(args, guard))
     except OSError as exc:
         log.error("coordinator failed to start", error=str(exc))

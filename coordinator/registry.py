@@ -132,6 +132,8 @@ class Node:
 
 
 NodeListener = Callable[[Node], None]
+# Hears that a node was found unreachable (``Registry.report_unreachable``), with the reason.
+LostListener = Callable[[Node, str], None]
 
 
 class Registry:
@@ -154,6 +156,11 @@ class Registry:
         self.on_added: list[NodeListener] = []
         self.on_removed: list[NodeListener] = []
         self.on_ejected: list[NodeListener] = []
+        # Any change of what a node is (joined, refreshed with new facts, state changed,
+        # removed): the control process of a multi-worker coordinator pushes it to its workers.
+        self.on_changed: list[NodeListener] = []
+        # A node found unreachable: its streams are lost (in every process that has some).
+        self.on_lost: list[LostListener] = []
         # Set (and replaced) whenever a node becomes dispatchable: wakes waiting requests.
         self._available = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
@@ -172,8 +179,11 @@ class Registry:
         known = self.nodes.get(request.node_id)
         if known is not None and known.address == request.address:
             # A refresh: the agent's other facts may have changed (capacity, version).
+            changed = known.info != request
             known.info = request
             self._refresh()
+            if changed:
+                self._changed(known)
             return known, False
         if known is not None:
             log.info(
@@ -199,6 +209,7 @@ class Registry:
         )
         for listener in self.on_added:
             listener(node)
+        self._changed(node)
         return node, True
 
     def remove(self, node: Node, reason: str) -> None:
@@ -281,6 +292,8 @@ class Registry:
         self._set_verdict(node, UNHEALTHY, reason)
         for hook in list(node.lost_hooks):
             hook(reason)
+        for listener in self.on_lost:
+            listener(node, reason)
 
     def record_success(self, node: Node) -> None:
         node.served += 1
@@ -322,6 +335,23 @@ class Registry:
         reason = "drained by operator" if drained else "undrained by operator"
         self._transition(node, reason, lambda: setattr(node, "drained", drained))
 
+    def set_state(
+        self, node: Node, *, verdict: int, drained: bool, self_draining: bool, reason: str
+    ) -> None:
+        """Take a node's three facts as another process decided them (a worker's replica
+        applies the control process's pushed state this way): one transition, logged once."""
+
+        def change() -> None:
+            node.verdict = verdict
+            node.drained = drained
+            node.self_draining = self_draining
+
+        self._transition(node, reason, change)
+
+    def _changed(self, node: Node) -> None:
+        for listener in self.on_changed:
+            listener(node)
+
     def _transition(self, node: Node, reason: str, change: Callable[[], object]) -> None:
         before = node.state
         change()
@@ -341,6 +371,7 @@ class Registry:
         if node.dispatchable:
             self._available.set()
             self._available = asyncio.Event()
+        self._changed(node)
 
     async def wait_available(self, timeout_s: float) -> None:
         """Return when some node becomes dispatchable, or after ``timeout_s``."""

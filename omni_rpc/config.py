@@ -120,3 +120,21 @@ ORPHAN_CHECK_INTERVAL_S = 0.5
 
 # Trailing metadata key the coordinator sets on errors that are its final answer.
 FINAL_ERROR_METADATA = "omni-final"
+
+# -- Coordinator workers (`omni-coordinator --workers N`; coordinator/control.py, worker.py) --
+# One control process (registry, health, breaker, stats, metrics) and N data-plane processes
+# serving Generate on the shared port. The default keeps everything in one process.
+DEFAULT_COORDINATOR_WORKERS = 1
+# How long the control process waits for a worker to attach at start (and after a restart),
+# and how long it lets workers drain past --shutdown-grace before it kills them.
+WORKER_START_TIMEOUT_S = 60.0
+WORKER_STOP_MARGIN_S = 5.0
+# A worker that dies is restarted after this backoff (doubling up to the cap).
+WORKER_RESTART_BACKOFF_BASE_S = 0.5
+WORKER_RESTART_BACKOFF_CAP_S = 10.0
+# How long GetStats, ListNodes and /metrics wait for every worker's counters.
+WORKER_STATS_TIMEOUT_S = 2.0
+# How long DrainNode waits for every worker to acknowledge the drained node's new state.
+WORKER_ACK_TIMEOUT_S = 5.0
+# The internal service between the control process and its workers (over a unix socket).
+CONTROL_PLANE_SERVICE = "omni.v1.ControlPlane"

@@ -13,7 +13,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from omni_rpc.logging import get_logger
 
@@ -75,25 +77,66 @@ class CoordinatorMetrics:
         self.registry.register(_NodeCollector(nodes))
 
 
+NODE_STATES = ("joining", "healthy", "unhealthy", "draining", "left")
+
+
+def node_families(nodes: Iterable[tuple[str, str, int]]) -> list[Metric]:
+    """The per-node gauges of (node_id, state, in_flight) tuples."""
+    in_flight = GaugeMetricFamily(
+        "omni_node_in_flight", "Requests the coordinator has on each node.", labels=["node_id"]
+    )
+    state = GaugeMetricFamily(
+        "omni_node_state", "1 for the state each node is in.", labels=["node_id", "state"]
+    )
+    for node_id, current, count in list(nodes):
+        in_flight.add_metric([node_id], count)
+        for name in NODE_STATES:
+            state.add_metric([node_id, name], 1.0 if name == current else 0.0)
+    return [in_flight, state]
+
+
 class _NodeCollector(Collector):
-    STATES = ("joining", "healthy", "unhealthy", "draining", "left")
+    STATES = NODE_STATES
 
     def __init__(self, nodes: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         self.nodes = nodes
 
     def collect(self) -> Iterable[Metric]:
-        in_flight = GaugeMetricFamily(
-            "omni_node_in_flight", "Requests the coordinator has on each node.", labels=["node_id"]
-        )
-        state = GaugeMetricFamily(
-            "omni_node_state", "1 for the state each node is in.", labels=["node_id", "state"]
-        )
-        for node_id, current, count in list(self.nodes()):
-            in_flight.add_metric([node_id], count)
-            for name in self.STATES:
-                state.add_metric([node_id, name], 1.0 if name == current else 0.0)
-        yield in_flight
-        yield state
+        yield from node_families(self.nodes())
+
+
+def merge_exposition(texts: Iterable[str]) -> list[Metric]:
+    """The metrics of several processes (Prometheus text format) as one process's: every
+    sample's value summed over the texts by metric name and labels, families in the order
+    first seen. Counters, histograms (buckets, count, sum) and gauges of counts add up;
+    ``_created`` timestamps are dropped (a sum of them means nothing).
+
+    A coordinator with ``--workers N`` serves its workers' request metrics this way on the
+    control process's ``--metrics-port``.
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name.endswith("_created"):
+                continue  # the text format carries them as gauges of their own
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            into = values[family.name]
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                into[key] = into.get(key, 0.0) + sample.value
+    merged = []
+    for name, family in families.items():
+        family.samples = [
+            Sample(sample_name, dict(labels), value)
+            for (sample_name, labels), value in values[name].items()
+        ]
+        merged.append(family)
+    return merged
 
 
 class EngineCollector(Collector):

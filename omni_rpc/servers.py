@@ -137,13 +137,18 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     max_message_bytes: int = config.MAX_MESSAGE_BYTES,
+    reuse_port: bool = False,
 ) -> grpc.aio.Server:
+    """A server; ``reuse_port`` lets the processes of one coordinator share its port
+    (SO_REUSEPORT). Off, a port another process listens on fails to bind: gRPC would
+    otherwise turn SO_REUSEPORT on by itself (on Linux) and share the port silently."""
     return grpc.aio.server(
         # Auth first: an unauthenticated caller learns nothing, not even a parse error.
         interceptors=[*interceptors, DecodeGuard()],
         options=[
             ("grpc.max_send_message_length", config.MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             *config.KEEPALIVE_SERVER_OPTIONS,
         ],
     )
@@ -182,7 +187,7 @@ async def start_health_only(health: HealthServicer, listen: str | None) -> grpc.
     """A second, plaintext server carrying only ``health`` (the same statuses)."""
     if not listen:
         return None
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bind(server, listen)
     await server.start()
@@ -208,9 +213,9 @@ def bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None = None) -> i
         else:
             port = server.add_insecure_port(listen)
     except RuntimeError as exc:  # grpc reports a taken or bad address this way
-        raise OSError(f"cannot listen on {listen}: {exc}") from None
+        raise OSError(f"cannot listen on {listen} (address in use?): {exc}") from None
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise OSError(f"cannot listen on {listen} (address in use?)")
     return port
 
 

@@ -42,7 +42,7 @@ def test_every_contract_service_and_method_is_generated() -> None:
         "DrainNode",
     }
     assert methods(registry_pb2, "Registry") == {"Join", "Leave"}
-    assert methods(node_agent_pb2, "NodeAgent") == {"Generate", "GetLoad"}
+    assert methods(node_agent_pb2, "NodeAgent") == {"Generate", "GetLoad", "Session"}
     assert coordinator_pb2.DESCRIPTOR.package == "omni.v1"
 
 

@@ -83,6 +83,11 @@ def _client(args: argparse.Namespace) -> CoordinatorClient:
     return CoordinatorClient(args.coordinator, security=client_security(args))
 
 
+def _workers(text: str) -> str:
+    """``omni up --workers``: passed to the coordinator as given, checked here first."""
+    return text if text == "auto" else str(argtypes.positive_int(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omni", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--max-retries", type=argtypes.non_negative_int, default=config.DEFAULT_MAX_RETRIES
+    )
+    up.add_argument(
+        "--workers",
+        type=_workers,
+        default=str(config.DEFAULT_COORDINATOR_WORKERS),
+        metavar="N",
+        help="the coordinator's processes serving Generate (auto: one per core; above 1, plus "
+        "a control process) (default: %(default)s)",
     )
     up.add_argument(
         "--listen",
@@ -377,6 +390,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         model=args.model or config.DEFAULT_MODELS[args.engine],
         launcher=launcher,
         agent_args=agent_args,
+        coordinator_args=["--workers", args.workers],
         listen=args.listen,
         log_dir=args.log_dir,
         auth=_auth_wanted(args.auth, launcher == "ray", args.listen),

@@ -124,6 +124,8 @@ class ChaosConfig:
     # The load goes on past the requested count until the first round of faults (one of each
     # kind) is over and the nodes are healthy again, so every kind meets load; at most this long.
     first_round_limit_s: float = 90.0
+    # The coordinator's processes serving Generate (`--workers`; above 1, plus a control process).
+    workers: int = 1
 
     def coordinator_args(self) -> list[str]:
         return [
@@ -135,6 +137,8 @@ class ChaosConfig:
             str(self.breaker_base_ejection),
             "--breaker-max-ejection",
             str(self.breaker_max_ejection),
+            "--workers",
+            str(self.workers),
         ]
 
     def agent_args(self) -> list[str]:
@@ -1121,6 +1125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--strategy", default=ChaosConfig.strategy, help="load balancing strategy")
+    p.add_argument(
+        "--workers", type=int, default=ChaosConfig.workers, help="the coordinator's --workers"
+    )
     p.add_argument("--log-dir", type=Path, help="per-process logs (default: a temporary dir)")
     p.add_argument("--markdown", type=Path, help="also write the report as a markdown section")
     p.add_argument("--json", type=Path, help="also write faults and failed requests as JSON")
@@ -1131,7 +1138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(message: str) -> None:
         print(f"[chaos] {message}", file=sys.stderr, flush=True)
 
-    cfg = ChaosConfig(strategy=args.strategy)
+    cfg = ChaosConfig(strategy=args.strategy, workers=args.workers)
     report = run_chaos(
         args.seed, args.requests, args.concurrency, args.nodes, args.log_dir, cfg, progress
     )
@@ -1141,6 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"python -m tests.chaos.harness --seed {args.seed} --requests {args.requests} "
             f"--concurrency {args.concurrency} --nodes {args.nodes}"
             + (f" --strategy {args.strategy}" if args.strategy != ChaosConfig.strategy else "")
+            + (f" --workers {args.workers}" if args.workers != ChaosConfig.workers else "")
         )
         args.markdown.write_text(report.markdown(command))
         print(f"markdown written to {args.markdown}")

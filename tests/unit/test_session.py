@@ -46,7 +46,7 @@ class ScriptedCall:
 
     def break_with(self, code: grpc.StatusCode, details: str) -> None:
         empty = grpc.aio.Metadata()
-        self.frames.put_nowait(grpc.aio.AioRpcError(code, empty, empty, details))
+        self.frames.put_nowait(grpc.aio.AioRpcError(code, empty, empty, details, None))
 
     async def starts(self, count: int) -> list[node_agent_pb2.SessionStart]:
         while sum(len(w.starts) for w in self.written) < count:
