@@ -1,4 +1,5 @@
-"""The NodeAgent gRPC service: turns a bidirectional Generate stream into an engine request."""
+"""The NodeAgent gRPC service: turns a bidirectional Generate stream into an engine request,
+and serves the multiplexed Session stream (node_agent/session.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from node_agent.engine import Delta, Engine, EngineError, EngineOverloaded, EngineRequest
+from node_agent.engine import Delta, Engine, EngineError, EngineOverloaded
+from node_agent.session import CoordinatorSession, Refused, SessionContext, admit, stream_interval
 from omni_rpc import config
 from omni_rpc.logging import get_logger
 from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc, node_pb2
-from omni_rpc.validation import InvalidRequest, validate_request
+from omni_rpc.validation import InvalidRequest
 
 log = get_logger("node_agent.service")
 
@@ -20,15 +22,19 @@ _END = object()
 
 
 async def coalesce(
-    deltas: AsyncIterator[Delta], abandon: Callable[[], Awaitable[None]] | None = None
+    deltas: AsyncIterator[Delta],
+    abandon: Callable[[], Awaitable[None]] | None = None,
+    interval: int = config.DEFAULT_STREAM_INTERVAL,
 ) -> AsyncGenerator[Delta, None]:
     """Yield the deltas of ``deltas``, merging those that are ready at the same time.
 
     A pump task reads the engine as fast as it produces; each message the consumer sends
     takes everything queued so far. No delta waits for another: a slow consumer just gets
     fewer, larger messages (the message count, not the token count, is what costs).
-    ``abandon`` is awaited when the consumer stops before the engine's stream has ended
-    (client gone, deadline): while the engine still has the request, before it is closed.
+    Output is held until it has ``interval`` tokens (the request's stream_interval), except
+    at the end. ``abandon`` is awaited when the consumer stops before the engine's stream has
+    ended (client gone, deadline): while the engine still has the request, before it is
+    closed.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -41,25 +47,28 @@ async def coalesce(
             queue.put_nowait(exc)
 
     task = asyncio.create_task(pump())
+    merged: Delta | None = None
     try:
         while True:
             item = await queue.get()
-            if item is _END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            assert isinstance(item, Delta)
-            merged = item
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if not isinstance(nxt, Delta):
+            while True:
+                if not isinstance(item, Delta):
                     # Deliver what we have, then the end or the error.
-                    yield merged
-                    if isinstance(nxt, Exception):
-                        raise nxt
+                    if merged is not None:
+                        yield merged
+                    if isinstance(item, Exception):
+                        raise item
                     return
-                merged.merge(nxt)
-            yield merged
+                if merged is None:
+                    merged = item
+                else:
+                    merged.merge(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if merged.finish_reason is not None or len(merged.token_ids) >= interval:
+                yield merged
+                merged = None
     finally:
         if abandon is not None and not task.done():
             # Not after the close: an engine may remember the abort of a request it no longer
@@ -83,6 +92,16 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def request_started(self) -> None:
+        """Count a request in flight (on Generate or on a Session): drain waits for it."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False if ``timeout_s`` passed first."""
@@ -108,29 +127,14 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             )
             return
         request = first.generate
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id} is draining")
-        if not self.engine.is_healthy():
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"engine of node {self.node_id} is not serving"
-            )
         try:
-            sampling = validate_request(request, max_tokens_cap=self.max_tokens_cap)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            engine_request = admit(self, first)
+        except Refused as exc:
+            await context.abort(exc.code, exc.details)
             return
-        engine_request = EngineRequest(
-            request_id=request.request_id,
-            sampling=sampling,
-            prompt=request.prompt,
-            prompt_token_ids=tuple(request.prompt_token_ids),
-            resume_token_ids=tuple(first.resume.token_ids),
-            resume_text=first.resume.text,
-        )
         attempt = first.attempt or 1
         bound = log.bind(request_id=request.request_id, node_id=self.node_id, attempt=attempt)
-        self.in_flight += 1
-        self._idle.clear()
+        self.request_started()
         finished = False
 
         async def abandon() -> None:
@@ -139,7 +143,7 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
 
         try:
             async with contextlib.aclosing(
-                coalesce(self.engine.generate(engine_request), abandon)
+                coalesce(self.engine.generate(engine_request), abandon, stream_interval(request))
             ) as deltas:
                 async for delta in deltas:
                     response = generate_pb2.GenerateResponse(
@@ -167,9 +171,14 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             if not finished:
                 # Aborted in the engine by coalesce (abandon): the call was cancelled.
                 bound.info("request aborted")
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self.request_ended()
+
+    async def Session(  # type: ignore[override]  # a coroutine: it writes with context.write
+        self,
+        request_iterator: AsyncIterator[node_agent_pb2.SessionRequest],
+        context: SessionContext,
+    ) -> None:
+        await CoordinatorSession(self, context).serve(request_iterator)
 
     async def GetLoad(
         self,

@@ -656,6 +656,8 @@ target (three agents, one coordinator) and a semaphore holding the concurrency.
 
 
 SECTIONS = ("sim", "vllm")
+# Written by scripts/bench_peers.py (`make bench-peers`); this script only keeps it.
+PEERS_SECTION = "peers"
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -684,6 +686,11 @@ def write_doc(path: Path, sections: dict[str, str], duration_s: float) -> None:
         start, end = _markers(name)
         parts.append(f"{start}\n{body.rstrip()}\n{end}")
     ran = " and ".join(f"`{n}`" for n in SECTIONS if n in sections)
+    # `make bench-peers` owns a section of its own (scripts/bench_peers.py): kept as it is.
+    peers = kept_section(path, PEERS_SECTION)
+    if peers is not None:
+        start, end = _markers(PEERS_SECTION)
+        parts.append(f"{start}\n{peers.rstrip()}\n{end}")
     joined = "\n\n".join(parts)
     text = f"""# Benchmarks
 

@@ -19,8 +19,11 @@ Output is a pure function, so a test can compute what any request must return:
 
 ``simulate(...)`` computes the whole completion; the engine streams the same thing with time to
 first token ``ttft_ms`` and an inter-token latency of ``itl_ms * (1 + itl_growth * (running -
-1))``, so a busier engine is slower, as a batching engine is. At most ``max_concurrency``
-requests run; the rest wait in FIFO order.
+1))``, so a busier engine is slower, as a batching engine is. Like vLLM, it runs in steps: every
+running request past its first token advances one token at the end of the engine's current
+step, so the requests' outputs come out together, once per step, as vLLM's do (and a node agent
+sends them in one message). At most ``max_concurrency`` requests run; the rest wait in FIFO
+order.
 
 Fault injection (``set_fault``, or ``--sim-fault`` and SIGUSR1/SIGUSR2 in the agent):
 ``dead`` stops the engine (health turns false, running requests fail at their next token,
@@ -140,6 +143,8 @@ class SimEngine(Engine):
         self._generated_tokens = 0
         self.fault = "none"
         self._rejected = 0
+        # The end of the engine's current step: set when it comes, replaced by the next one.
+        self._step: asyncio.Event | None = None
 
     @property
     def capacity(self) -> int:
@@ -185,6 +190,18 @@ class SimEngine(Engine):
 
     def _inter_token_s(self) -> float:
         return self.cfg.itl_ms * (1.0 + self.cfg.itl_growth * max(0, self._running - 1)) / 1000.0
+
+    async def _next_step(self) -> None:
+        """Wait for the end of the engine's current step (the first waiter starts one).
+
+        One timer per step for all running requests, not one per request and token; an Event,
+        so a request that is cancelled while waiting leaves the step to the others.
+        """
+        step = self._step
+        if step is None or step.is_set():
+            step = self._step = asyncio.Event()
+            asyncio.get_running_loop().call_later(self._inter_token_s(), step.set)
+        await step.wait()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
         if not self._healthy:
@@ -262,7 +279,7 @@ class SimEngine(Engine):
                 )
                 return
             if position > start:
-                await asyncio.sleep(self._inter_token_s())
+                await self._next_step()
             if not self._healthy:
                 raise EngineDead("simulated engine stopped mid-request")
             token = token_at(digest, s.seed or 0, position)

@@ -662,3 +662,38 @@ async def test_coalesce_closes_a_source_that_is_not_a_generator(clock: VirtualCl
     assert (await anext(stream)).token_ids == [1]
     await stream.aclose()
     assert events == ["abandon", "source closed"]
+
+
+async def test_coalesce_holds_output_until_the_stream_interval(clock: VirtualClock) -> None:
+    async def paced() -> AsyncIterator[Delta]:
+        for i in range(8):
+            await asyncio.sleep(0.01)
+            yield delta(i, "length" if i == 7 else None)
+
+    out = [d async for d in coalesce(paced(), interval=3)]
+    # Every message but the last has at least three tokens; the last one ends the stream.
+    assert [d.token_ids for d in out] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert out[-1].finish_reason == "length"
+
+
+async def test_coalesce_delivers_held_output_before_an_error(clock: VirtualClock) -> None:
+    async def failing() -> AsyncIterator[Delta]:
+        for i in range(4):
+            await asyncio.sleep(0.01)
+            yield delta(i)
+        raise EngineError("late failure")
+
+    received: list[list[int]] = []
+    with pytest.raises(EngineError, match="late failure"):
+        async for d in coalesce(failing(), interval=3):
+            received.append(d.token_ids)
+    assert received == [[0, 1, 2], [3]]
+
+
+async def test_stream_interval_on_generate(service: NodeAgentService) -> None:
+    message = first_message(max_tokens=20)
+    message.generate.stream_interval = 6
+    responses, aborted = await run(service, message)
+    assert aborted is None
+    assert tokens(responses) == simulate(PROMPT, max_tokens=20).token_ids
+    assert [len(r.token_ids) for r in responses] == [6, 6, 6, 2]
