@@ -179,10 +179,9 @@ class Registry:
         known = self.nodes.get(request.node_id)
         if known is not None and known.address == request.address:
             # A refresh: the agent's other facts may have changed (capacity, version).
-            changed = known.info != request
-            known.info = request
-            self._refresh()
-            if changed:
+            if known.info != request:  # most refreshes change nothing: nothing to redo
+                known.info = request
+                self._refresh()
                 self._changed(known)
             return known, False
         if known is not None:

@@ -51,7 +51,9 @@ NO_NODE_BACKOFF_BASE_S = 0.05
 NO_NODE_BACKOFF_CAP_S = 1.0
 
 # Agent membership: how often an agent refreshes its registration, and its re-join backoff.
-JOIN_REFRESH_INTERVAL_S = 5.0
+# The refresh is a safety net: an agent watches the coordinator's health and re-joins at once
+# when it is lost; each refresh costs the coordinator a Join and a new health stream per node.
+JOIN_REFRESH_INTERVAL_S = 15.0
 JOIN_BACKOFF_BASE_S = 0.2
 JOIN_BACKOFF_CAP_S = 5.0
 

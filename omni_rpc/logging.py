@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import queue
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -21,6 +23,10 @@ def resolve_format(fmt: str) -> str:
     if fmt == "auto":
         return "console" if sys.stderr.isatty() else "json"
     return fmt
+
+
+# How long the writer lets a burst of lines gather before writing it.
+_BATCH_WAIT_S = 0.01
 
 
 class _Writer:
@@ -43,14 +49,23 @@ class _Writer:
         self._queue.put((renderer, file, event))
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            renderer, file, event = item
-            try:
-                file.write(renderer(None, "", event) + "\n")
-                if self._queue.empty():
-                    file.flush()
-            except Exception:  # a closed stream at exit: nothing left to tell anyone
-                pass
+        while True:
+            batch = [self._queue.get()]
+            # Lines that come in a burst are written together: one wake-up of this thread, and
+            # one hand-over of the interpreter lock, per burst rather than per line.
+            time.sleep(_BATCH_WAIT_S)
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            for item in batch:
+                if item is None:
+                    return
+                renderer, file, event = item
+                try:
+                    file.write(renderer(None, "", event) + "\n")
+                except Exception:  # a closed stream at exit: nothing left to tell anyone
+                    pass
+            with contextlib.suppress(Exception):
+                file.flush()
 
     def flush(self) -> None:
         if self._thread.is_alive():
