@@ -92,5 +92,7 @@ class GrpcConnector:
         self.max_buffered_tokens = max_buffered_tokens
 
     def __call__(self, node: registry_pb2.JoinRequest) -> NodeClient:
-        channel = self.security.aio_channel(node.address, config.KEEPALIVE_CHANNEL_OPTIONS)
+        channel = self.security.aio_channel(
+            node.address, [*config.KEEPALIVE_CHANNEL_OPTIONS, *config.SESSION_CHANNEL_OPTIONS]
+        )
         return GrpcNodeClient(channel, node.node_id, self.max_buffered_tokens)

@@ -99,6 +99,19 @@ KEEPALIVE_CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# The coordinator's channel to an agent carries its multiplexed session. A small, fixed receive
+# window (no growth by bandwidth probing) keeps the agent from running far ahead of a busy
+# coordinator: its writes wait, and the output of each request merges on the agent into fewer,
+# larger messages, instead of thousands of small ones queued in the transport, each costing
+# the coordinator a read and every new request's first token waiting behind them. Measured
+# (zero engine time, 64 streams of 100 tokens, 2 agents): 12k tokens/s with the default
+# growing window, 22k at 32 KiB, 30k at 8 KiB, 32k at 4 KiB; 256 paced streams unchanged.
+# Outputs far larger than the window (media) take a round trip per window's worth.
+SESSION_WINDOW_BYTES = 4 * 1024
+SESSION_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", SESSION_WINDOW_BYTES),
+]
 # Servers must accept those pings, or they answer GOAWAY "too_many_pings".
 KEEPALIVE_SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),

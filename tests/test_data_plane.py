@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from node_agent.engines.sim import simulate
+from omni_rpc import DistributedOrchestrator
 from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2, node_pb2
@@ -244,6 +245,11 @@ async def test_stream_interval_sets_the_fewest_tokens_per_message(
         per_request.stream_interval = interval
         sizes = [len(r.token_ids) async for r in stub.Generate(per_request, timeout=30)]
         default = [len(r.token_ids) async for r in stub.Generate(request(2, 40), timeout=30)]
+    orch = DistributedOrchestrator(coordinator=cluster.coordinator_address, timeout=30)
+    deltas = [d async for d in orch.stream("via the SDK", max_tokens=40, stream_interval=interval)]
+    await orch.aclose()
+    assert all(len(d.token_ids) >= interval for d in deltas[:-1])
+    assert sum(len(d.token_ids) for d in deltas) == 40
     assert sum(sizes) == 40 and all(n >= interval for n in sizes[:-1])
     assert sum(default) == 40 and all(n >= 3 for n in default[:-1])
     if interval == 1:

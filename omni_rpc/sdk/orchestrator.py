@@ -262,15 +262,21 @@ class DistributedOrchestrator:
         max_retries: int | None = None,
         *,
         timeout: float | None = None,
+        stream_interval: int | None = None,
         **sampling: Any,
     ) -> AsyncGenerator[GenerationDelta, None]:
         """Stream one generation as deltas.
+
+        ``stream_interval``: the fewest tokens per delta (the last may have fewer); None takes
+        the coordinator's default (``--stream-interval``, 1 unless set otherwise).
 
         While the coordinator is unreachable (restarting, say), a call that has received
         nothing yet waits and is retried with backoff until its deadline; failover between
         nodes is the coordinator's job.
         """
         request = build_request(prompt, max_retries, sampling)
+        if stream_interval is not None:
+            request.stream_interval = stream_interval
         await self._ensure_ready()
         deadline = time.monotonic() + (timeout or self.timeout)
         backoff = Backoff(config.RETRY_BACKOFF_BASE_S, config.RETRY_BACKOFF_CAP_S)
