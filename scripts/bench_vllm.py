@@ -10,9 +10,10 @@ engines with the same settings (``VllmConfig`` -> ``engine_args``, exactly what
   the model;
 * **agent**: one ``python -m node_agent --engine vllm`` process (standalone: its coordinator
   address points at a closed port, so it keeps retrying to join in the background, which
-  costs nothing measurable); the load generator calls its ``NodeAgent.Generate`` over one
-  grpc.aio channel, with the first message ``AgentRequest(generate=..., attempt=1)`` as the
-  coordinator sends it. The agent process runs vLLM's front end plus the gRPC server.
+  costs nothing measurable); the load generator reaches it the way a coordinator does: every
+  request on one multiplexed ``NodeAgent.Session``, through the coordinator's own session
+  client (``coordinator.session.AgentSession``), so outputs of one engine step travel together.
+  The agent process runs vLLM's front end plus the gRPC server.
 
 Both see the same workloads (same prompts, greedy, ``ignore_eos`` so every request makes
 exactly ``max_tokens`` tokens): a batch of 16 concurrent requests (throughput) and a few
@@ -53,6 +54,7 @@ from bench import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.session import AgentSession
 from node_agent.engines.vllm import VllmConfig, engine_args
 from node_agent.models import resolve as resolve_model
 from omni_rpc import config
@@ -225,6 +227,9 @@ def in_process_call(llm: Any) -> Call:
 
 
 def agent_call(stub: node_agent_pb2_grpc.NodeAgentAsyncStub) -> Call:
+    # The coordinator's own session client: the path every routed request takes to an agent.
+    session = AgentSession(lambda: stub.Session(), "bench")  # type: ignore[call-arg]
+
     async def call(index: int, request_id: str, max_tokens: int) -> Sample:
         request = generate_pb2.GenerateRequest(
             request_id=request_id,
@@ -234,14 +239,15 @@ def agent_call(stub: node_agent_pb2_grpc.NodeAgentAsyncStub) -> Call:
             ),
         )
         start = time.perf_counter()
-        stream = stub.Generate(None, timeout=REQUEST_TIMEOUT_S)
+        attempt = session.start(
+            node_agent_pb2.AgentRequest(generate=request, attempt=1), REQUEST_TIMEOUT_S
+        )
         finished = False
         first: float | None = None
         tokens = messages = 0
         finish_reason = ""
         try:
-            await stream.write(node_agent_pb2.AgentRequest(generate=request, attempt=1))
-            async for response in stream:
+            async for response in attempt:
                 messages += 1
                 if response.token_ids:
                     if first is None:
@@ -252,7 +258,7 @@ def agent_call(stub: node_agent_pb2_grpc.NodeAgentAsyncStub) -> Call:
             finished = True
         finally:
             if not finished:
-                stream.cancel()
+                attempt.cancel()
         end = time.perf_counter()
         check_end(finish_reason, tokens, max_tokens)
         assert first is not None
@@ -640,11 +646,11 @@ run:
 - **in-process**: `AsyncLLM.from_engine_args(...)` inside the bench process, called with
   `AsyncLLM.generate` (`output_kind=DELTA`, as the agent does);
 - **agent**: one `python -m node_agent --engine vllm --model {MODEL}
-  {" ".join(AGENT_ARGS)}` process, called over one grpc.aio channel with
-  `NodeAgent.Generate` (first message `AgentRequest(generate=..., attempt=1)`, the
-  coordinator's call). No coordinator runs: the agent's `--coordinator` points at a closed
-  port, so it keeps retrying to join in the background (a connection attempt every few
-  seconds).
+  {" ".join(AGENT_ARGS)}` process, called the way a coordinator calls it: every request on
+  one multiplexed `NodeAgent.Session` stream, through the coordinator's own session client
+  (`coordinator.session.AgentSession`). No coordinator runs: the agent's `--coordinator`
+  points at a closed port, so it keeps retrying to join in the background (a connection
+  attempt every few seconds).
 
 Workloads, identical on both sides (16 distinct prompts of about 30 tokens, greedy,
 `ignore_eos` so every request makes exactly `max_tokens` tokens):
