@@ -42,6 +42,22 @@ def status_code(value: int) -> grpc.StatusCode:
     return _STATUS_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
 
 
+def session_error(exc: grpc.aio.AioRpcError) -> NodeCallError:
+    """What the attempts on a session that failed see.
+
+    A failure of the session itself is the node's, never one request's (those arrive as
+    outputs): UNAVAILABLE, so every attempt on it fails over, with the session's own status in
+    the details (an agent too old to serve sessions says UNIMPLEMENTED, a token mismatch
+    PERMISSION_DENIED; either way the request is served elsewhere and the node takes the blame).
+    """
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return NodeCallError(code, details)
+    return NodeCallError(
+        grpc.StatusCode.UNAVAILABLE, f"the node's session failed: {code.name} {details}".strip()
+    )
+
+
 class SessionAttempt:
     """One attempt on a session: the mailbox its outputs land in, read as an AttemptStream."""
 
@@ -259,7 +275,7 @@ class AgentSession:
                 self._starts, self._cancels = [], []
                 await call.write(batch)
         except grpc.aio.AioRpcError as exc:
-            self._broken(call, NodeCallError(exc.code(), exc.details() or ""))
+            self._broken(call, session_error(exc))
         except asyncio.InvalidStateError:  # written after the call ended: the reader reports
             pass
 
@@ -276,7 +292,7 @@ class AgentSession:
                     if attempt is not None:
                         attempt.push(output)
         except grpc.aio.AioRpcError as exc:
-            error = NodeCallError(exc.code(), exc.details() or "")
+            error = session_error(exc)
         self._broken(call, error)
 
     def _broken(self, call: Any, error: NodeCallError) -> None:

@@ -223,3 +223,17 @@ async def test_closed_session_refuses_new_attempts() -> None:
     with pytest.raises(NodeCallError) as caught:
         session.start(first("a"), None)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_session_refused_by_the_node_fails_its_attempts_over() -> None:
+    # An agent that cannot serve sessions (too old: UNIMPLEMENTED) fails the node, not the
+    # request: UNAVAILABLE, which dispatch fails over, with the real status in the details.
+    opener = Opener()
+    session = AgentSession(opener, "n1")
+    attempt = session.start(first("a"), None)
+    opener.calls[0].break_with(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+    with pytest.raises(NodeCallError) as caught:
+        await next_response(attempt)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "UNIMPLEMENTED" in caught.value.details and "Method not found!" in caught.value.details
+    await session.close()
