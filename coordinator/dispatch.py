@@ -29,7 +29,8 @@ from omni_rpc.logging import get_logger
 from omni_rpc.metrics import CoordinatorMetrics
 from omni_rpc.v1 import generate_pb2, node_agent_pb2
 
-log = get_logger("coordinator.dispatch")
+# Deferred: its lines (one per request, and one per failover) are written off the event loop.
+log = get_logger("coordinator.dispatch", deferred=True)
 
 
 class Failure(enum.Enum):

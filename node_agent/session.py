@@ -30,7 +30,8 @@ from omni_rpc.validation import InvalidRequest, validate_request
 if TYPE_CHECKING:
     from node_agent.service import NodeAgentService
 
-log = get_logger("node_agent.session")
+# Deferred: a line per aborted request, written off the event loop.
+log = get_logger("node_agent.session", deferred=True)
 
 SessionContext = grpc.aio.ServicerContext[
     node_agent_pb2.SessionRequest, node_agent_pb2.SessionResponse

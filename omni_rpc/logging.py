@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
-import queue
 import sys
 import threading
 import time
@@ -25,59 +25,72 @@ def resolve_format(fmt: str) -> str:
     return fmt
 
 
-# How long the writer lets a burst of lines gather before writing it.
+# How long the writer lets a burst of deferred lines gather before writing it.
 _BATCH_WAIT_S = 0.01
+# The event key that marks a line as deferred (see ``get_logger``); never rendered.
+_DEFERRED = "_deferred"
+
+_Line = tuple[Any, TextIO, dict[str, Any]]
 
 
 class _Writer:
-    """Renders and writes log lines on a thread of its own.
+    """Renders and writes log lines, in order.
 
-    Every line is rendered (JSON or console) and written here, not on the caller's event loop:
-    a coordinator logs one line per request, and the loop has streams to serve. Lines keep
-    their order; whatever is queued is written before the process exits normally.
+    Deferred lines (the per-request ones on the data path) are queued and rendered and written
+    by a thread of its own, in bursts: not on the caller's event loop, which has streams to
+    serve. Every other line is written at once by its caller, after whatever is queued, so
+    order is kept and a line about a failure is out before the process goes on (or exits).
+    What is still queued is written when the process exits normally.
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Any, TextIO, dict[str, Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._lines: collections.deque[_Line] = collections.deque()
+        self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
         atexit.register(self.flush)
 
-    def put(self, renderer: Any, file: TextIO, event: dict[str, Any]) -> None:
-        self._queue.put((renderer, file, event))
+    def defer(self, line: _Line) -> None:
+        with self._ready:
+            self._lines.append(line)
+            self._ready.notify()
+
+    def write_now(self, line: _Line) -> None:
+        with self._ready:
+            self._lines.append(line)
+            self._write_queued()
+
+    def flush(self) -> None:
+        with self._ready:
+            self._write_queued()
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            with self._ready:
+                self._ready.wait_for(lambda: bool(self._lines))
             # Lines that come in a burst are written together: one wake-up of this thread, and
             # one hand-over of the interpreter lock, per burst rather than per line.
             time.sleep(_BATCH_WAIT_S)
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            for item in batch:
-                if item is None:
-                    return
-                renderer, file, event = item
-                try:
-                    file.write(renderer(None, "", event) + "\n")
-                except Exception:  # a closed stream at exit: nothing left to tell anyone
-                    pass
+            self.flush()
+
+    def _write_queued(self) -> None:
+        """Write every queued line (the caller holds ``_ready``)."""
+        files = set()
+        while self._lines:
+            renderer, file, event = self._lines.popleft()
+            files.add(file)
+            with contextlib.suppress(Exception):  # a closed stream at exit: no one to tell
+                file.write(renderer(None, "", event) + "\n")
+        for file in files:
             with contextlib.suppress(Exception):
                 file.flush()
-
-    def flush(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout=5)
 
 
 _writer: _Writer | None = None
 
 
-class _QueuedLogger:
-    """The structlog logger: hands each event to the writer thread, rendered there."""
+class _WriterLogger:
+    """The structlog logger: hands each event to the writer, which renders it."""
 
     def __init__(self, writer: _Writer, renderer: Any, file: TextIO) -> None:
         self._writer = writer
@@ -85,7 +98,10 @@ class _QueuedLogger:
         self._file = file
 
     def msg(self, event: dict[str, Any]) -> None:
-        self._writer.put(self._renderer, self._file, event)
+        if event.pop(_DEFERRED, False):
+            self._writer.defer((self._renderer, self._file, event))
+        else:
+            self._writer.write_now((self._renderer, self._file, event))
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
@@ -116,7 +132,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", **context: Any) ->
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, _hand_over],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=lambda *_: _QueuedLogger(writer, renderer, file),
+        logger_factory=lambda *_: _WriterLogger(writer, renderer, file),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
@@ -140,5 +156,11 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", **context: Any) ->
     logging.captureWarnings(True)
 
 
-def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+def get_logger(name: str, deferred: bool = False) -> Any:
+    """A structlog logger. ``deferred``: its lines are rendered and written on the writer's
+    thread, in bursts, a few milliseconds later (for the per-request lines of the data path);
+    otherwise each line is out when the call returns."""
+    # Initial values, not bind(): binding now would build the logger before configure_logging.
+    return (
+        structlog.get_logger(name, **{_DEFERRED: True}) if deferred else structlog.get_logger(name)
+    )

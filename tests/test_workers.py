@@ -123,10 +123,15 @@ def test_stats_and_metrics_are_sums_over_workers(make_cluster: MakeCluster, tmp_
     # Both workers took connections (40 of them: the chance of one worker getting all is nil).
     assert min(per_worker) > 0, per_worker
     assert "omni_health_probe_duration_seconds_count" in text
+
     # Every worker's log lines say which worker wrote them.
-    lines = [json.loads(line) for line in cluster.coordinator.log_path.read_text().splitlines()]  # type: ignore[union-attr]
-    finished = [line for line in lines if line.get("event") == "request finished"]
-    assert len(finished) == 200
+    def finished_lines() -> list[dict[str, object]]:
+        log_path = cluster.coordinator.log_path  # type: ignore[union-attr]
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        return [line for line in lines if line.get("event") == "request finished"]
+
+    # Request lines are written off the event loop, a few milliseconds after the request.
+    finished = wait_until(lambda: len(finished_lines()) == 200 and finished_lines(), 10, "logs")
     assert {line["worker"] for line in finished} == {0, 1}
 
 
