@@ -31,7 +31,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from coordinator.circuit import BreakerPolicy
+from coordinator import assembly
 from coordinator.dispatch import DispatchCounters
-from coordinator.health import HealthMonitor
-from coordinator.node_client_grpc import GrpcConnector
 from coordinator.ports import reserve_port
 from coordinator.registry import Node, Registry, state_name
 from coordinator.replica import node_counters
@@ -342,14 +340,8 @@ class ClusterCollector(Collector):
 
 
 def _counters(answer: control_pb2.WorkerStats) -> DispatchCounters:
-    return DispatchCounters(
-        requests_total=answer.requests_total,
-        requests_succeeded=answer.requests_succeeded,
-        requests_failed=answer.requests_failed,
-        retries_total=answer.retries_total,
-        resumes_total=answer.resumes_total,
-        in_flight=answer.in_flight,
-    )
+    # WorkerStats carries DispatchCounters' fields under their names.
+    return DispatchCounters(**{f.name: getattr(answer, f.name) for f in fields(DispatchCounters)})
 
 
 class ControlCoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
@@ -551,19 +543,8 @@ async def serve_control(args: argparse.Namespace, guard: security.ServerSecurity
     host = args.listen.rsplit(":", 1)[0]
     # Free (not even shared) and concrete: the workers then share it among themselves only.
     port = reserve_port(args.listen)
-    registry = Registry(
-        GrpcConnector(guard.outgoing, max_buffered_tokens=args.max_buffered_tokens),
-        BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
-        readmit_after=args.readmit_after,
-    )
     local_metrics = CoordinatorMetrics()
-    HealthMonitor(
-        registry,
-        args.health_check_interval,
-        args.health_check_timeout,
-        observe_probe=local_metrics.health_probe_duration.observe,
-    )
-    registry.on_ejected.append(lambda node: local_metrics.ejections.labels(node.node_id).inc())
+    registry = assembly.monitored_registry(args, guard, local_metrics)
     hub = ControlHub(registry, args.health_check_interval)
     coordinator = ControlCoordinatorService(
         registry,

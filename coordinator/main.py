@@ -11,16 +11,10 @@ import asyncio
 import os
 import sys
 
-from coordinator import control
-from coordinator.admission import Admission, Limits
-from coordinator.balancer import Balancer
-from coordinator.circuit import BreakerPolicy
-from coordinator.dispatch import Dispatcher
-from coordinator.health import HealthMonitor
-from coordinator.node_client_grpc import GrpcConnector
-from coordinator.registry import Registry, state_name
+from coordinator import assembly, control
+from coordinator.registry import state_name
 from coordinator.service import CoordinatorService, RegistryService
-from coordinator.strategies import STRATEGIES, make_strategy
+from coordinator.strategies import STRATEGIES
 from omni_rpc import argtypes, config, security, servers, settings
 from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import CoordinatorMetrics, serve_metrics
@@ -166,48 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int:
     stop = servers.stop_event_on_signals()
-    registry = Registry(
-        GrpcConnector(guard.outgoing, max_buffered_tokens=args.max_buffered_tokens),
-        BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
-        readmit_after=args.readmit_after,
-    )
     metrics = CoordinatorMetrics()
-    HealthMonitor(
-        registry,
-        args.health_check_interval,
-        args.health_check_timeout,
-        observe_probe=metrics.health_probe_duration.observe,
-    )
-    registry.on_ejected.append(lambda node: metrics.ejections.labels(node.node_id).inc())
+    registry = assembly.monitored_registry(args, guard, metrics)
     metrics.watch_nodes(
         lambda: [
             (n.node_id, state_name(n.state), n.in_flight) for n in list(registry.nodes.values())
         ]
     )
-    dispatcher = Dispatcher(
-        registry,
-        Balancer(registry, make_strategy(args.strategy)),
-        args.max_retries,
-        no_node_wait_s=args.no_node_wait,
-        metrics=metrics,
-        log_prompts=args.log_prompts,
-        stream_interval=args.stream_interval,
-    )
+    dispatcher, admission = assembly.data_plane(args, registry, metrics)
     coordinator = CoordinatorService(
         registry,
         dispatcher,
         strategy=args.strategy,
         health_check_interval_s=args.health_check_interval,
-        admission=Admission(
-            Limits(
-                max_prompt_bytes=args.max_prompt_bytes,
-                max_tokens_cap=args.max_tokens_cap,
-                max_streams=args.max_streams,
-                max_streams_per_client=args.max_streams_per_client,
-                max_queue=args.max_queue,
-            ),
-            capacity=lambda: registry.capacity,
-        ),
+        admission=admission,
     )
     server = servers.new_server(guard.interceptors, args.max_message_bytes)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)

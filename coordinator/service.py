@@ -148,7 +148,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         request: registry_pb2.JoinRequest,
         context: grpc.aio.ServicerContext[registry_pb2.JoinRequest, registry_pb2.JoinResponse],
     ) -> registry_pb2.JoinResponse:
-        problem = _join_problem(request) or self._identity_problem(request, context)
+        problem = self._join_refusal(request, context)
         if not problem:
             problem = self.registry.takeover_problem(request)
         if problem:
@@ -166,13 +166,26 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         request: registry_pb2.LeaveRequest,
         context: grpc.aio.ServicerContext[registry_pb2.LeaveRequest, registry_pb2.LeaveResponse],
     ) -> registry_pb2.LeaveResponse:
+        await self._check_leave(request, context)
+        self.registry.leave(request.node_id, request.reason, request.address)
+        return registry_pb2.LeaveResponse()
+
+    def _join_refusal(
+        self, request: registry_pb2.JoinRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> str:
+        """Why a join is refused on what the call itself shows (its fields, the caller's
+        certificate); empty if it is not."""
+        return _join_problem(request) or self._identity_problem(request, context)
+
+    async def _check_leave(
+        self, request: registry_pb2.LeaveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Abort a leave the caller may not ask for (another node's, with mutual TLS)."""
         if self.require_cert_identity and request.node_id not in peer_identities(context):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"node {request.node_id!r} may only be removed by itself (certificate identity)",
             )
-        self.registry.leave(request.node_id, request.reason, request.address)
-        return registry_pb2.LeaveResponse()
 
     def _identity_problem(
         self, request: registry_pb2.JoinRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from coordinator.dispatch import DispatchCounters
 from coordinator.registry import HEALTHY, Node, Registry
@@ -28,12 +28,9 @@ class NodeCounters:
 def sum_counters(parts: Iterable[DispatchCounters]) -> DispatchCounters:
     total = DispatchCounters()
     for part in parts:
-        total.requests_total += part.requests_total
-        total.requests_succeeded += part.requests_succeeded
-        total.requests_failed += part.requests_failed
-        total.retries_total += part.retries_total
-        total.resumes_total += part.resumes_total
-        total.in_flight += part.in_flight
+        for counter in fields(DispatchCounters):
+            name = counter.name
+            setattr(total, name, getattr(total, name) + getattr(part, name))
     return total
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import pickle
 import sys
@@ -25,17 +26,13 @@ from typing import Any, TypeVar
 import grpc
 from prometheus_client import generate_latest
 
-from coordinator.admission import Admission, Limits
-from coordinator.balancer import Balancer
+from coordinator import assembly
 from coordinator.dispatch import Dispatcher
-from coordinator.node_client_grpc import GrpcConnector
 from coordinator.replica import ReplicaRegistry
-from coordinator.service import CoordinatorService, RegistryService, _join_problem
-from coordinator.strategies import make_strategy
+from coordinator.service import CoordinatorService, RegistryService
 from omni_rpc import config, security, servers
 from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import CoordinatorMetrics
-from omni_rpc.security import peer_identities
 from omni_rpc.v1 import (
     control_pb2,
     control_pb2_grpc,
@@ -115,17 +112,11 @@ class ControlLink:
             )
 
     def stats(self, query: control_pb2.StatsQuery) -> control_pb2.WorkerStats:
-        c = self.dispatcher.counters
         stats = control_pb2.WorkerStats(
             query_id=query.query_id,
             index=self.index,
-            requests_total=c.requests_total,
-            requests_succeeded=c.requests_succeeded,
-            requests_failed=c.requests_failed,
-            retries_total=c.retries_total,
-            resumes_total=c.resumes_total,
-            in_flight=c.in_flight,
             nodes=self.replica.counters(),
+            **dataclasses.asdict(self.dispatcher.counters),
         )
         if query.metrics:
             stats.metrics_text = generate_latest(self.metrics.registry).decode()
@@ -182,7 +173,7 @@ class ForwardingRegistryService(RegistryService):
     async def Join(
         self, request: registry_pb2.JoinRequest, context: Any
     ) -> registry_pb2.JoinResponse:
-        problem = _join_problem(request) or self._identity_problem(request, context)
+        problem = self._join_refusal(request, context)
         if problem:
             log.warning("join refused", node_id=request.node_id, reason=problem)
             return registry_pb2.JoinResponse(accepted=False, reason=problem)
@@ -191,11 +182,7 @@ class ForwardingRegistryService(RegistryService):
     async def Leave(
         self, request: registry_pb2.LeaveRequest, context: Any
     ) -> registry_pb2.LeaveResponse:
-        if self.require_cert_identity and request.node_id not in peer_identities(context):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"node {request.node_id!r} may only be removed by itself (certificate identity)",
-            )
+        await self._check_leave(request, context)
         return await _forward(context, self.control.Leave(request, timeout=FORWARD_TIMEOUT_S))
 
 
@@ -204,35 +191,16 @@ async def serve_worker(
 ) -> int:
     stop = servers.stop_event_on_signals()
     control = grpc.aio.insecure_channel(f"unix:{control_path}")
-    replica = ReplicaRegistry(
-        GrpcConnector(guard.outgoing, max_buffered_tokens=args.max_buffered_tokens)
-    )
+    replica = ReplicaRegistry(assembly.connector(args, guard))
     metrics = CoordinatorMetrics()
-    dispatcher = Dispatcher(
-        replica,
-        Balancer(replica, make_strategy(args.strategy)),
-        args.max_retries,
-        no_node_wait_s=args.no_node_wait,
-        metrics=metrics,
-        log_prompts=args.log_prompts,
-        stream_interval=args.stream_interval,
-    )
+    dispatcher, admission = assembly.data_plane(args, replica, metrics)
     coordinator = ForwardingCoordinatorService(
         control,
         registry=replica,
         dispatcher=dispatcher,
         strategy=args.strategy,
         health_check_interval_s=args.health_check_interval,
-        admission=Admission(
-            Limits(
-                max_prompt_bytes=args.max_prompt_bytes,
-                max_tokens_cap=args.max_tokens_cap,
-                max_streams=args.max_streams,
-                max_streams_per_client=args.max_streams_per_client,
-                max_queue=args.max_queue,
-            ),
-            capacity=lambda: replica.capacity,
-        ),
+        admission=admission,
     )
     server = servers.new_server(guard.interceptors, args.max_message_bytes, reuse_port=True)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)

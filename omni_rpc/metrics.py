@@ -96,8 +96,6 @@ def node_families(nodes: Iterable[tuple[str, str, int]]) -> list[Metric]:
 
 
 class _NodeCollector(Collector):
-    STATES = NODE_STATES
-
     def __init__(self, nodes: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         self.nodes = nodes
 
