@@ -15,7 +15,9 @@ from coordinator.circuit import BreakerPolicy
 from coordinator.dispatch import Dispatcher
 from coordinator.health import HealthMonitor
 from coordinator.node_client_grpc import GrpcConnector
+from coordinator.outliers import LatencyOutliers
 from coordinator.registry import Registry
+from coordinator.stalls import StallPolicy
 from coordinator.strategies import make_strategy
 from omni_rpc import security
 from omni_rpc.metrics import CoordinatorMetrics
@@ -34,6 +36,7 @@ def monitored_registry(
         connector(args, guard),
         BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
         readmit_after=args.readmit_after,
+        forget_after_s=args.forget_after,
     )
     HealthMonitor(
         registry,
@@ -57,6 +60,8 @@ def data_plane(
         metrics=metrics,
         log_prompts=args.log_prompts,
         stream_interval=args.stream_interval,
+        stall_policy=StallPolicy(timeout_s=args.stall_timeout),
+        outliers=LatencyOutliers() if args.outlier_ejection else None,
     )
     admission = Admission(
         Limits(

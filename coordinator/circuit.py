@@ -45,6 +45,13 @@ class CircuitBreaker:
         self.consecutive_failures += 1
         if self.consecutive_failures < self.policy.threshold:
             return 0.0
+        return self.eject(now)
+
+    def eject(self, now: float) -> float:
+        """Open the breaker now (also for other outlier verdicts, e.g. latency); return the
+        ejection time in seconds, which grows with the number of ejections."""
+        if self.ejections and now - self.ejected_until > self.policy.max_s:
+            self.ejections = 0
         self.ejections += 1
         self.consecutive_failures = 0
         duration = min(self.policy.max_s, self.policy.base_s * self.ejections)

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from coordinator import assembly
 from coordinator.dispatch import DispatchCounters
+from coordinator.outliers import LATENCY_OUTLIER
 from coordinator.ports import reserve_port
 from coordinator.registry import Node, Registry, state_name
 from coordinator.replica import node_counters
@@ -283,6 +284,8 @@ class ControlHub(control_pb2_grpc.ControlPlaneServicer):
         if node is not None and node.address == report.address:
             if report.success:
                 node.breaker.record_success()
+            elif report.outlier:
+                self.registry.eject(node, LATENCY_OUTLIER, report.error)
             else:
                 self.registry.record_failure(node, report.error, report.unreachable)
         if not self._push_pending and link.reports_told < link.reports_seen:

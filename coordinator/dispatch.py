@@ -22,7 +22,9 @@ import grpc
 from coordinator import clock
 from coordinator.balancer import Balancer
 from coordinator.node_client import NodeCallError, OutputOverflow
-from coordinator.registry import Node, Registry
+from coordinator.outliers import LATENCY_OUTLIER, LatencyOutliers
+from coordinator.registry import HEALTHY, Node, Registry
+from coordinator.stalls import StallPolicy, StallWatch, learn
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
@@ -62,10 +64,13 @@ def classify(code: grpc.StatusCode) -> Failure:
 class DispatchError(Exception):
     """The call ends with this status; the service turns it into the RPC's status."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, caller_deadline: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # The caller's own deadline ended it while a node was serving it: the caller stopped
+        # waiting (counted with cancellations), the cluster did not fail it.
+        self.caller_deadline = caller_deadline
 
 
 @dataclass
@@ -90,6 +95,8 @@ class DispatchCounters:
     retries_total: int = 0
     resumes_total: int = 0
     in_flight: int = 0
+    # The client went away (cancelled, or its own deadline) before the request ended.
+    requests_cancelled: int = 0
 
 
 @dataclass
@@ -111,6 +118,8 @@ class Dispatcher:
         metrics: CoordinatorMetrics | None = None,
         log_prompts: bool = False,
         stream_interval: int = config.DEFAULT_STREAM_INTERVAL,
+        stall_policy: StallPolicy | None = None,
+        outliers: LatencyOutliers | None = None,
     ) -> None:
         self.metrics = metrics or CoordinatorMetrics()
         # Prompts are user data: they reach the logs only when the operator asks.
@@ -122,6 +131,11 @@ class Dispatcher:
         # For requests that do not set their own; the agents and the relay read the field.
         self.stream_interval = stream_interval
         self.counters = DispatchCounters()
+        # Latency per output token of every successful attempt, judged every
+        # OUTLIER_INTERVAL_S on the stall watch's timer (None: no outlier ejection).
+        self.outliers = outliers
+        self._next_outlier_check = 0.0
+        self.stalls = StallWatch(stall_policy or StallPolicy(), on_tick=self._judge_outliers)
 
     async def generate(
         self, request: generate_pb2.GenerateRequest, time_remaining: float | None
@@ -146,6 +160,7 @@ class Dispatcher:
         started = clock.now()
         first_token = False
         status = "CANCELLED"  # unless it ends otherwise: the client went away
+        cancelled = True
         error = ""  # why it failed, for the log
         try:
             for attempt in range(1, max_retries + 2):
@@ -201,11 +216,14 @@ class Dispatcher:
             )
         except DispatchError as exc:
             status, error = exc.code.name, exc.message
+            cancelled = exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and exc.caller_deadline
             raise
         finally:
             counters.in_flight -= 1
             if ok:
                 counters.requests_succeeded += 1
+            elif cancelled:
+                counters.requests_cancelled += 1
             else:
                 counters.requests_failed += 1
             duration = clock.now() - started
@@ -270,16 +288,39 @@ class Dispatcher:
         node.dispatched += 1
         stream = node.client.generate(first, timeout)
         lost: list[str] = []
+        stalled: list[str] = []
 
         def on_lost(reason: str) -> None:
             # The health monitor found the node unreachable (e.g. frozen): stop waiting on it.
             lost.append(reason)
             stream.cancel()
 
+        def on_stall(reason: str) -> None:
+            stalled.append(reason)
+            stream.cancel()
+
         node.lost_hooks.add(on_lost)
+        watched = self.stalls.watch(
+            node, _prompt_tokens(request) + len(delivered.token_ids), on_stall
+        )
         finished = False
         try:
             async for response in stream:
+                watched.stamp(clock.now())
+                if response.finish_reason == "abort":
+                    # The coordinator did not ask for it (it stops reading when it cancels):
+                    # the node or its engine dropped the request. Keep what it produced, then
+                    # fail over and resume; the client never sees a truncated "success".
+                    response.finish_reason = ""
+                    response.ClearField("usage")
+                    if response.token_ids or response.text:
+                        delivered.token_ids.extend(response.token_ids)
+                        delivered.text.append(response.text)
+                        yield response
+                    raise NodeCallError(
+                        grpc.StatusCode.ABORTED,
+                        "the node aborted the request without being asked (finish_reason abort)",
+                    )
                 delivered.token_ids.extend(response.token_ids)
                 delivered.text.append(response.text)
                 if response.finish_reason:
@@ -296,6 +337,11 @@ class Dispatcher:
                     "stream ended without a finish_reason",
                 )
             self.registry.record_success(node)
+            learn(node, watched)
+            if self.outliers is not None:
+                now = clock.now()
+                produced = max(1, len(delivered.token_ids) - len(first.resume.token_ids))
+                self.outliers.record(node.node_id, (now - watched.started) / produced, now)
         except OutputOverflow as exc:
             # The client's doing, not the node's: the request ends here.
             raise DispatchError(exc.code, exc.details) from None
@@ -306,10 +352,24 @@ class Dispatcher:
                 )
                 self.registry.record_failure(node, str(error), unreachable=True)
                 raise error from None
+            if stalled:
+                error = AttemptError(node.node_id, grpc.StatusCode.UNAVAILABLE, stalled[0])
+                self.registry.record_failure(node, str(error), unreachable=False)
+                raise error from None
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(deadline):
-                # The caller's own deadline: not the node's fault, nothing to retry.
+                # The caller's own deadline: nothing to retry. It counts against the node only
+                # if the node had been silent for longer than it usually is (a stuck node
+                # never reaching the stall bound within short caller deadlines).
+                silent = watched.silent_for(clock.now())
+                if silent >= self.stalls.policy.expected_silence(watched):
+                    self.registry.record_failure(
+                        node,
+                        f"{node.node_id}: the caller's deadline expired after {silent:.1f}s "
+                        "without output from the node",
+                        unreachable=False,
+                    )
                 raise DispatchError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", caller_deadline=True
                 ) from None
             error = AttemptError(node.node_id, exc.code, exc.details)
             if error.kind is Failure.NODE:
@@ -318,11 +378,45 @@ class Dispatcher:
                 )
             raise error from None
         finally:
+            self.stalls.unwatch(watched)
             node.lost_hooks.discard(on_lost)
             node.in_flight -= 1
             if not finished:
                 # Client cancelled, deadline, or failure: make sure the agent stops too.
                 stream.cancel()
+
+    def _judge_outliers(self, now: float) -> None:
+        """Eject the healthy nodes far slower than their peers (every OUTLIER_INTERVAL_S)."""
+        if self.outliers is None or now < self._next_outlier_check:
+            return
+        self._next_outlier_check = now + config.OUTLIER_INTERVAL_S
+        healthy = [n for n in self.registry.nodes.values() if n.verdict == HEALTHY]
+        # Envoy's max ejection percent, across rounds: at least half the nodes stay in.
+        room = len(healthy) - (len(self.registry.nodes) + 1) // 2
+        if room <= 0:
+            return
+        by_id = {n.node_id: n for n in healthy}
+        typical = {node_id: self.outliers.typical(node_id, now) for node_id in by_id}
+        for node_id in self.outliers.outliers(list(by_id), now)[:room]:
+            peers = sorted(t for other, t in typical.items() if other != node_id and t is not None)
+            self.registry.eject(
+                by_id[node_id],
+                LATENCY_OUTLIER,
+                f"{(typical[node_id] or 0) * 1000:.1f} ms per output token, its peers' median "
+                f"{_median(peers) * 1000:.1f} ms",
+            )
+
+
+def _median(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _prompt_tokens(request: generate_pb2.GenerateRequest) -> int:
+    """The prompt's length in tokens (estimated at 4 characters a token for a text prompt)."""
+    return len(request.prompt_token_ids) or len(request.prompt) // 4
 
 
 def _expired(deadline: float | None) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import grpc
 
 from coordinator import clock
-from coordinator.node_client import SERVING, NodeCallError
+from coordinator.node_client import IDENTITY_MISMATCH, SERVING, NodeCallError
 from coordinator.registry import UNHEALTHY, Node, Registry
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
@@ -30,6 +30,14 @@ _UNREACHABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
 }
+
+
+def _impostor(exc: NodeCallError) -> bool:
+    """The process at the node's address is not the node (the agent checks the node id and
+    incarnation each call carries)."""
+    return exc.code == grpc.StatusCode.FAILED_PRECONDITION and exc.details.startswith(
+        IDENTITY_MISMATCH
+    )
 
 
 class HealthMonitor:
@@ -72,6 +80,9 @@ class HealthMonitor:
                         )
                 reason = "health watch stream ended"
             except NodeCallError as exc:
+                if _impostor(exc):
+                    self.registry.report_impostor(node, exc.details)
+                    return
                 reason = f"health watch stream broke: {exc.code.name}"
             # The stream only breaks when the connection does: the process is gone or cut off.
             self.registry.report_unreachable(node, reason)
@@ -98,12 +109,14 @@ class HealthMonitor:
         """One active Check (with a deadline) plus a load refresh."""
         started = clock.now()
         try:
-            status = await node.client.check(self.timeout_s)
-            load = await node.client.load(self.timeout_s)
+            status = await self._check(node)
+            load = await node.client.load(self.timeout_s * config.PROBE_CONFIRM_TIMEOUTS)
         except NodeCallError as exc:
             node.last_health_check_at = time.time()
             reason = f"health check failed: {exc.code.name} {exc.details}".strip()
-            if exc.code in _UNREACHABLE:
+            if _impostor(exc):
+                self.registry.report_impostor(node, exc.details)
+            elif exc.code in _UNREACHABLE:
                 self.registry.report_unreachable(node, reason)
             else:
                 self.registry.report_probe(node, False, False, reason)
@@ -117,3 +130,20 @@ class HealthMonitor:
         self.registry.report_probe(
             node, status == SERVING, load.draining, f"health check: {status}"
         )
+
+    async def _check(self, node: Node) -> str:
+        """A Check that tells "slow" from "no answer": past the timeout the node gets no new
+        work, but it is found unreachable (ejected, its streams failed over) only when the
+        answer is still missing after PROBE_CONFIRM_TIMEOUTS timeouts. A host under CPU load
+        answers late; a frozen or cut-off one does not answer at all."""
+        call = asyncio.ensure_future(
+            node.client.check(self.timeout_s * config.PROBE_CONFIRM_TIMEOUTS)
+        )
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self.timeout_s)
+            if not done:
+                self.registry.set_suspect(node, True)
+            return await call
+        finally:
+            if not call.done():
+                call.cancel()

@@ -145,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest ejection in seconds",
     )
     p.add_argument(
+        "--stall-timeout",
+        type=argtypes.non_negative_float,
+        default=config.STALL_TIMEOUT_S,
+        help="seconds without output after which an attempt is failed over (resumed) and "
+        "counted against its node; the bound grows with the node's usual pace and the "
+        "prompt's length (0: off)",
+    )
+    p.add_argument(
+        "--outlier-ejection",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="eject a healthy node far slower per output token than its peers (for "
+        "--breaker-base-ejection times its ejections; at most half the nodes)",
+    )
+    p.add_argument(
+        "--forget-after",
+        type=argtypes.non_negative_float,
+        default=config.FORGET_AFTER_S,
+        help="seconds a node may stay unreachable before it is forgotten (0: never)",
+    )
+    p.add_argument(
         "--readmit-after",
         type=argtypes.positive_int,
         default=config.READMIT_AFTER_PROBES,

@@ -19,6 +19,9 @@ from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_pb2, registry_pb2
 
 # Health statuses as grpc.health.v1 names them ("SERVING", "NOT_SERVING", ...).
 SERVING = "SERVING"
+# How an agent's FAILED_PRECONDITION details begin when a call was meant for another node id or
+# incarnation than the process that answers it.
+IDENTITY_MISMATCH = "node identity mismatch: "
 
 
 class NodeCallError(Exception):

@@ -36,15 +36,26 @@ class GrpcNodeClient:
         channel: grpc.aio.Channel,
         node_id: str = "",
         max_buffered_tokens: int = config.MAX_BUFFERED_TOKENS,
+        incarnation: str = "",
     ) -> None:
         self._channel = channel
+        # Every call says which process it is meant for: a different process at the address
+        # (a restart, or another agent that took the port) refuses it, FAILED_PRECONDITION.
+        self._identity: tuple[tuple[str, str], ...] = tuple(
+            (key, value)
+            for key, value in (
+                (config.NODE_ID_METADATA, node_id),
+                (config.NODE_INCARNATION_METADATA, incarnation),
+            )
+            if value
+        )
         self._agent = node_agent_pb2_grpc.NodeAgentStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._session = AgentSession(self._open_session, node_id, max_buffered_tokens)
 
     def _open_session(self) -> Any:
         # No deadline: the session lives as long as the connection; each request carries its own.
-        return self._agent.Session()  # type: ignore[call-arg]
+        return self._agent.Session(metadata=self._identity)  # type: ignore[call-arg]
 
     def generate(
         self, first: node_agent_pb2.AgentRequest, timeout_s: float | None
@@ -52,7 +63,7 @@ class GrpcNodeClient:
         return self._session.start(first, timeout_s)
 
     async def watch(self) -> AsyncGenerator[str, None]:
-        call = self._health.Watch(_HEALTH_REQUEST)
+        call = self._health.Watch(_HEALTH_REQUEST, metadata=self._identity)
         try:
             async for response in call:
                 yield _status_name(response.status)
@@ -63,14 +74,18 @@ class GrpcNodeClient:
 
     async def check(self, timeout_s: float) -> str:
         try:
-            response = await self._health.Check(_HEALTH_REQUEST, timeout=timeout_s)
+            response = await self._health.Check(
+                _HEALTH_REQUEST, timeout=timeout_s, metadata=self._identity
+            )
         except grpc.aio.AioRpcError as exc:
             raise _node_error(exc) from None
         return _status_name(response.status)
 
     async def load(self, timeout_s: float) -> node_pb2.NodeLoad:
         try:
-            report: node_pb2.NodeLoad = await self._agent.GetLoad(_LOAD_REQUEST, timeout=timeout_s)
+            report: node_pb2.NodeLoad = await self._agent.GetLoad(
+                _LOAD_REQUEST, timeout=timeout_s, metadata=self._identity
+            )
         except grpc.aio.AioRpcError as exc:
             raise _node_error(exc) from None
         return report
@@ -95,4 +110,4 @@ class GrpcConnector:
         channel = self.security.aio_channel(
             node.address, [*config.KEEPALIVE_CHANNEL_OPTIONS, *config.SESSION_CHANNEL_OPTIONS]
         )
-        return GrpcNodeClient(channel, node.node_id, self.max_buffered_tokens)
+        return GrpcNodeClient(channel, node.node_id, self.max_buffered_tokens, node.incarnation)

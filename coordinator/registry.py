@@ -66,6 +66,20 @@ class Node:
     probe_now: asyncio.Event = field(default_factory=asyncio.Event)
     # Called with a reason when the node is found unreachable: streams on it are cancelled.
     lost_hooks: set[Callable[[str], None]] = field(default_factory=set)
+    # A health check is late: no new work until it answers (or the node is found unreachable).
+    suspect: bool = False
+    # Monotonic time the node was last found unreachable without answering since (None: it
+    # answers); past --forget-after the node is forgotten.
+    unreachable_since: float | None = None
+    # Flap damping: when it was last re-admitted, its relapses soon after a re-admission in
+    # a row, and until when passing probes may not re-admit it (monotonic seconds).
+    readmitted_at: float = 0.0
+    flaps: int = 0
+    held_until: float = 0.0
+    # What this node usually takes (EWMA over successful attempts, 0: not known yet): to its
+    # first output, and its longest gap between outputs. Stall bounds are derived from them.
+    usual_first_output_s: float = 0.0
+    usual_gap_s: float = 0.0
 
     @property
     def consecutive_failures(self) -> int:
@@ -97,7 +111,7 @@ class Node:
 
     @property
     def dispatchable(self) -> bool:
-        return self.state == HEALTHY
+        return self.state == HEALTHY and not self.suspect
 
     def to_proto(self) -> coordinator_pb2.NodeInfo:
         info = coordinator_pb2.NodeInfo(
@@ -144,10 +158,13 @@ class Registry:
         connect: Connector,
         breaker_policy: BreakerPolicy | None = None,
         readmit_after: int = config.READMIT_AFTER_PROBES,
+        forget_after_s: float = config.FORGET_AFTER_S,
     ) -> None:
         self.connect = connect
         self.breaker_policy = breaker_policy or BreakerPolicy()
         self.readmit_after = readmit_after
+        # 0: never forget an unreachable node.
+        self.forget_after_s = forget_after_s
         self.nodes: dict[str, Node] = {}
         # Derived from ``nodes`` on every change: the dispatchable nodes in id order, and the
         # sum of their capacities (at least 1 each: a node that reports none still runs one).
@@ -177,7 +194,7 @@ class Registry:
     def join(self, request: registry_pb2.JoinRequest) -> tuple[Node, bool]:
         """Register or refresh a node; returns (node, whether it is new)."""
         known = self.nodes.get(request.node_id)
-        if known is not None and known.address == request.address:
+        if known is not None and same_process(known.info, request):
             # A refresh: the agent's other facts may have changed (capacity, version).
             if known.info != request:  # most refreshes change nothing: nothing to redo
                 known.info = request
@@ -185,13 +202,23 @@ class Registry:
                 self._changed(known)
             return known, False
         if known is not None:
+            restarted = known.address == request.address
             log.info(
-                "node re-joined from a new address, replacing it",
+                "node restarted, replacing it"
+                if restarted
+                else "node re-joined from a new address, replacing it",
                 node_id=request.node_id,
                 old_address=known.address,
                 address=request.address,
+                old_incarnation=known.info.incarnation,
+                incarnation=request.incarnation,
             )
-            self.remove(known, "replaced by a re-join from a new address")
+            self.remove(
+                known,
+                "replaced by its restarted agent (a new incarnation)"
+                if restarted
+                else "replaced by a re-join from a new address",
+            )
         node = Node(
             info=request,
             client=self.connect(request),
@@ -252,16 +279,18 @@ class Registry:
 
     def report_watch(self, node: Node, serving: bool, reason: str) -> None:
         """A status pushed by the node's Watch stream."""
+        node.unreachable_since = None
         if serving and node.verdict == JOINING:
             self._set_verdict(node, HEALTHY, reason)
         elif not serving:
             # Engine dead or agent draining: no new work now; a probe tells which.
-            node.good_probes = 0
-            self._set_verdict(node, UNHEALTHY, reason)
+            self._mark_unhealthy(node, reason)
         node.probe_now.set()
 
     def report_probe(self, node: Node, serving: bool, draining: bool, reason: str) -> None:
         """The outcome of an active Check (with the load report that came with it)."""
+        node.unreachable_since = None
+        self.set_suspect(node, False)
         if draining != node.self_draining:
             self._transition(
                 node,
@@ -271,28 +300,100 @@ class Registry:
         if not serving:
             node.good_probes = 0
             if not draining:
-                self._set_verdict(node, UNHEALTHY, reason)
+                self._mark_unhealthy(node, reason)
             return
         if node.verdict == JOINING:
             self._set_verdict(node, HEALTHY, reason)
         elif node.verdict == UNHEALTHY:
-            if node.breaker.is_open(clock.now()):
+            now = clock.now()
+            if node.breaker.is_open(now) or now < node.held_until:
                 node.good_probes = 0
                 return
             node.good_probes += 1
             if node.good_probes >= self.readmit_after:
+                node.readmitted_at = now
                 self._set_verdict(
                     node, HEALTHY, f"{node.good_probes} consecutive passing health checks"
                 )
 
     def report_unreachable(self, node: Node, reason: str) -> None:
-        """The node does not answer (stream broke, check deadline): eject, cancel its streams."""
-        node.good_probes = 0
-        self._set_verdict(node, UNHEALTHY, reason)
+        """The node does not answer (stream broke, check deadline): eject, cancel its streams.
+
+        A node unreachable for longer than ``forget_after_s`` is forgotten."""
+        now = clock.now()
+        if node.unreachable_since is None:
+            node.unreachable_since = now
+        elif self.forget_after_s and now - node.unreachable_since >= self.forget_after_s:
+            self.remove(
+                node, f"forgotten: unreachable for {now - node.unreachable_since:.0f}s ({reason})"
+            )
+            return
+        node.suspect = False
+        self._mark_unhealthy(node, reason)
         for hook in list(node.lost_hooks):
             hook(reason)
         for listener in self.on_lost:
             listener(node, reason)
+
+    def report_impostor(self, node: Node, reason: str) -> None:
+        """Another process answers at the node's address (an identity check failed): the node
+        registered there is gone. Its streams fail over; the other process, if it is an agent,
+        joins under its own identity."""
+        self.remove(node, f"gone: a different process answers at its address: {reason}")
+
+    def set_suspect(self, node: Node, suspect: bool) -> None:
+        """A late health check: no new work for the node until it answers (not an ejection:
+        its streams go on, and an answer makes it dispatchable again at once)."""
+        if node.suspect == suspect:
+            return
+        node.suspect = suspect
+        if suspect:
+            log.info(
+                "node is slow to answer a health check: no new work until it does",
+                node_id=node.node_id,
+            )
+        self._refresh()
+        if node.dispatchable:
+            self._wake()
+
+    def eject(self, node: Node, verdict: str, detail: str) -> None:
+        """Take a healthy node out of rotation for its breaker's growing ejection time (an
+        outlier verdict other than failures, e.g. latency); passing probes re-admit it after."""
+        if node.verdict != HEALTHY:
+            return
+        self._eject(node, node.breaker.eject(clock.now()), verdict, detail)
+
+    def _eject(self, node: Node, ejected_s: float, verdict: str, detail: str) -> None:
+        for listener in self.on_ejected:
+            listener(node)
+        node.good_probes = 0
+        self._set_verdict(
+            node,
+            UNHEALTHY,
+            f"{verdict} (ejection #{node.breaker.ejections}, {ejected_s:g}s): {detail}",
+        )
+
+    def _mark_unhealthy(self, node: Node, reason: str) -> None:
+        """A failed probe or a lost connection. A healthy node that relapses soon after being
+        re-admitted is flapping: it is held out for a growing time before probes may re-admit
+        it (forgiven once it stays up long enough)."""
+        node.good_probes = 0
+        if node.verdict == HEALTHY and node.readmitted_at:
+            now = clock.now()
+            up_s = now - node.readmitted_at
+            if up_s >= config.FLAP_FORGIVE_S:
+                node.flaps = 0
+            elif up_s < config.FLAP_WINDOW_S:
+                node.flaps += 1
+                hold_s = min(
+                    config.FLAP_MAX_HOLD_S, config.FLAP_BASE_HOLD_S * 2 ** (node.flaps - 1)
+                )
+                node.held_until = now + hold_s
+                reason = (
+                    f"{reason} (flapping: relapse #{node.flaps} within {up_s:.1f}s of "
+                    f"re-admission, held out {hold_s:g}s)"
+                )
+        self._set_verdict(node, UNHEALTHY, reason)
 
     def record_success(self, node: Node) -> None:
         node.served += 1
@@ -309,14 +410,11 @@ class Registry:
             return
         ejected_s = node.breaker.record_failure(clock.now())
         if ejected_s:
-            for listener in self.on_ejected:
-                listener(node)
-            node.good_probes = 0
-            self._set_verdict(
+            self._eject(
                 node,
-                UNHEALTHY,
-                f"circuit breaker open after {self.breaker_policy.threshold} consecutive "
-                f"failures (ejection #{node.breaker.ejections}, {ejected_s:g}s): {error}",
+                ejected_s,
+                f"circuit breaker open after {self.breaker_policy.threshold} consecutive failures",
+                error,
             )
         elif unreachable:
             # Likely gone: stop sending it work now; a probe re-admits it if it answers.
@@ -368,9 +466,12 @@ class Registry:
             reason=reason,
         )
         if node.dispatchable:
-            self._available.set()
-            self._available = asyncio.Event()
+            self._wake()
         self._changed(node)
+
+    def _wake(self) -> None:
+        self._available.set()
+        self._available = asyncio.Event()
 
     async def wait_available(self, timeout_s: float) -> None:
         """Return when some node becomes dispatchable, or after ``timeout_s``."""
@@ -391,3 +492,9 @@ class Registry:
 
 def _by_id(node: Node) -> str:
     return node.node_id
+
+
+def same_process(known: registry_pb2.JoinRequest, joining: registry_pb2.JoinRequest) -> bool:
+    """Whether a join comes from the process already registered: same address, and the same
+    incarnation (an agent that restarted at the same address is a new process)."""
+    return known.address == joining.address and known.incarnation == joining.incarnation

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from coordinator.circuit import BreakerPolicy, CircuitBreaker
 from coordinator.node_client import Connector
-from coordinator.registry import HEALTHY, UNHEALTHY, Node, Registry
+from coordinator.registry import HEALTHY, UNHEALTHY, Node, Registry, same_process
 from coordinator.stats import NodeCounters
 from omni_rpc.logging import get_logger
 from omni_rpc.v1 import control_pb2
@@ -28,7 +28,8 @@ Reporter = Callable[[control_pb2.NodeReport], None]
 
 class ReplicaRegistry(Registry):
     def __init__(self, connect: Connector, report: Reporter | None = None) -> None:
-        super().__init__(connect, BreakerPolicy())
+        # Nodes are forgotten by the control process (its snapshots), never by a replica.
+        super().__init__(connect, BreakerPolicy(), forget_after_s=0)
         self.report = report or (lambda _: None)
         self.version = 0
         self._report_id = 0
@@ -54,8 +55,8 @@ class ReplicaRegistry(Registry):
         for pushed in snapshot.nodes:
             present.add(pushed.info.node_id)
             node = self.nodes.get(pushed.info.node_id)
-            if node is not None and node.address != pushed.info.address:
-                self.remove(node, "replaced by a re-join from a new address")
+            if node is not None and not same_process(node.info, pushed.info):
+                self.remove(node, "replaced by a re-join (a new address or incarnation)")
                 node = None
             if node is None:
                 node = Node(
@@ -109,8 +110,19 @@ class ReplicaRegistry(Registry):
             self._held[node.node_id] = report_id
             self._set_verdict(node, UNHEALTHY, f"request failed: {error}")
 
+    def eject(self, node: Node, verdict: str, detail: str) -> None:
+        """A latency outlier found by this worker's dispatcher: the control process ejects it
+        (and pushes the new state)."""
+        self._send(node, success=False, error=detail, outlier=True)
+
     def _send(
-        self, node: Node, *, success: bool, error: str = "", unreachable: bool = False
+        self,
+        node: Node,
+        *,
+        success: bool,
+        error: str = "",
+        unreachable: bool = False,
+        outlier: bool = False,
     ) -> int:
         self._report_id += 1
         self.report(
@@ -121,6 +133,7 @@ class ReplicaRegistry(Registry):
                 success=success,
                 error=error,
                 unreachable=unreachable,
+                outlier=outlier,
             )
         )
         return self._report_id

@@ -85,6 +85,7 @@ def cluster_stats(
         requests_total=counters.requests_total,
         requests_succeeded=counters.requests_succeeded,
         requests_failed=counters.requests_failed,
+        requests_cancelled=counters.requests_cancelled,
         retries_total=counters.retries_total,
         resumes_total=counters.resumes_total,
         in_flight=counters.in_flight,

@@ -190,7 +190,9 @@ async def serve_worker(
     args: argparse.Namespace, guard: security.ServerSecurity, index: int, control_path: str
 ) -> int:
     stop = servers.stop_event_on_signals()
-    control = grpc.aio.insecure_channel(f"unix:{control_path}")
+    control = grpc.aio.insecure_channel(
+        f"unix:{control_path}", options=config.RECONNECT_CHANNEL_OPTIONS
+    )
     replica = ReplicaRegistry(assembly.connector(args, guard))
     metrics = CoordinatorMetrics()
     dispatcher, admission = assembly.data_plane(args, replica, metrics)

@@ -442,7 +442,10 @@ class ChannelSecurity:
     server_name: str | None = None
 
     def options(self) -> list[tuple[str, Any]]:
-        opts: list[tuple[str, Any]] = [*config.GRPC_MESSAGE_OPTIONS]
+        opts: list[tuple[str, Any]] = [
+            *config.GRPC_MESSAGE_OPTIONS,
+            *config.RECONNECT_CHANNEL_OPTIONS,
+        ]
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return opts

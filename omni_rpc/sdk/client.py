@@ -89,6 +89,7 @@ def stats_dict(stats: coordinator_pb2.ClusterStats) -> dict[str, Any]:
         "requests_total": stats.requests_total,
         "requests_succeeded": stats.requests_succeeded,
         "requests_failed": stats.requests_failed,
+        "requests_cancelled": stats.requests_cancelled,
         "retries_total": stats.retries_total,
         "resumes_total": stats.resumes_total,
         "in_flight": stats.in_flight,

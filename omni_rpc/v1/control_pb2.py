@@ -27,7 +27,7 @@ from omni_rpc.v1 import node_pb2 as omni_dot_v1_dot_node__pb2
 from omni_rpc.v1 import registry_pb2 as omni_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15omni/v1/control.proto\x12\x07omni.v1\x1a\x19omni/v1/coordinator.proto\x1a\x12omni/v1/node.proto\x1a\x16omni/v1/registry.proto\"\xb1\x01\n\rWorkerMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.omni.v1.WorkerHelloH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.omni.v1.SnapshotAckH\x00\x12%\n\x06report\x18\x03 \x01(\x0b\x32\x13.omni.v1.NodeReportH\x00\x12%\n\x05stats\x18\x04 \x01(\x0b\x32\x14.omni.v1.WorkerStatsH\x00\x42\x06\n\x04kind\")\n\x0bWorkerHello\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"\x1e\n\x0bSnapshotAck\x12\x0f\n\x07version\x18\x01 \x01(\x04\"v\n\nNodeReport\x12\x11\n\treport_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0bunreachable\x18\x06 \x01(\x08\"\xf8\x01\n\x0bWorkerStats\x12\x10\n\x08query_id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x16\n\x0erequests_total\x18\x03 \x01(\x03\x12\x1a\n\x12requests_succeeded\x18\x04 \x01(\x03\x12\x17\n\x0frequests_failed\x18\x05 \x01(\x03\x12\x15\n\rretries_total\x18\x06 \x01(\x03\x12\x15\n\rresumes_total\x18\x07 \x01(\x03\x12\x11\n\tin_flight\x18\x08 \x01(\x05\x12$\n\x05nodes\x18\t \x03(\x0b\x32\x15.omni.v1.NodeCounters\x12\x14\n\x0cmetrics_text\x18\n \x01(\t\"g\n\x0cNodeCounters\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12\x12\n\ndispatched\x18\x04 \x01(\x03\x12\x0e\n\x06served\x18\x05 \x01(\x03\"\x95\x01\n\x0e\x43ontrolMessage\x12,\n\x08snapshot\x18\x01 \x01(\x0b\x32\x18.omni.v1.ClusterSnapshotH\x00\x12!\n\x04lost\x18\x02 \x01(\x0b\x32\x11.omni.v1.NodeLostH\x00\x12*\n\x0bstats_query\x18\x03 \x01(\x0b\x32\x13.omni.v1.StatsQueryH\x00\x42\x06\n\x04kind\"^\n\x0f\x43lusterSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12$\n\x05nodes\x18\x02 \x03(\x0b\x32\x15.omni.v1.NodeSnapshot\x12\x14\n\x0creports_seen\x18\x03 \x01(\x04\"\xde\x01\n\x0cNodeSnapshot\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.omni.v1.JoinRequest\x12#\n\x07verdict\x18\x02 \x01(\x0e\x32\x12.omni.v1.NodeState\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x12\x15\n\rself_draining\x18\x04 \x01(\x08\x12\x14\n\x0cstate_reason\x18\x05 \x01(\t\x12\x13\n\x0bstate_since\x18\x06 \x01(\x01\x12\x11\n\tjoined_at\x18\x07 \x01(\x01\x12\x1f\n\x04load\x18\x08 \x01(\x0b\x32\x11.omni.v1.NodeLoad\"<\n\x08NodeLost\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"/\n\nStatsQuery\x12\x10\n\x08query_id\x18\x01 \x01(\x04\x12\x0f\n\x07metrics\x18\x02 \x01(\x08\x32M\n\x0c\x43ontrolPlane\x12=\n\x06\x41ttach\x12\x16.omni.v1.WorkerMessage\x1a\x17.omni.v1.ControlMessage(\x01\x30\x01\x42^\n\x0e\x64\x65v.omnirpc.v1B\x0c\x43ontrolProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15omni/v1/control.proto\x12\x07omni.v1\x1a\x19omni/v1/coordinator.proto\x1a\x12omni/v1/node.proto\x1a\x16omni/v1/registry.proto\"\xb1\x01\n\rWorkerMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.omni.v1.WorkerHelloH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.omni.v1.SnapshotAckH\x00\x12%\n\x06report\x18\x03 \x01(\x0b\x32\x13.omni.v1.NodeReportH\x00\x12%\n\x05stats\x18\x04 \x01(\x0b\x32\x14.omni.v1.WorkerStatsH\x00\x42\x06\n\x04kind\")\n\x0bWorkerHello\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"\x1e\n\x0bSnapshotAck\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x87\x01\n\nNodeReport\x12\x11\n\treport_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0bunreachable\x18\x06 \x01(\x08\x12\x0f\n\x07outlier\x18\x07 \x01(\x08\"\x94\x02\n\x0bWorkerStats\x12\x10\n\x08query_id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x16\n\x0erequests_total\x18\x03 \x01(\x03\x12\x1a\n\x12requests_succeeded\x18\x04 \x01(\x03\x12\x17\n\x0frequests_failed\x18\x05 \x01(\x03\x12\x15\n\rretries_total\x18\x06 \x01(\x03\x12\x15\n\rresumes_total\x18\x07 \x01(\x03\x12\x11\n\tin_flight\x18\x08 \x01(\x05\x12$\n\x05nodes\x18\t \x03(\x0b\x32\x15.omni.v1.NodeCounters\x12\x14\n\x0cmetrics_text\x18\n \x01(\t\x12\x1a\n\x12requests_cancelled\x18\x0b \x01(\x03\"g\n\x0cNodeCounters\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12\x12\n\ndispatched\x18\x04 \x01(\x03\x12\x0e\n\x06served\x18\x05 \x01(\x03\"\x95\x01\n\x0e\x43ontrolMessage\x12,\n\x08snapshot\x18\x01 \x01(\x0b\x32\x18.omni.v1.ClusterSnapshotH\x00\x12!\n\x04lost\x18\x02 \x01(\x0b\x32\x11.omni.v1.NodeLostH\x00\x12*\n\x0bstats_query\x18\x03 \x01(\x0b\x32\x13.omni.v1.StatsQueryH\x00\x42\x06\n\x04kind\"^\n\x0f\x43lusterSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12$\n\x05nodes\x18\x02 \x03(\x0b\x32\x15.omni.v1.NodeSnapshot\x12\x14\n\x0creports_seen\x18\x03 \x01(\x04\"\xde\x01\n\x0cNodeSnapshot\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.omni.v1.JoinRequest\x12#\n\x07verdict\x18\x02 \x01(\x0e\x32\x12.omni.v1.NodeState\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x12\x15\n\rself_draining\x18\x04 \x01(\x08\x12\x14\n\x0cstate_reason\x18\x05 \x01(\t\x12\x13\n\x0bstate_since\x18\x06 \x01(\x01\x12\x11\n\tjoined_at\x18\x07 \x01(\x01\x12\x1f\n\x04load\x18\x08 \x01(\x0b\x32\x11.omni.v1.NodeLoad\"<\n\x08NodeLost\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"/\n\nStatsQuery\x12\x10\n\x08query_id\x18\x01 \x01(\x04\x12\x0f\n\x07metrics\x18\x02 \x01(\x08\x32M\n\x0c\x43ontrolPlane\x12=\n\x06\x41ttach\x12\x16.omni.v1.WorkerMessage\x1a\x17.omni.v1.ControlMessage(\x01\x30\x01\x42^\n\x0e\x64\x65v.omnirpc.v1B\x0c\x43ontrolProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,22 +41,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERHELLO']._serialized_end=326
   _globals['_SNAPSHOTACK']._serialized_start=328
   _globals['_SNAPSHOTACK']._serialized_end=358
-  _globals['_NODEREPORT']._serialized_start=360
-  _globals['_NODEREPORT']._serialized_end=478
-  _globals['_WORKERSTATS']._serialized_start=481
-  _globals['_WORKERSTATS']._serialized_end=729
-  _globals['_NODECOUNTERS']._serialized_start=731
-  _globals['_NODECOUNTERS']._serialized_end=834
-  _globals['_CONTROLMESSAGE']._serialized_start=837
-  _globals['_CONTROLMESSAGE']._serialized_end=986
-  _globals['_CLUSTERSNAPSHOT']._serialized_start=988
-  _globals['_CLUSTERSNAPSHOT']._serialized_end=1082
-  _globals['_NODESNAPSHOT']._serialized_start=1085
-  _globals['_NODESNAPSHOT']._serialized_end=1307
-  _globals['_NODELOST']._serialized_start=1309
-  _globals['_NODELOST']._serialized_end=1369
-  _globals['_STATSQUERY']._serialized_start=1371
-  _globals['_STATSQUERY']._serialized_end=1418
-  _globals['_CONTROLPLANE']._serialized_start=1420
-  _globals['_CONTROLPLANE']._serialized_end=1497
+  _globals['_NODEREPORT']._serialized_start=361
+  _globals['_NODEREPORT']._serialized_end=496
+  _globals['_WORKERSTATS']._serialized_start=499
+  _globals['_WORKERSTATS']._serialized_end=775
+  _globals['_NODECOUNTERS']._serialized_start=777
+  _globals['_NODECOUNTERS']._serialized_end=880
+  _globals['_CONTROLMESSAGE']._serialized_start=883
+  _globals['_CONTROLMESSAGE']._serialized_end=1032
+  _globals['_CLUSTERSNAPSHOT']._serialized_start=1034
+  _globals['_CLUSTERSNAPSHOT']._serialized_end=1128
+  _globals['_NODESNAPSHOT']._serialized_start=1131
+  _globals['_NODESNAPSHOT']._serialized_end=1353
+  _globals['_NODELOST']._serialized_start=1355
+  _globals['_NODELOST']._serialized_end=1415
+  _globals['_STATSQUERY']._serialized_start=1417
+  _globals['_STATSQUERY']._serialized_end=1464
+  _globals['_CONTROLPLANE']._serialized_start=1466
+  _globals['_CONTROLPLANE']._serialized_end=1543
 # @@protoc_insertion_point(module_scope)

@@ -127,6 +127,7 @@ class NodeReport(_message.Message):
     SUCCESS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     UNREACHABLE_FIELD_NUMBER: _builtins.int
+    OUTLIER_FIELD_NUMBER: _builtins.int
     report_id: _builtins.int
     """Increases with each report of the worker; snapshots echo the last one processed."""
     node_id: _builtins.str
@@ -135,6 +136,11 @@ class NodeReport(_message.Message):
     error: _builtins.str
     unreachable: _builtins.bool
     """The failure says the node cannot be reached (UNAVAILABLE, or lost)."""
+    outlier: _builtins.bool
+    """Not a request's outcome: the worker found the node a latency outlier (error gives the
+    figures);
+    the control process ejects it.
+    """
     def __init__(
         self,
         *,
@@ -144,10 +150,11 @@ class NodeReport(_message.Message):
         success: _builtins.bool = ...,
         error: _builtins.str = ...,
         unreachable: _builtins.bool = ...,
+        outlier: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error", b"error", "node_id", b"node_id", "report_id", b"report_id", "success", b"success", "unreachable", b"unreachable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error", b"error", "node_id", b"node_id", "outlier", b"outlier", "report_id", b"report_id", "success", b"success", "unreachable", b"unreachable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -169,6 +176,7 @@ class WorkerStats(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     METRICS_TEXT_FIELD_NUMBER: _builtins.int
+    REQUESTS_CANCELLED_FIELD_NUMBER: _builtins.int
     query_id: _builtins.int
     index: _builtins.int
     requests_total: _builtins.int
@@ -179,6 +187,7 @@ class WorkerStats(_message.Message):
     in_flight: _builtins.int
     metrics_text: _builtins.str
     """The worker's Prometheus metrics in the text exposition format (when asked for)."""
+    requests_cancelled: _builtins.int
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCounters]: ...
     def __init__(
@@ -194,10 +203,11 @@ class WorkerStats(_message.Message):
         in_flight: _builtins.int = ...,
         nodes: _abc.Iterable[Global___NodeCounters] | None = ...,
         metrics_text: _builtins.str = ...,
+        requests_cancelled: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "index", b"index", "metrics_text", b"metrics_text", "nodes", b"nodes", "query_id", b"query_id", "requests_failed", b"requests_failed", "requests_succeeded", b"requests_succeeded", "requests_total", b"requests_total", "resumes_total", b"resumes_total", "retries_total", b"retries_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "index", b"index", "metrics_text", b"metrics_text", "nodes", b"nodes", "query_id", b"query_id", "requests_cancelled", b"requests_cancelled", "requests_failed", b"requests_failed", "requests_succeeded", b"requests_succeeded", "requests_total", b"requests_total", "resumes_total", b"resumes_total", "retries_total", b"retries_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -223,6 +223,7 @@ class ClusterStats(_message.Message):
     COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     UPTIME_S_FIELD_NUMBER: _builtins.int
     RESUMES_TOTAL_FIELD_NUMBER: _builtins.int
+    REQUESTS_CANCELLED_FIELD_NUMBER: _builtins.int
     num_nodes: _builtins.int
     strategy: _builtins.str
     health_check_interval_s: _builtins.float
@@ -237,6 +238,10 @@ class ClusterStats(_message.Message):
     uptime_s: _builtins.float
     resumes_total: _builtins.int
     """Attempts that continued a stream another node had started."""
+    requests_cancelled: _builtins.int
+    """Requests the client cancelled (or stopped waiting for) before they ended: neither
+    succeeded nor failed, so requests_failed counts only requests the cluster failed.
+    """
     @_builtins.property
     def healthy_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -266,10 +271,11 @@ class ClusterStats(_message.Message):
         coordinator_id: _builtins.str = ...,
         uptime_s: _builtins.float = ...,
         resumes_total: _builtins.int = ...,
+        requests_cancelled: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "health_check_interval_s", b"health_check_interval_s", "health_stats", b"health_stats", "healthy_nodes", b"healthy_nodes", "in_flight", b"in_flight", "load_distribution", b"load_distribution", "max_retries", b"max_retries", "num_nodes", b"num_nodes", "requests_failed", b"requests_failed", "requests_succeeded", b"requests_succeeded", "requests_total", b"requests_total", "resumes_total", b"resumes_total", "retries_total", b"retries_total", "strategy", b"strategy", "unhealthy_nodes", b"unhealthy_nodes", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "health_check_interval_s", b"health_check_interval_s", "health_stats", b"health_stats", "healthy_nodes", b"healthy_nodes", "in_flight", b"in_flight", "load_distribution", b"load_distribution", "max_retries", b"max_retries", "num_nodes", b"num_nodes", "requests_cancelled", b"requests_cancelled", "requests_failed", b"requests_failed", "requests_succeeded", b"requests_succeeded", "requests_total", b"requests_total", "resumes_total", b"resumes_total", "retries_total", b"retries_total", "strategy", b"strategy", "unhealthy_nodes", b"unhealthy_nodes", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -262,7 +262,11 @@ async def test_a_client_that_goes_away_stops_the_attempt(
     (attempt,) = fleet.nodes["n1"].streams
     assert attempt.cancelled  # the node was told to stop
     assert (node.in_flight, node.failures, node.served) == (0, 0, 0)
-    assert (d.counters.in_flight, d.counters.requests_failed) == (0, 1)
+    assert (d.counters.in_flight, d.counters.requests_failed, d.counters.requests_cancelled) == (
+        0,
+        0,
+        1,
+    )
 
 
 async def test_a_node_dying_after_the_last_token_is_not_failed_over(

@@ -1,12 +1,14 @@
 """Failure detection by the health monitor (coordinator/health.py) on fake nodes and virtual time.
 
-The bounds asserted here are the ones operators rely on, with interval_s=5 and timeout_s=1:
+The bounds asserted here are the ones operators rely on, with interval_s=5 and timeout_s=1
+(a Check fails after PROBE_CONFIRM_TIMEOUTS timeouts, DEADLINE below; past one timeout the node
+only stops getting new work):
 
 * a status change pushed by the agent (NOT_SERVING) is seen at once, through the Watch stream;
 * a dead process (connection reset) is seen at once, through the broken Watch stream;
 * a frozen process (socket open, nothing answers) is seen by the next Check's deadline, so
-  within interval_s + timeout_s of freezing;
-* an unhealthy node is re-probed with backoff (timeout_s + min(interval_s, base * 2**i) between
+  within interval_s + DEADLINE of freezing;
+* an unhealthy node is re-probed with backoff (DEADLINE + min(interval_s, base * 2**i) between
   probes of a frozen node) and re-admitted by the readmit_after-th passing probe.
 """
 
@@ -26,10 +28,13 @@ from tests.unit.fakes import FakeFleet, FakeNode, join_request
 
 INTERVAL = 5.0
 TIMEOUT = 1.0
+# A Check that gets no answer fails this long after it started (a late answer, up to then, is
+# only "slow").
+DEADLINE = TIMEOUT * config.PROBE_CONFIRM_TIMEOUTS
 # Resolution of the polls that find when a transition happened (virtual seconds).
 STEP = 0.01
 # Between the first failing checks of an incident: the deadline plus 0.1 s, 0.2 s, 0.4 s.
-QUICK_GAPS = [round(TIMEOUT + config.PROBE_BACKOFF_BASE_S * 2**i, 6) for i in range(3)]
+QUICK_GAPS = [round(DEADLINE + config.PROBE_BACKOFF_BASE_S * 2**i, 6) for i in range(3)]
 
 
 class TimedNode(FakeNode):
@@ -40,7 +45,7 @@ class TimedNode(FakeNode):
         self.check_times: list[float] = []
 
     async def check(self, timeout_s: float) -> str:
-        assert timeout_s == TIMEOUT
+        assert timeout_s == DEADLINE
         self.check_times.append(asyncio.get_running_loop().time())
         return await super().check(timeout_s)
 
@@ -227,9 +232,9 @@ async def test_a_frozen_node_is_ejected_by_the_next_checks_deadline(
     fake.freeze()
     # The watch stays open and silent: only the next Check (at joined_at + interval) can tell,
     # when its deadline passes (timeout later).
-    detected_at = await reach(transitions, node, UNHEALTHY, INTERVAL + TIMEOUT)
-    assert detected_at == pytest.approx(joined_at + INTERVAL + TIMEOUT)
-    assert detected_at - frozen_at <= INTERVAL + TIMEOUT
+    detected_at = await reach(transitions, node, UNHEALTHY, INTERVAL + DEADLINE)
+    assert detected_at == pytest.approx(joined_at + INTERVAL + DEADLINE)
+    assert detected_at - frozen_at <= INTERVAL + DEADLINE
     assert fake.check_times == pytest.approx([joined_at, joined_at + INTERVAL])
     assert node.state_reason == "health check failed: DEADLINE_EXCEEDED deadline exceeded"
     assert lost == ["health check failed: DEADLINE_EXCEEDED deadline exceeded"]
@@ -243,8 +248,8 @@ async def test_frozen_node_detection_worst_case(
     node, fake = await join(registry, fleet)
     frozen_at = now()
     fake.freeze()
-    detected_at = await reach(transitions, node, UNHEALTHY, INTERVAL + TIMEOUT)
-    assert detected_at - frozen_at == pytest.approx(INTERVAL + TIMEOUT)
+    detected_at = await reach(transitions, node, UNHEALTHY, INTERVAL + DEADLINE)
+    assert detected_at - frozen_at == pytest.approx(INTERVAL + DEADLINE)
     assert transitions[-1] == (detected_at, "n1", UNHEALTHY)
 
 
@@ -254,8 +259,8 @@ def failing_schedule(joined_at: float, until: float) -> list[float]:
     is followed by a wait growing from the probe backoff base to the interval."""
     times = [joined_at, joined_at + INTERVAL]
     delay = config.PROBE_BACKOFF_BASE_S
-    while times[-1] + TIMEOUT + min(INTERVAL, delay) <= until:
-        times.append(times[-1] + TIMEOUT + min(INTERVAL, delay))
+    while times[-1] + DEADLINE + min(INTERVAL, delay) <= until:
+        times.append(times[-1] + DEADLINE + min(INTERVAL, delay))
         delay *= 2
     return times
 
@@ -278,19 +283,19 @@ async def test_unhealthy_nodes_are_reprobed_with_backoff_then_readmitted(
     gaps = [round(b - a, 6) for a, b in itertools.pairwise(expected[1:])]
     assert gaps[:3] == QUICK_GAPS
     assert gaps == sorted(gaps)
-    assert gaps[-1] == INTERVAL + TIMEOUT
+    assert gaps[-1] == INTERVAL + DEADLINE
     assert len(gaps) >= 8
     fake.revive()
     revived_at = now()
-    schedule = failing_schedule(joined_at, revived_at + INTERVAL + TIMEOUT)
+    schedule = failing_schedule(joined_at, revived_at + INTERVAL + DEADLINE)
     last_failed = max(t for t in schedule if t < revived_at)
     first_good = min(t for t in schedule if t >= revived_at)
     # No check is in flight at revived_at, so the next scheduled check passes, and the one
     # after it (the wait is the whole interval by now) re-admits.
-    assert last_failed + TIMEOUT <= revived_at
-    readmitted_at = await reach(transitions, node, HEALTHY, TIMEOUT + 2 * INTERVAL)
+    assert last_failed + DEADLINE <= revived_at
+    readmitted_at = await reach(transitions, node, HEALTHY, DEADLINE + 2 * INTERVAL)
     assert readmitted_at == pytest.approx(first_good + INTERVAL)
-    assert readmitted_at - revived_at <= TIMEOUT + 2 * INTERVAL
+    assert readmitted_at - revived_at <= DEADLINE + 2 * INTERVAL
     assert fake.check_times[-2:] == pytest.approx([first_good, first_good + INTERVAL])
     assert registry.dispatchable() == (node,)
     # Healthy again: back to one check per interval.
@@ -433,7 +438,7 @@ async def test_remove_while_a_check_hangs(
 ) -> None:
     node, fake = await join(registry, fleet)
     fake.freeze()
-    await clock.advance(INTERVAL + TIMEOUT / 2)  # the second check is hanging now
+    await clock.advance(INTERVAL + DEADLINE / 2)  # the second check is hanging now
     assert len(fake.check_times) == 2
     lost: list[str] = []
     node.lost_hooks.add(lost.append)
