@@ -37,6 +37,8 @@ def monitored_registry(
         BreakerPolicy(args.breaker_failures, args.breaker_base_ejection, args.breaker_max_ejection),
         readmit_after=args.readmit_after,
         forget_after_s=args.forget_after,
+        flap_hold_s=args.flap_hold,
+        flap_max_hold_s=args.flap_max_hold,
     )
     HealthMonitor(
         registry,

@@ -135,6 +135,9 @@ class Dispatcher:
         # OUTLIER_INTERVAL_S on the stall watch's timer (None: no outlier ejection).
         self.outliers = outliers
         self._next_outlier_check = 0.0
+        if outliers is not None:
+            # A node that is gone (or replaced by a new incarnation) is judged afresh.
+            registry.on_removed.append(lambda node: outliers.forget(node.node_id))
         self.stalls = StallWatch(stall_policy or StallPolicy(), on_tick=self._judge_outliers)
 
     async def generate(
@@ -316,6 +319,7 @@ class Dispatcher:
                     if response.token_ids or response.text:
                         delivered.token_ids.extend(response.token_ids)
                         delivered.text.append(response.text)
+                        watched.client_reading = True
                         yield response
                     raise NodeCallError(
                         grpc.StatusCode.ABORTED,
@@ -325,7 +329,11 @@ class Dispatcher:
                 delivered.text.append(response.text)
                 if response.finish_reason:
                     finished = True
+                # While the client takes its time, the node's silence is not the node's: the
+                # stall clock stops (a client that never reads is OutputOverflow's business).
+                watched.client_reading = True
                 yield response
+                watched.resume(clock.now())
                 if finished:
                     # The client has the whole output: whatever the node does next (its status,
                     # or dying before sending it) must not be failed over and resumed.

@@ -160,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--breaker-base-ejection times its ejections; at most half the nodes)",
     )
     p.add_argument(
+        "--flap-hold",
+        type=argtypes.non_negative_float,
+        default=config.FLAP_BASE_HOLD_S,
+        help="a node that fails its probes again soon after re-admission is held out this "
+        "many seconds, doubling with each such relapse up to --flap-max-hold (0: no damping)",
+    )
+    p.add_argument(
+        "--flap-max-hold",
+        type=argtypes.non_negative_float,
+        default=config.FLAP_MAX_HOLD_S,
+        help="longest hold-down of a flapping node, in seconds",
+    )
+    p.add_argument(
         "--forget-after",
         type=argtypes.non_negative_float,
         default=config.FORGET_AFTER_S,

@@ -159,12 +159,17 @@ class Registry:
         breaker_policy: BreakerPolicy | None = None,
         readmit_after: int = config.READMIT_AFTER_PROBES,
         forget_after_s: float = config.FORGET_AFTER_S,
+        flap_hold_s: float = config.FLAP_BASE_HOLD_S,
+        flap_max_hold_s: float = config.FLAP_MAX_HOLD_S,
     ) -> None:
         self.connect = connect
         self.breaker_policy = breaker_policy or BreakerPolicy()
         self.readmit_after = readmit_after
         # 0: never forget an unreachable node.
         self.forget_after_s = forget_after_s
+        # A flapping node's first hold-down (doubling per flap up to the max); 0: no damping.
+        self.flap_hold_s = flap_hold_s
+        self.flap_max_hold_s = flap_max_hold_s
         self.nodes: dict[str, Node] = {}
         # Derived from ``nodes`` on every change: the dispatchable nodes in id order, and the
         # sum of their capacities (at least 1 each: a node that reports none still runs one).
@@ -378,16 +383,14 @@ class Registry:
         re-admitted is flapping: it is held out for a growing time before probes may re-admit
         it (forgiven once it stays up long enough)."""
         node.good_probes = 0
-        if node.verdict == HEALTHY and node.readmitted_at:
+        if node.verdict == HEALTHY and node.readmitted_at and self.flap_hold_s:
             now = clock.now()
             up_s = now - node.readmitted_at
             if up_s >= config.FLAP_FORGIVE_S:
                 node.flaps = 0
             elif up_s < config.FLAP_WINDOW_S:
                 node.flaps += 1
-                hold_s = min(
-                    config.FLAP_MAX_HOLD_S, config.FLAP_BASE_HOLD_S * 2 ** (node.flaps - 1)
-                )
+                hold_s = min(self.flap_max_hold_s, self.flap_hold_s * 2 ** (node.flaps - 1))
                 node.held_until = now + hold_s
                 reason = (
                     f"{reason} (flapping: relapse #{node.flaps} within {up_s:.1f}s of "
@@ -418,8 +421,7 @@ class Registry:
             )
         elif unreachable:
             # Likely gone: stop sending it work now; a probe re-admits it if it answers.
-            node.good_probes = 0
-            self._set_verdict(node, UNHEALTHY, f"request failed: {error}")
+            self._mark_unhealthy(node, f"request failed: {error}")
         node.probe_now.set()
 
     def _set_verdict(self, node: Node, verdict: int, reason: str) -> None:

@@ -49,10 +49,13 @@ class StallPolicy:
 
     def expected_silence(self, watched: Watched) -> float:
         """The silence a node is blamed for when the caller's deadline ends it: longer than it
-        usually takes by ``factor``, and at least ``config.STALL_BLAME_MIN_S``."""
+        usually takes by ``factor``, and at least ``config.STALL_BLAME_MIN_S`` (plus, before the
+        first output, the prompt's prefill allowance)."""
         node = watched.node
-        usual = node.usual_first_output_s if watched.outputs == 0 else node.usual_gap_s
-        return max(config.STALL_BLAME_MIN_S, self.factor * usual)
+        if watched.outputs == 0:
+            prefill = self.prefill_s_per_token * watched.prompt_tokens
+            return max(config.STALL_BLAME_MIN_S, self.factor * node.usual_first_output_s) + prefill
+        return max(config.STALL_BLAME_MIN_S, self.factor * node.usual_gap_s)
 
 
 @dataclass(eq=False)
@@ -68,6 +71,8 @@ class Watched:
     first_output: float = 0.0
     outputs: int = 0
     longest_gap: float = 0.0
+    # The relay is handing an output to the client: the time it waits is not the node's.
+    client_reading: bool = False
 
     def __post_init__(self) -> None:
         self.last_output = self.started
@@ -79,6 +84,11 @@ class Watched:
         elif gap > self.longest_gap:
             self.longest_gap = gap
         self.outputs += 1
+        self.last_output = now
+
+    def resume(self, now: float) -> None:
+        """The client took the last output: the node's silence counts from now."""
+        self.client_reading = False
         self.last_output = now
 
     def silent_for(self, now: float) -> float:
@@ -143,6 +153,8 @@ class StallWatch:
     def check(self, now: float) -> None:
         """Cancel the attempts silent for longer than their bound."""
         for watched in list(self._watched):
+            if watched.client_reading:
+                continue
             bound = self.policy.bound(watched)
             silent = watched.silent_for(now)
             if silent > bound:

@@ -55,7 +55,9 @@ NO_NODE_BACKOFF_CAP_S = 1.0
 # when it is lost; each refresh costs the coordinator a Join and a new health stream per node.
 JOIN_REFRESH_INTERVAL_S = 15.0
 JOIN_BACKOFF_BASE_S = 0.2
-JOIN_BACKOFF_CAP_S = 5.0
+# Capped low: an agent re-joins a coordinator that is back within about a health interval
+# (the channel's reconnect backoff is capped at RECONNECT_MAX_BACKOFF_MS as well).
+JOIN_BACKOFF_CAP_S = 2.0
 
 # Graceful shutdown: in-flight calls get this long to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 10.0
@@ -73,6 +75,20 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_MESSAGE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+# Reconnect backoff of every channel we open. gRPC's own grows to 120 s, so after a long
+# outage a peer that is back is not dialed again for up to two minutes (measured: agents
+# re-joined a coordinator 74 s after it returned from a 120 s outage). Capped here, a returning
+# peer is dialed again within about a second, whatever the outage length; a dead one costs a
+# connection attempt per second. gRPC shares subchannels between the channels of one process,
+# so a new channel would otherwise inherit an old one's long backoff too.
+RECONNECT_INITIAL_BACKOFF_MS = 100
+RECONNECT_MAX_BACKOFF_MS = 1_000
+RECONNECT_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_BACKOFF_MS),
+    ("grpc.min_reconnect_backoff_ms", RECONNECT_INITIAL_BACKOFF_MS),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_BACKOFF_MS),
 ]
 
 # Limits on what one caller may ask of the coordinator (coordinator/admission.py); over a
@@ -128,6 +144,53 @@ BREAKER_MAX_EJECTION_S = 300.0
 # re-probed with backoff from PROBE_BACKOFF_BASE_S up to the health-check interval.
 READMIT_AFTER_PROBES = 2
 PROBE_BACKOFF_BASE_S = 0.1
+# A Check that has not answered within --health-check-timeout stops new work going to the node
+# at once, but the node is ejected (its streams failed over) only if the answer has still not
+# come after this many timeouts in all: a host under CPU load answers late, a frozen or cut-off
+# one never does, and only the second deserves an ejection.
+PROBE_CONFIRM_TIMEOUTS = 2.0
+
+# Flap damping: a node that fails its probes again within FLAP_WINDOW_S of being re-admitted
+# is held out for FLAP_BASE_HOLD_S * 2^(n-1) seconds (n: its flaps in a row, capped at
+# FLAP_MAX_HOLD_S; --flap-hold and --flap-max-hold) before passing probes may re-admit it; the
+# count is forgiven once it stays up for FLAP_FORGIVE_S.
+FLAP_WINDOW_S = 10.0
+FLAP_BASE_HOLD_S = 2.0
+FLAP_MAX_HOLD_S = 120.0
+FLAP_FORGIVE_S = 60.0
+
+# A node unreachable for this long is forgotten (removed from the registry, no longer probed);
+# an agent that comes back simply joins again. 0 keeps unreachable nodes forever.
+FORGET_AFTER_S = 600.0
+
+# Stall detection (coordinator/stalls.py): an attempt whose node has produced nothing for longer
+# than its bound is failed over with resume, and the stall counts against the node. The bound
+# is the larger of --stall-timeout and STALL_FACTOR times what the node usually takes (its
+# recent time to first output, or its recent longest gap between outputs), plus, before the
+# first output, STALL_PREFILL_S_PER_TOKEN for each prompt token (a long prompt takes longer to
+# prefill; a resumed attempt's prompt includes the tokens already delivered).
+STALL_TIMEOUT_S = 15.0
+STALL_FACTOR = 4.0
+STALL_PREFILL_S_PER_TOKEN = 0.002
+# A caller deadline that expires after the node has been silent at least this long (and longer
+# than STALL_FACTOR times its usual wait) counts against the node.
+STALL_BLAME_MIN_S = 1.0
+# Weight of the newest attempt in a node's usual time to first output and gap (EWMA).
+STALL_HISTORY_WEIGHT = 0.2
+
+# Latency outlier ejection (coordinator/outliers.py): every OUTLIER_INTERVAL_S, a healthy node
+# whose typical latency per output token (the median of its last OUTLIER_MAX_SAMPLES attempts
+# within OUTLIER_WINDOW_S, once it has OUTLIER_MIN_SAMPLES) is more than OUTLIER_LATENCY_FACTOR
+# times, and OUTLIER_MIN_FLOOR_S more than, its peers' median is ejected like a breaker
+# ejection (--breaker-base-ejection times its ejections); never more than
+# OUTLIER_MAX_EJECTED_FRACTION of the nodes at once.
+OUTLIER_INTERVAL_S = 5.0
+OUTLIER_LATENCY_FACTOR = 3.0
+OUTLIER_MIN_FLOOR_S = 0.005
+OUTLIER_MIN_SAMPLES = 5
+OUTLIER_WINDOW_S = 30.0
+OUTLIER_MAX_EJECTED_FRACTION = 0.5
+OUTLIER_MAX_SAMPLES = 64
 
 # Set by the launcher: a child shuts down when this process is gone.
 PARENT_PID_ENV = "OMNI_PARENT_PID"
@@ -153,3 +216,9 @@ WORKER_STATS_TIMEOUT_S = 2.0
 WORKER_ACK_TIMEOUT_S = 5.0
 # The internal service between the control process and its workers (over a unix socket).
 CONTROL_PLANE_SERVICE = "omni.v1.ControlPlane"
+
+# Call metadata the coordinator may send to an agent: the node id and incarnation (JoinRequest)
+# it means to reach. An agent whose own differ refuses the call with FAILED_PRECONDITION
+# ("node identity mismatch: ..."): another process now listens at that address.
+NODE_ID_METADATA = "omni-node-id"
+NODE_INCARNATION_METADATA = "omni-node-incarnation"

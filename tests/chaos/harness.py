@@ -78,10 +78,11 @@ UNHEALTHY = coordinator_pb2.NODE_STATE_UNHEALTHY
 
 KINDS = ("kill", "stop", "dead", "fail_requests")
 # How long each kind of fault lasts before it is repaired, seconds. A freeze must outlast the
-# active check's bound (interval + timeout = 1 s here) to be seen at all.
+# active check's bound (interval + two timeouts = 1.5 s here: a check that gets no answer
+# fails after two timeouts, a late answer is only slow) to be seen at all.
 DURATIONS: dict[str, tuple[float, float]] = {
     "kill": (0.5, 2.0),
-    "stop": (1.5, 3.0),
+    "stop": (2.0, 3.5),
     "dead": (0.5, 2.0),
     "fail_requests": (1.0, 2.5),
 }
@@ -137,6 +138,12 @@ class ChaosConfig:
             str(self.breaker_base_ejection),
             "--breaker-max-ejection",
             str(self.breaker_max_ejection),
+            # Faults are injected into the same nodes again and again, soon after each repair:
+            # flap damping holds them out briefly, not for minutes.
+            "--flap-hold",
+            "0.25",
+            "--flap-max-hold",
+            "1",
             "--workers",
             str(self.workers),
         ]
