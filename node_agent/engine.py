@@ -7,6 +7,7 @@ The agent speaks gRPC; the engine knows nothing about it. What crosses this boun
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,9 @@ class EngineOverloaded(EngineError):
 
 @dataclass(frozen=True)
 class EngineRequest:
+    # The engine's id for this attempt, unique in the agent's process (``engine_request_id``):
+    # not the client's request_id, which two concurrent calls may share, and which an engine's
+    # abort (by id) would end for both.
     request_id: str
     sampling: Sampling
     prompt: str = ""
@@ -71,6 +75,14 @@ class EngineLoad:
 
 
 HealthListener = Callable[[bool], None]
+
+_engine_ids = itertools.count(1)
+
+
+def engine_request_id(request_id: str, attempt: int) -> str:
+    """The id an engine gets for one attempt of the client's ``request_id``: unique in this
+    process (a counter ends it), readable in the engine's logs (the client's id starts it)."""
+    return f"{request_id}-{attempt}-{next(_engine_ids)}"
 
 
 class Engine(abc.ABC):

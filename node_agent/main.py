@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from node_agent.engine import Engine
 from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
 from node_agent.gpu import own_gpu
+from node_agent.identity import IdentityGuard, default_node_id, new_incarnation
 from node_agent.membership import Membership
 from node_agent.models import KNOWN as KNOWN_MODELS
 from node_agent.models import ModelError
@@ -32,13 +33,23 @@ log = get_logger("node_agent")
 # Kubernetes' downward API, as deploy/kubernetes sets it: becomes the node's placement labels.
 K8S_LABEL_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "k8s_node": "NODE_NAME"}
 
+# HTTP/2 keepalive towards the agent's clients (--keepalive-time, --keepalive-timeout).
+AGENT_KEEPALIVE_TIME_S = 10.0
+AGENT_KEEPALIVE_TIMEOUT_S = 5.0
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni-agent", description=__doc__)
     p.add_argument("--coordinator", help="coordinator HOST:PORT to join (required)")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: any)")
     p.add_argument("--advertise", help="HOST:PORT the coordinator dials (default: listen address)")
-    p.add_argument("--node-id", help="stable node id (default: HOSTNAME-PORT)")
+    p.add_argument(
+        "--node-id",
+        help="node id, stable across restarts (default: HOST-gpuINDEX on a GPU, else HOST-PORT "
+        "when --listen names a fixed port, else HOST-cpu; several CPU agents on one host "
+        "listening on port 0 need --node-id or fixed ports: the coordinator refuses a second "
+        "live holder of an id)",
+    )
     p.add_argument("--engine", choices=config.ENGINES, default="sim")
     p.add_argument(
         "--model",
@@ -104,9 +115,43 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.SHUTDOWN_GRACE_S,
         help="seconds in-flight requests get to finish after SIGTERM",
     )
+    p.add_argument(
+        "--keepalive-time",
+        type=argtypes.positive_float,
+        default=AGENT_KEEPALIVE_TIME_S,
+        metavar="S",
+        help="ping each connected coordinator every S seconds (HTTP/2 keepalive): with "
+        "--keepalive-timeout, bounds how long requests keep running for a coordinator that "
+        "vanished without closing its connection (a partition, a frozen host)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=argtypes.positive_float,
+        default=AGENT_KEEPALIVE_TIMEOUT_S,
+        metavar="S",
+        help="a ping unanswered for S seconds breaks the connection: its sessions end and "
+        "their requests are aborted in the engine (after at most keepalive-time + this)",
+    )
     servers.add_process_options(p)
     security.add_options(p, ["node"])
     return p
+
+
+def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """Server options that make the agent ping its clients (a coordinator) every ``time_s``
+    and drop a connection whose ping is not answered within ``timeout_s``: a session of a
+    coordinator that vanished without closing its socket then ends, which aborts its requests.
+    """
+    return [
+        ("grpc.keepalive_time_ms", max(1, round(time_s * 1000))),
+        ("grpc.keepalive_timeout_ms", max(1, round(timeout_s * 1000))),
+        # Any ping unanswered this long breaks the connection: a keepalive ping that finds
+        # another ping (a BDP probe) in flight waits for that one's answer, under this
+        # timeout (gRPC's default: a minute), not under keepalive_timeout.
+        ("grpc.http2.ping_timeout_ms", max(1, round(timeout_s * 1000))),
+        # Keep pinging while no data flows (a frozen peer's window is full: nothing is sent).
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 def _engine_args(pairs: list[str]) -> dict[str, Any]:
@@ -203,9 +248,14 @@ async def serve(
             "engine failed to start", engine=engine.kind, error=f"{type(exc).__name__}: {exc}"
         )
         return 1
-    server = servers.new_server(guard.interceptors)
+    node_id = args.node_id or default_node_id(socket.gethostname(), gpu.index, args.listen)
+    # New on every start: the coordinator tells this process from an earlier one by it.
+    incarnation = new_incarnation()
+    server = servers.new_server(
+        [*guard.interceptors, IdentityGuard(node_id, incarnation)],
+        options=keepalive_options(args.keepalive_time, args.keepalive_timeout),
+    )
     port = servers.bind(server, args.listen, guard.tls)
-    node_id = args.node_id or f"{socket.gethostname()}-{port}"
     if not embedded:
         configure_logging(args.log_format, args.log_level, node_id=node_id)
     address = args.advertise or servers.advertised(args.listen, port)
@@ -238,6 +288,7 @@ async def serve(
     log.info(
         "agent serving",
         node_id=node_id,
+        incarnation=incarnation,
         address=address,
         engine=engine.kind,
         model=engine.model,
@@ -258,6 +309,7 @@ async def serve(
             gpu=gpu,
             version=__version__,
             placement=placement(args.launcher, labels),
+            incarnation=incarnation,
         ),
         guard.outgoing,
     )

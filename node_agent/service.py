@@ -133,13 +133,18 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             await context.abort(exc.code, exc.details)
             return
         attempt = first.attempt or 1
-        bound = log.bind(request_id=request.request_id, node_id=self.node_id, attempt=attempt)
+        bound = log.bind(
+            request_id=request.request_id,
+            engine_request_id=engine_request.request_id,
+            node_id=self.node_id,
+            attempt=attempt,
+        )
         self.request_started()
         finished = False
 
         async def abandon() -> None:
             # Client gone or deadline passed: nothing may keep running.
-            await self.engine.abort(request.request_id)
+            await self.engine.abort(engine_request.request_id)
 
         try:
             async with contextlib.aclosing(

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from node_agent.engine import Delta, EngineError, EngineOverloaded, EngineRequest
+from node_agent.engine import (
+    Delta,
+    EngineError,
+    EngineOverloaded,
+    EngineRequest,
+    engine_request_id,
+)
 from omni_rpc import config
 from omni_rpc.logging import get_logger
 from omni_rpc.v1 import generate_pb2, node_agent_pb2
@@ -56,7 +62,8 @@ def stream_interval(request: generate_pb2.GenerateRequest) -> int:
 
 def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> EngineRequest:
     """The engine request for ``message`` (which carries ``generate``), or Refused: the
-    checks a request passes before the engine sees it, on Generate and on a Session alike."""
+    checks a request passes before the engine sees it, on Generate and on a Session alike.
+    Its request_id is the engine's own for this attempt (``engine_request_id``)."""
     request = message.generate
     if agent.draining:
         raise Refused(grpc.StatusCode.UNAVAILABLE, f"node {agent.node_id} is draining")
@@ -67,7 +74,7 @@ def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> Engi
     except InvalidRequest as exc:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
     return EngineRequest(
-        request_id=request.request_id,
+        request_id=engine_request_id(request.request_id, message.attempt or 1),
         sampling=sampling,
         prompt=request.prompt,
         prompt_token_ids=tuple(request.prompt_token_ids),
@@ -88,6 +95,8 @@ class _Stream:
 
     stream_id: int
     request_id: str
+    # The engine's id of this attempt (aborts go to it, not to the client's request_id).
+    engine_id: str
     attempt: int
     interval: int
     task: asyncio.Task[None] | None = None
@@ -170,7 +179,8 @@ class CoordinatorSession:
             return
         stream = _Stream(
             stream_id=stream_id,
-            request_id=request.request_id,
+            request_id=start.request.generate.request_id,
+            engine_id=request.request_id,
             attempt=start.request.attempt or 1,
             interval=stream_interval(start.request.generate),
         )
@@ -276,7 +286,7 @@ class CoordinatorSession:
             stream.stopping = True
             self._drop_pending(stream.stream_id)
             try:
-                await self._engine.abort(stream.request_id)
+                await self._engine.abort(stream.engine_id)
             except Exception as exc:  # a dead engine's may fail: the task's end still ends it
                 self._bind(stream).warning("engine abort failed", error=repr(exc))
             finally:
@@ -302,6 +312,7 @@ class CoordinatorSession:
     def _bind(self, stream: _Stream) -> Any:
         return log.bind(
             request_id=stream.request_id,
+            engine_request_id=stream.engine_id,
             node_id=self._agent.node_id,
             attempt=stream.attempt,
             stream_id=stream.stream_id,

@@ -85,10 +85,16 @@ GRPC_MESSAGE_OPTIONS: list[tuple[str, int]] = [
 # so a new channel would otherwise inherit an old one's long backoff too.
 RECONNECT_INITIAL_BACKOFF_MS = 100
 RECONNECT_MAX_BACKOFF_MS = 1_000
+# How long one connection attempt may take (gRPC calls it min_reconnect_backoff; its default
+# is 20 s). Through a partition an attempt's SYNs go unanswered and the kernel retransmits
+# them at growing intervals (1, 2, 4, 8 s): a long attempt may be asleep for seconds when the
+# network heals. 5 s keeps the gap to the next SYN at about 2 s, and is still ample for TCP,
+# TLS and HTTP/2 set-up across regions.
+RECONNECT_CONNECT_TIMEOUT_MS = 5_000
 RECONNECT_CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_BACKOFF_MS),
-    ("grpc.min_reconnect_backoff_ms", RECONNECT_INITIAL_BACKOFF_MS),
     ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_BACKOFF_MS),
+    ("grpc.min_reconnect_backoff_ms", RECONNECT_CONNECT_TIMEOUT_MS),
 ]
 
 # Limits on what one caller may ask of the coordinator (coordinator/admission.py); over a

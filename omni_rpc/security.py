@@ -195,14 +195,22 @@ def allowed_roles(method: str) -> frozenset[str] | None:
     return POLICY.get(service)
 
 
-def _rejection(handler: Any, code: grpc.StatusCode, message: str) -> Any:
-    """A handler of the same shape as ``handler`` that fails the call with ``code``."""
+def rejection(
+    handler: Any,
+    code: grpc.StatusCode,
+    message: str | Callable[[grpc.aio.ServicerContext[Any, Any]], str],
+) -> Any:
+    """A handler of the same shape as ``handler`` that fails the call with ``code`` and
+    ``message`` (or what ``message`` says for the call's context)."""
+
+    def text(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        return message if isinstance(message, str) else message(context)
 
     async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
+        await context.abort(code, text(context))
 
     async def abort_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
+        await context.abort(code, text(context))
         yield  # pragma: no cover - makes this an async generator
 
     des, ser = handler.request_deserializer, handler.response_serializer
@@ -236,14 +244,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         role = self.tokens.role_of(bearer(handler_call_details.invocation_metadata))
         if role is None:
-            return _rejection(
+            return rejection(
                 handler,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or unknown bearer token (metadata 'authorization: Bearer <token>')",
             )
         allowed = allowed_roles(method)
         if allowed is not None and role not in allowed:
-            return _rejection(
+            return rejection(
                 handler,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"role {role!r} may not call {method} (allowed: {', '.join(sorted(allowed))})",

@@ -138,10 +138,12 @@ def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     max_message_bytes: int = config.MAX_MESSAGE_BYTES,
     reuse_port: bool = False,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Server:
     """A server; ``reuse_port`` lets the processes of one coordinator share its port
     (SO_REUSEPORT). Off, a port another process listens on fails to bind: gRPC would
-    otherwise turn SO_REUSEPORT on by itself (on Linux) and share the port silently."""
+    otherwise turn SO_REUSEPORT on by itself (on Linux) and share the port silently.
+    ``options`` are added to (or override) the shared ones."""
     return grpc.aio.server(
         # Auth first: an unauthenticated caller learns nothing, not even a parse error.
         interceptors=[*interceptors, DecodeGuard()],
@@ -150,6 +152,7 @@ def new_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             *config.KEEPALIVE_SERVER_OPTIONS,
+            *options,
         ],
     )
 

@@ -22,54 +22,10 @@ PACKAGES=(
   golang-github-golang-protobuf-1-5-dev
 )
 
-installed() {
-  [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
-}
+source "$(dirname "$0")/apt_packages.sh"
 
-if ! command -v dpkg-query >/dev/null 2>&1; then
-  echo "go-toolchain: not a Debian-based host (no dpkg-query); nothing installed," \
-    "tests/test_go_client.py skips unless go, protoc and the plugins are at hand"
-  exit 0
-fi
-
-missing=()
-for package in "${PACKAGES[@]}"; do
-  installed "$package" || missing+=("$package")
-done
-if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "go-toolchain: already installed ($(go version 2>/dev/null | cut -d' ' -f3)," \
+if ensure_packages go-toolchain "tests/test_go_client.py skips" "${PACKAGES[@]}"; then
+  echo "go-toolchain: installed ($(go version 2>/dev/null | cut -d' ' -f3)," \
     "$(protoc --version 2>/dev/null))"
-  exit 0
 fi
-
-if [[ "$(id -u)" -ne 0 ]]; then
-  echo "go-toolchain: not root, nothing installed; missing Debian packages: ${missing[*]}" \
-    "(tests/test_go_client.py skips)"
-  exit 0
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "go-toolchain: no apt-get, nothing installed; missing Debian packages: ${missing[*]}" \
-    "(tests/test_go_client.py skips)"
-  exit 0
-fi
-
-apt_install() {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    -o DPkg::Lock::Timeout=300 "${missing[@]}" >"$log" 2>&1
-}
-
-echo "go-toolchain: installing ${missing[*]} with apt-get"
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
-start=$SECONDS
-# The package lists may be absent or stale (a fresh container): update once and retry.
-if ! apt_install; then
-  echo "go-toolchain: apt-get install failed, running apt-get update and retrying"
-  if ! DEBIAN_FRONTEND=noninteractive apt-get update -q >>"$log" 2>&1 || ! apt_install; then
-    tail -n 20 "$log"
-    echo "go-toolchain: apt-get failed; nothing installed (tests/test_go_client.py skips)"
-    exit 0
-  fi
-fi
-echo "go-toolchain: installed in $((SECONDS - start)) s ($(go version | cut -d' ' -f3)," \
-  "$(protoc --version))"
+exit 0

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,52 @@ from omni_rpc.v1 import coordinator_pb2_grpc, node_agent_pb2, node_agent_pb2_grp
 
 # Fast simulated nodes: tests check behaviour, not speed.
 FAST_SIM = ["--sim-ttft-ms", "5", "--sim-itl-ms", "2"]
+
+
+def record(scenario: str, **figures: object) -> None:
+    """Append a reliability scenario's measured figures to $OMNI_RELIABILITY_TABLE (when set),
+    one JSON object per line: docs/reliability.md's table of scenarios comes from such a run."""
+    path = os.environ.get("OMNI_RELIABILITY_TABLE")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"scenario": scenario, **figures}) + "\n")
+
+
+def start_sim_agent(
+    log_path: Path,
+    coordinator: str,
+    listen: str,
+    node_id: str,
+    *extra: str,
+    prefix: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
+    """A simulated agent outside any LocalCluster (auth off, JSON log to ``log_path``), joined
+    to ``coordinator``; ``prefix`` runs it through another command (a network namespace)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "node_agent",
+                "--coordinator",
+                coordinator,
+                "--listen",
+                listen,
+                "--node-id",
+                node_id,
+                "--engine",
+                "sim",
+                "--auth",
+                "off",
+                "--log-format",
+                "json",
+                *extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -1,9 +1,8 @@
 """Reliability scenarios on real processes: who answers, stuck and slow nodes, flapping,
 forgotten entries, cancellations, and health checks on a loaded host.
 
-Each test reproduces a failure once seen on real processes and fails without its fix. With
-OMNI_RELIABILITY_TABLE=path, each appends its measured figures (one JSON object per line) to
-that file: docs/reliability.md's table of scenarios comes from such a run.
+Each test reproduces a failure once seen on real processes and fails without its fix, and
+records its figures (``tests.conftest.record``) for docs/reliability.md's table.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,17 +24,9 @@ from omni_rpc import DistributedOrchestrator
 from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
-from tests.conftest import FAST_SIM, wait_until
+from tests.conftest import FAST_SIM, record, start_sim_agent, wait_until
 
 MakeCluster = Callable[..., LocalCluster]
-
-
-def record(scenario: str, **figures: object) -> None:
-    """Append this scenario's figures to $OMNI_RELIABILITY_TABLE (when set)."""
-    path = os.environ.get("OMNI_RELIABILITY_TABLE")
-    if path:
-        with open(path, "a") as out:
-            out.write(json.dumps({"scenario": scenario, **figures}) + "\n")
 
 
 def nodes(cluster: LocalCluster) -> dict[str, coordinator_pb2.NodeInfo]:
@@ -79,34 +69,14 @@ def start_agent(
     cluster: LocalCluster, node_id: str, listen: str, *extra: str
 ) -> subprocess.Popen[bytes]:
     assert cluster.log_dir is not None
-    log = open(cluster.log_dir / f"{node_id}.log", "ab")
-    try:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "node_agent",
-                "--coordinator",
-                cluster.coordinator_address,
-                "--listen",
-                listen,
-                "--node-id",
-                node_id,
-                "--engine",
-                "sim",
-                "--auth",
-                "off",
-                "--log-format",
-                "json",
-                *FAST_SIM,
-                *extra,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    finally:
-        log.close()
+    return start_sim_agent(
+        cluster.log_dir / f"{node_id}.log",
+        cluster.coordinator_address,
+        listen,
+        node_id,
+        *FAST_SIM,
+        *extra,
+    )
 
 
 @pytest.fixture

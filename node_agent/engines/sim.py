@@ -124,6 +124,13 @@ class SimConfig:
 FAULTS = ("none", "dead", "fail_requests")
 
 
+@dataclass(eq=False)
+class _Aborted:
+    """One request's abort flag (set by ``abort``, seen at its next token)."""
+
+    set: bool = False
+
+
 class SimEngine(Engine):
     kind = "sim"
     faults = FAULTS
@@ -135,9 +142,10 @@ class SimEngine(Engine):
         self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
         self._running = 0
         self._waiting = 0
-        self._aborts: set[str] = set()
-        # Requests this engine has (waiting or running): abort() ignores any other id.
-        self._active: set[str] = set()
+        # The requests this engine has (waiting or running), by id, each with its abort flag.
+        # Like vLLM, abort(id) aborts every request it has with that id (ids are meant to be
+        # unique) and ignores any other id; a later request reusing the id is not affected.
+        self._active: dict[str, list[_Aborted]] = {}
         self._healthy = False
         self._started = self._finished = self._aborted = self._failed = 0
         self._generated_tokens = 0
@@ -171,8 +179,8 @@ class SimEngine(Engine):
         return self._healthy
 
     async def abort(self, request_id: str) -> None:
-        if request_id in self._active:
-            self._aborts.add(request_id)
+        for flag in self._active.get(request_id, ()):
+            flag.set = True
 
     def load(self) -> EngineLoad:
         return EngineLoad(
@@ -208,7 +216,8 @@ class SimEngine(Engine):
             raise EngineDead("simulated engine is not running")
         self._started += 1
         outcome = "aborted"  # unless the stream reaches its end or the engine fails
-        self._active.add(request.request_id)
+        flag = _Aborted()
+        self._active.setdefault(request.request_id, []).append(flag)
         try:
             if self.fault == "fail_requests":
                 raise EngineError("injected failure: the engine fails every request")
@@ -225,7 +234,7 @@ class SimEngine(Engine):
                 self._waiting -= 1
             self._running += 1
             try:
-                async for delta in self._stream(request):
+                async for delta in self._stream(request, flag):
                     if delta.finish_reason is not None:
                         outcome = "aborted" if delta.finish_reason == "abort" else "finished"
                     yield delta
@@ -240,8 +249,10 @@ class SimEngine(Engine):
             raise
         finally:
             self._count(outcome)
-            self._aborts.discard(request.request_id)
-            self._active.discard(request.request_id)
+            flags = self._active[request.request_id]
+            flags.remove(flag)
+            if not flags:
+                del self._active[request.request_id]
 
     def _count(self, outcome: str) -> None:
         if outcome == "finished":
@@ -253,7 +264,7 @@ class SimEngine(Engine):
         else:
             self._aborted += 1
 
-    async def _stream(self, request: EngineRequest) -> AsyncIterator[Delta]:
+    async def _stream(self, request: EngineRequest, aborted: _Aborted) -> AsyncIterator[Delta]:
         s = request.sampling
         digest = _prompt_digest(request.prompt, request.prompt_token_ids)
         prompt_tokens = prompt_token_count(request.prompt, request.prompt_token_ids)
@@ -273,7 +284,7 @@ class SimEngine(Engine):
             )
             return
         for position in range(start, s.max_tokens):
-            if request.request_id in self._aborts:
+            if aborted.set:
                 yield Delta(
                     finish_reason="abort", prompt_tokens=prompt_tokens, completion_tokens=position
                 )

@@ -31,6 +31,7 @@ class JoinRequest(_message.Message):
     GPU_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     """host:port where the coordinator reaches the agent's NodeAgent service."""
@@ -41,6 +42,13 @@ class JoinRequest(_message.Message):
     """Concurrency limit of the engine."""
     version: _builtins.str
     """omni-rpc version of the agent."""
+    incarnation: _builtins.str
+    """A random id the agent chooses when its process starts, new on every restart. The
+    coordinator uses it to tell a restarted or different process at the same address (or
+    with the same node_id) from the node it registered; it may send it back to the agent in
+    the "omni-node-incarnation" call metadata, and the agent refuses a call meant for another
+    incarnation with FAILED_PRECONDITION. Empty from agents that predate it.
+    """
     @_builtins.property
     def gpu(self) -> _node_pb2.GpuInfo: ...
     @_builtins.property
@@ -56,10 +64,11 @@ class JoinRequest(_message.Message):
         gpu: _node_pb2.GpuInfo | None = ...,
         version: _builtins.str = ...,
         placement: _node_pb2.Placement | None = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "engine", b"engine", "gpu", b"gpu", "model", b"model", "node_id", b"node_id", "placement", b"placement", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "model", b"model", "node_id", b"node_id", "placement", b"placement", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

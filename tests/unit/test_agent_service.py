@@ -61,15 +61,32 @@ class FakeContext:
         return cast(Context, self)
 
 
+def client_id(engine_id: str) -> str:
+    """The client's request_id in an engine's id (``engine_request_id``: id-attempt-n)."""
+    return engine_id.rsplit("-", 2)[0]
+
+
 class SpyEngine(SimEngine):
-    """The simulated engine, recording the aborts the agent asks for."""
+    """The simulated engine, recording the aborts the agent asks for (by the client's
+    request_id in ``aborts``, by the engine's own in ``engine_aborts``) and the engine ids of
+    the requests it was given."""
 
     def __init__(self, cfg: SimConfig) -> None:
         super().__init__(cfg)
         self.aborts: list[str] = []
+        self.engine_aborts: list[str] = []
+        self.engine_ids: list[str] = []
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        self.engine_ids.append(request.request_id)
+        async for delta in super().generate(request):
+            yield delta
 
     async def abort(self, request_id: str) -> None:
-        self.aborts.append(request_id)
+        # Only ids the engine was given: never the client's own.
+        assert request_id in self.engine_ids, request_id
+        self.aborts.append(client_id(request_id))
+        self.engine_aborts.append(request_id)
         await super().abort(request_id)
 
 
@@ -465,6 +482,42 @@ async def test_consumer_stopping_early_aborts_the_request_in_the_engine(
     assert await service.wait_idle(1.0)
     assert loop.time() == before  # at once
     assert await service.wait_idle(0)  # idle: True even with no time to wait
+
+
+async def test_cancelling_one_of_two_calls_sharing_a_request_id_spares_the_other(
+    service: NodeAgentService, engine: SpyEngine
+) -> None:
+    # The client chooses request_id: two concurrent calls may share one. The engine aborts by
+    # id, so the agent gives it an id of its own per attempt, or one cancel would end both.
+    doomed, _ = start(service, first_message(max_tokens=50, request_id="same"))
+    spared, _ = start(service, first_message(max_tokens=50, request_id="same", attempt=2))
+    assert (await anext(doomed)).token_ids
+    first = await anext(spared)
+    await doomed.aclose()
+    rest = [r async for r in spared]
+    received = [first, *rest]
+    expected = simulate(PROMPT, max_tokens=50)
+    assert tokens(received) == expected.token_ids
+    assert text(received) == expected.text
+    assert received[-1].finish_reason == "length"
+    assert all(r.request_id == "same" for r in received)  # the client's id is echoed
+    assert engine.aborts == ["same"]
+    doomed_id, spared_id = engine.engine_ids
+    assert engine.engine_aborts == [doomed_id]
+    assert doomed_id != spared_id
+    assert doomed_id.startswith("same-1-") and spared_id.startswith("same-2-")
+    load = engine.load()
+    assert (load.aborted, load.finished, load.running) == (1, 1, 0)
+
+
+async def test_each_attempt_gets_its_own_engine_id(
+    service: NodeAgentService, engine: SpyEngine
+) -> None:
+    for _ in range(3):
+        _, aborted = await run(service, first_message(max_tokens=2, request_id="again"))
+        assert aborted is None
+    assert len(set(engine.engine_ids)) == 3
+    assert all(i.startswith("again-1-") for i in engine.engine_ids)
 
 
 async def test_wait_idle_wakes_when_the_last_request_ends(

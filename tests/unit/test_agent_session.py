@@ -18,10 +18,11 @@ import grpc
 import pytest
 
 from node_agent.engine import Delta, Engine, EngineLoad, EngineRequest
-from node_agent.engines.sim import SimConfig, SimEngine, simulate, word
+from node_agent.engines.sim import SimConfig, simulate, word
 from node_agent.service import NodeAgentService
 from omni_rpc import servers
 from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc
+from tests.unit.test_agent_service import SpyEngine
 
 NODE_ID = "node-a"
 CAP = 1000
@@ -35,18 +36,6 @@ Output = node_agent_pb2.StreamOutput
 def code(status: grpc.StatusCode) -> int:
     value: int = status.value[0]
     return value
-
-
-class SpyEngine(SimEngine):
-    """The simulated engine, recording the aborts the agent asks for."""
-
-    def __init__(self, cfg: SimConfig) -> None:
-        super().__init__(cfg)
-        self.aborts: list[str] = []
-
-    async def abort(self, request_id: str) -> None:
-        self.aborts.append(request_id)
-        await super().abort(request_id)
 
 
 class LockstepEngine(Engine):
@@ -274,6 +263,28 @@ async def test_many_concurrent_requests_on_one_session_are_exact(
     # Outputs travel together: far fewer messages than outputs.
     assert len(session.responses) < sum(len(o) for o in session.outputs.values())
     await idle(agent)
+
+
+async def test_cancelling_one_of_two_requests_sharing_a_request_id_spares_the_other(
+    agent: NodeAgentService, engine: SpyEngine, session: SessionClient
+) -> None:
+    # Two streams, one client request_id: the engine aborts by id, so each gets its own.
+    doomed, spared = start(1, 200), start(2, 200)
+    spared.request.generate.request_id = doomed.request.generate.request_id = "same"
+    await session.start(doomed, spared)
+    await session.running(1, 2)
+    await session.cancel(1)
+    await session.finish(2)
+    expected = simulate(PROMPT, max_tokens=200)
+    assert session.tokens(2) == expected.token_ids
+    assert session.text(2) == expected.text
+    assert session.last(2).finish_reason == "length"
+    assert not session.ended(1)
+    await idle(agent)
+    assert engine.aborts == ["same"]
+    doomed_id, spared_id = engine.engine_ids
+    assert engine.engine_aborts == [doomed_id] and doomed_id != spared_id
+    assert (engine.load().aborted, engine.load().finished) == (1, 1)
 
 
 async def test_requests_that_advance_together_share_one_message() -> None:
