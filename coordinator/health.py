@@ -147,3 +147,5 @@ class HealthMonitor:
         finally:
             if not call.done():
                 call.cancel()
+            elif not call.cancelled():
+                call.exception()  # seen: a probe given up by its caller must not log it

@@ -8,8 +8,9 @@ over with resume and counts the stall against the node.
 
 The bound follows the request and the node's recent history (``StallPolicy.bound``): before
 the first output, the larger of the floor (``--stall-timeout``) and ``factor`` times the node's
-usual time to first output, plus an allowance per prompt token; after it, the larger of the
-floor and ``factor`` times the node's usual longest gap between outputs. A node that is
+usual time to first output, times how far the node's requests exceed its capacity (a queued
+request waits its turn), plus an allowance per prompt token; after it, the larger of the floor
+and ``factor`` times the node's usual longest gap between outputs. A node that is
 uniformly slow is not a stalled one: it is left to latency outlier ejection
 (``coordinator.outliers``).
 
@@ -44,7 +45,12 @@ class StallPolicy:
         node = watched.node
         if watched.outputs == 0:
             usual = self.factor * node.usual_first_output_s
-            return max(self.timeout_s, usual) + self.prefill_s_per_token * watched.prompt_tokens
+            # More requests on the node than it runs at once: this one may wait in its queue.
+            queued = max(1.0, node.in_flight / max(1, node.capacity))
+            return (
+                max(self.timeout_s, usual) * queued
+                + self.prefill_s_per_token * watched.prompt_tokens
+            )
         return max(self.timeout_s, self.factor * node.usual_gap_s)
 
     def expected_silence(self, watched: Watched) -> float:

@@ -181,6 +181,9 @@ def _plausible_generate() -> st.SearchStrategy[Message]:
         request + "inputs": st.just([])
         | st.lists(message_strategy(generate_pb2.Media.DESCRIPTOR), max_size=2),
         sampling + "max_tokens": st.none() | integers(1, 64) | st.just(config.MAX_TOKENS_CAP),
+        # Invalid ones too, but not so large that a long generation sends fewer than
+        # MAX_STREAM_MESSAGES messages within CALL_TIMEOUT_S (a slow stream, not a hang).
+        request + "stream_interval": st.none() | integers(-2, 64),
         sampling + "temperature": st.none() | st.floats(0.0, 2.0, width=32),
         sampling + "top_p": st.none() | st.floats(0.0, 1.0, width=32, exclude_min=True),
         sampling + "top_k": st.none() | integers(-1, 100),

@@ -38,7 +38,7 @@ from node_agent.engines.sim import simulate
 from omni_rpc import DistributedOrchestrator, config
 from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc
-from tests.conftest import FAST_SIM, wait_until
+from tests.conftest import FAST_SIM, record, wait_until
 from tests.test_cli import free_port
 
 MakeCluster = Callable[..., LocalCluster]
@@ -166,11 +166,20 @@ def coordinator_outage_rejoin(make_cluster: MakeCluster, outage_s: float) -> flo
     back = restart_coordinator(cluster, address)
     rejoined = wait_state(address, NODES, HEALTHY, REJOIN_BOUND_S + 120) - back
     print(f"\nagents HEALTHY {rejoined:.2f}s after a {outage_s:.0f}s coordinator outage")
+    record(
+        f"coordinator down {outage_s:.0f} s (SIGKILL, restarted on its port)",
+        detection_s="at once (the agents' health streams break)",
+        client_sees=f"both agents re-joined and healthy {rejoined:.1f} s after it listened again",
+        lost="nothing (the registry is rebuilt from the agents)",
+    )
     assert rejoined <= REJOIN_BOUND_S, (
         f"agents re-joined {rejoined:.1f}s after the coordinator was back "
         f"(bound {REJOIN_BOUND_S:.1f}s)"
     )
     return rejoined
+
+
+NEW_CALL = "new orchestrator's call done"
 
 
 def test_agents_rejoin_a_coordinator_back_from_an_outage(make_cluster: MakeCluster) -> None:
@@ -217,15 +226,23 @@ async def test_sdk_calls_complete_soon_after_an_outage(make_cluster: MakeCluster
         timings = {
             "agents healthy": healthy_at - back,
             "waiting call done": waited_at - back,
-            "new orchestrator's call done": new_at - back,
+            NEW_CALL: new_at - back,
         }
         print("\nafter the restart: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        record(
+            f"SDK call waiting through a {OUTAGE_S:.0f} s coordinator outage, and a new "
+            "orchestrator after it",
+            detection_s="n/a",
+            client_sees=f"the waiting call done {timings['waiting call done']:.1f} s, the new "
+            f"orchestrator's {timings[NEW_CALL]:.1f} s after the restart, both complete",
+            lost="nothing",
+        )
         # Each call needs the SDK's channel redialed and a node to serve it: done within the
         # agents' bound plus the SDK's share.
         bounds = {
             "agents healthy": REJOIN_BOUND_S,
             "waiting call done": REJOIN_BOUND_S + SDK_AFTER_NODES_S,
-            "new orchestrator's call done": REJOIN_BOUND_S + SDK_AFTER_NODES_S,
+            NEW_CALL: REJOIN_BOUND_S + SDK_AFTER_NODES_S,
         }
         late = {k: f"{v:.1f}s > {bounds[k]:.1f}s" for k, v in timings.items() if v > bounds[k]}
         assert not late, f"after the restart: {late}"
@@ -299,6 +316,13 @@ def test_a_second_agent_on_a_used_port_fails(make_cluster: MakeCluster) -> None:
         # The first one still serves, and the intruder never joined.
         states = node_states(cluster.coordinator_address)
         assert states.get("holder") == HEALTHY and "intruder" not in states, states
+        record(
+            "a second agent (or coordinator) started on a port in use",
+            detection_s="at start",
+            client_sees=f"it exits with code {intruder.returncode}: address in use; the first "
+            "one serves on, alone",
+            lost="nothing",
+        )
     finally:
         holder.terminate()
         holder.communicate(timeout=30)

@@ -20,7 +20,7 @@ from omni_rpc import config
 from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.sdk.client import CoordinatorClient
 from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
-from tests.conftest import agent_load, async_wait_until, node_address, wait_until
+from tests.conftest import agent_load, async_wait_until, node_address, record, wait_until
 
 MakeCluster = Callable[..., LocalCluster]
 Popen = subprocess.Popen[bytes]
@@ -74,6 +74,12 @@ async def test_cancelling_one_of_two_calls_sharing_a_request_id_spares_the_other
     load = await agent_load(address)
     # Every spared call finished; only the cancelled ones were aborted.
     assert (load.finished, load.aborted, load.failed) == (pairs, pairs, 0)
+    record(
+        f"{pairs} pairs of concurrent calls sharing a request_id, one of each cancelled",
+        detection_s="n/a (engine ids are unique per attempt)",
+        client_sees=f"all {pairs} spared calls complete (finish_reason length, 1 attempt)",
+        lost="nothing",
+    )
 
 
 async def _all(
@@ -154,6 +160,12 @@ def test_an_agent_restarted_without_node_id_keeps_one_entry(
         nodes = client.nodes()
         assert [n.node_id for n in nodes] == [expected_id], nodes
         assert nodes[0].address == address
+        record(
+            "agent without --node-id killed and restarted 5 times",
+            detection_s="at its re-join (same default id, new incarnation)",
+            client_sees=f"one entry ({expected_id}), num_nodes 1",
+            lost="nothing",
+        )
     finally:
         client.close()
 
