@@ -529,6 +529,7 @@ def format_status(stats: dict[str, Any], now: float | None = None) -> str:
         f"{f' ({draining} draining)' if draining else ''}, "
         f"strategy {stats['strategy']}, requests: {stats['requests_total']} total, "
         f"{stats['requests_succeeded']} succeeded, {stats['requests_failed']} failed, "
+        f"{stats.get('requests_cancelled', 0)} cancelled, "
         f"{stats['retries_total']} retries, {stats['resumes_total']} resumed"
     )
     table = format_nodes(list(stats["health_stats"].values()), now)

@@ -155,7 +155,8 @@ def totals_line(stats: dict[str, Any], rates: TokenRates) -> str:
         f"{len(stats['healthy_nodes'])}/{stats['num_nodes']} nodes healthy"
         + (f" ({draining} draining)" if draining else ""),
         f"{stats['in_flight']} in flight",
-        f"requests {stats['requests_succeeded']} ok, {stats['requests_failed']} failed",
+        f"requests {stats['requests_succeeded']} ok, {stats['requests_failed']} failed, "
+        f"{stats.get('requests_cancelled', 0)} cancelled",
         f"{rates.total():.1f} tok/s",
         f"{stats['retries_total']} retries",
         f"{stats['resumes_total']} resumed",
