@@ -13,9 +13,10 @@ class Balancer:
         self.registry = registry
         self.strategy = strategy
 
-    def pick(self, key: str = "", avoid: Collection[str] = ()) -> Node | None:
-        """A dispatchable node, preferring those not in ``avoid`` (nodes already tried)."""
-        nodes = self.registry.dispatchable()
+    def pick(self, key: str = "", avoid: Collection[str] = (), model: str = "") -> Node | None:
+        """A dispatchable node (serving ``model``, when given), preferring those not in
+        ``avoid`` (nodes already tried)."""
+        nodes = self.registry.dispatchable(model)
         if avoid:
             fresh = [n for n in nodes if n.node_id not in avoid]
             candidates = fresh or nodes

@@ -151,6 +151,7 @@ class Dispatcher:
         deadline = clock.now() + time_remaining if time_remaining is not None else None
         max_retries = request.max_retries if request.HasField("max_retries") else self.max_retries
         bound = log.bind(request_id=request.request_id)
+        model = self._route(request)
         counters = self.counters
         counters.requests_total += 1
         counters.in_flight += 1
@@ -167,7 +168,7 @@ class Dispatcher:
         error = ""  # why it failed, for the log
         try:
             for attempt in range(1, max_retries + 2):
-                node = await self._wait_for_node(request, tried, deadline)
+                node = await self._wait_for_node(request, model, tried, deadline)
                 tried.append(node.node_id)
                 # Closed here, not when collected: a client that goes away stops the attempt now.
                 relay = contextlib.aclosing(
@@ -246,20 +247,43 @@ class Dispatcher:
                 **extra,
             )
 
+    def _route(self, request: generate_pb2.GenerateRequest) -> str:
+        """The model name to pick nodes by ("": any node), or DispatchError: a model no node
+        serves is NOT_FOUND, no model in a cluster serving several is INVALID_ARGUMENT."""
+        registry = self.registry
+        if not registry.models:
+            return request.model  # no node has joined yet: wait for one, as for a healthy one
+        served = ", ".join(registry.models)
+        if request.model:
+            if request.model not in registry.model_names:
+                raise DispatchError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"model {request.model!r} is not served here; served: {served}",
+                )
+            return request.model
+        if len(registry.models) > 1:
+            raise DispatchError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"this cluster serves several models ({served}): name one in GenerateRequest.model",
+            )
+        return ""
+
     async def _wait_for_node(
         self,
         request: generate_pb2.GenerateRequest,
+        model: str,
         tried: list[str],
         deadline: float | None,
     ) -> Node:
-        """A node for the next attempt, waiting with backoff while there is none."""
+        """A node for the next attempt (serving ``model``), waiting with backoff while there
+        is none."""
         give_up = clock.now() + self.no_node_wait_s
         if deadline is not None:
             # Answer a little before the caller's deadline so the reason reaches it.
             give_up = min(give_up, deadline - min(0.05, 0.1 * (deadline - clock.now())))
         backoff = Backoff(config.NO_NODE_BACKOFF_BASE_S, config.NO_NODE_BACKOFF_CAP_S)
         while True:
-            node = self.balancer.pick(request.affinity_key, tried)
+            node = self.balancer.pick(request.affinity_key, tried, model)
             if node is not None:
                 return node
             left = give_up - clock.now()
@@ -394,13 +418,24 @@ class Dispatcher:
                 stream.cancel()
 
     def _judge_outliers(self, now: float) -> None:
-        """Eject the healthy nodes far slower than their peers (every OUTLIER_INTERVAL_S)."""
+        """Eject the healthy nodes far slower than their peers (every OUTLIER_INTERVAL_S).
+
+        Nodes are compared with the nodes serving the same model only (another model may well
+        be slower per token), and at least half of each model's nodes stay in (Envoy's max
+        ejection percent, across rounds)."""
         if self.outliers is None or now < self._next_outlier_check:
             return
         self._next_outlier_check = now + config.OUTLIER_INTERVAL_S
-        healthy = [n for n in self.registry.nodes.values() if n.verdict == HEALTHY]
-        # Envoy's max ejection percent, across rounds: at least half the nodes stay in.
-        room = len(healthy) - (len(self.registry.nodes) + 1) // 2
+        by_model: dict[str, list[Node]] = {}
+        for node in self.registry.nodes.values():
+            by_model.setdefault(node.info.model, []).append(node)
+        for nodes in by_model.values():
+            self._judge_peers(nodes, now)
+
+    def _judge_peers(self, nodes: list[Node], now: float) -> None:
+        assert self.outliers is not None
+        healthy = [n for n in nodes if n.verdict == HEALTHY]
+        room = len(healthy) - (len(nodes) + 1) // 2
         if room <= 0:
             return
         by_id = {n.node_id: n for n in healthy}

@@ -98,6 +98,11 @@ class Node:
         return self.info.capacity
 
     @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names requests may route to this node by: its model, then its aliases."""
+        return tuple(dict.fromkeys((self.info.model, *self.info.model_aliases)))
+
+    @property
     def kv_cache_usage(self) -> float:
         return self.load.kv_cache_usage if self.load is not None else 0.0
 
@@ -139,6 +144,7 @@ class Node:
             if self.breaker.ejections
             else 0.0,
             placement=self.info.placement,
+            model_aliases=self.info.model_aliases,
         )
         if self.load is not None:
             info.load.CopyFrom(self.load)
@@ -174,6 +180,12 @@ class Registry:
         # Derived from ``nodes`` on every change: the dispatchable nodes in id order, and the
         # sum of their capacities (at least 1 each: a node that reports none still runs one).
         self._dispatchable: tuple[Node, ...] = ()
+        # The dispatchable nodes by every model name they serve (model and aliases), in id order.
+        self._by_model: dict[str, tuple[Node, ...]] = {}
+        # Every model the registered nodes serve (healthy or not): their own names, and every
+        # name (aliases too) a request may use.
+        self.models: tuple[str, ...] = ()
+        self.model_names: frozenset[str] = frozenset()
         self.capacity = 0
         self.on_added: list[NodeListener] = []
         self.on_removed: list[NodeListener] = []
@@ -187,14 +199,25 @@ class Registry:
         self._available = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
 
-    def dispatchable(self) -> tuple[Node, ...]:
-        """The nodes that take new work now, in node id order."""
-        return self._dispatchable
+    def dispatchable(self, model: str = "") -> tuple[Node, ...]:
+        """The nodes that take new work now, in node id order; with ``model``, only those
+        serving it (by its name or an alias)."""
+        if not model:
+            return self._dispatchable
+        return self._by_model.get(model, ())
 
     def _refresh(self) -> None:
         ready = sorted((n for n in self.nodes.values() if n.dispatchable), key=_by_id)
         self._dispatchable = tuple(ready)
         self.capacity = sum(max(1, n.capacity) for n in ready)
+        by_model: dict[str, list[Node]] = {}
+        for node in ready:
+            for name in node.model_names:
+                by_model.setdefault(name, []).append(node)
+        self._by_model = {name: tuple(nodes) for name, nodes in by_model.items()}
+        registered = [n for n in self.nodes.values() if not n.left]
+        self.models = tuple(sorted({n.info.model for n in registered}))
+        self.model_names = frozenset(name for n in registered for name in n.model_names)
 
     def join(self, request: registry_pb2.JoinRequest) -> tuple[Node, bool]:
         """Register or refresh a node; returns (node, whether it is new)."""
@@ -230,6 +253,7 @@ class Registry:
             breaker=CircuitBreaker(self.breaker_policy),
         )
         self.nodes[node.node_id] = node
+        self._refresh()  # its model is served now (not dispatchable yet)
         log.info(
             "node joined",
             node_id=node.node_id,

@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(smollm2-135m-instruct, prepared once by `omni model prepare`)",
     )
     p.add_argument(
+        "--model-alias",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name requests may use for this agent's model (GenerateRequest.model); "
+        "repeatable",
+    )
+    p.add_argument(
         "--gpu",
         type=int,
         default=-1,
@@ -310,6 +318,7 @@ async def serve(
             version=__version__,
             placement=placement(args.launcher, labels),
             incarnation=incarnation,
+            model_aliases=args.model_alias,
         ),
         guard.outgoing,
     )

@@ -533,7 +533,21 @@ def format_status(stats: dict[str, Any], now: float | None = None) -> str:
         f"{stats['retries_total']} retries, {stats['resumes_total']} resumed"
     )
     table = format_nodes(list(stats["health_stats"].values()), now)
-    return f"{table}\n\n{summary}"
+    return f"{table}\n\n{summary}\n{format_models(stats)}"
+
+
+def format_models(stats: dict[str, Any]) -> str:
+    """Each model the nodes serve, with its healthy nodes out of all (and its aliases)."""
+    models: dict[str, list[dict[str, Any]]] = {}
+    for node in stats["health_stats"].values():
+        models.setdefault(node.get("model", ""), []).append(node)
+    parts = []
+    for model, nodes in sorted(models.items()):
+        healthy = sum(1 for n in nodes if n["state"] == "healthy")
+        aliases = sorted({a for n in nodes for a in n.get("model_aliases", [])} - {model})
+        also = f" (also {', '.join(aliases)})" if aliases else ""
+        parts.append(f"{model or '-'}{also} {healthy}/{len(nodes)} healthy")
+    return "models: " + ("; ".join(parts) if parts else "none")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

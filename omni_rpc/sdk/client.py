@@ -47,6 +47,7 @@ def node_dict(node: coordinator_pb2.NodeInfo) -> dict[str, Any]:
         "node_id": node.node_id,
         "address": node.address,
         "model": node.model,
+        "model_aliases": list(node.model_aliases),
         "engine": node.engine,
         "state": state_name(node.state),
         "state_reason": node.state_reason,

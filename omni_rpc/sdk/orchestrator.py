@@ -43,13 +43,16 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", 
 def build_request(
     prompt: Prompt, max_retries: int | None, sampling: dict[str, Any]
 ) -> generate_pb2.GenerateRequest:
+    sampling = dict(sampling)
+    # Not a sampling parameter: the model to route to (GenerateRequest.model).
+    model = sampling.pop("model", None)
     unknown = set(sampling) - set(SAMPLING_KEYS)
     if unknown:
         raise TypeError(
             f"unknown sampling argument(s) {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(SAMPLING_KEYS)}"
+            f"known: model, {', '.join(SAMPLING_KEYS)}"
         )
-    request = generate_pb2.GenerateRequest()
+    request = generate_pb2.GenerateRequest(model=model or "")
     if isinstance(prompt, str):
         request.prompt = prompt
     else:

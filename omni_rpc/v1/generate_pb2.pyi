@@ -127,6 +127,7 @@ class GenerateRequest(_message.Message):
     AFFINITY_KEY_FIELD_NUMBER: _builtins.int
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
     STREAM_INTERVAL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Filled in by the coordinator when empty; echoed on every response."""
     prompt: _builtins.str
@@ -143,6 +144,11 @@ class GenerateRequest(_message.Message):
     is held until this many new tokens exist, except the last message. Unset: the server's
     default (--stream-interval, 1: every token as soon as it exists). Must be >= 1. A slow
     reader receives larger messages either way: pending output is merged, never queued.
+    """
+    model: _builtins.str
+    """The model to serve the request: a name (or alias) a node advertised when it joined. Only
+    nodes serving it are used. Empty: the cluster's one model (refused, naming them, when it
+    serves several); a name no node serves fails NOT_FOUND, naming the served ones.
     """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
@@ -165,10 +171,11 @@ class GenerateRequest(_message.Message):
         affinity_key: _builtins.str = ...,
         max_retries: _builtins.int | None = ...,
         stream_interval: _builtins.int | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "max_retries", b"max_retries", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "model", b"model", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015

@@ -5,8 +5,10 @@ Membership: agents join the coordinator and leave it. The coordinator's registry
 state rebuilt from these calls, so a restarted coordinator is repopulated by its agents.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from omni_rpc.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
 import sys
@@ -32,6 +34,7 @@ class JoinRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    MODEL_ALIASES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     """host:port where the coordinator reaches the agent's NodeAgent service."""
@@ -53,6 +56,12 @@ class JoinRequest(_message.Message):
     def gpu(self) -> _node_pb2.GpuInfo: ...
     @_builtins.property
     def placement(self) -> _node_pb2.Placement: ...
+    @_builtins.property
+    def model_aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other names requests may use for this agent's model (GenerateRequest.model), e.g. a hub id
+        for a local folder. The model's own name always routes to it.
+        """
+
     def __init__(
         self,
         *,
@@ -65,10 +74,11 @@ class JoinRequest(_message.Message):
         version: _builtins.str = ...,
         placement: _node_pb2.Placement | None = ...,
         incarnation: _builtins.str = ...,
+        model_aliases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "model", b"model", "node_id", b"node_id", "placement", b"placement", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "placement", b"placement", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
