@@ -68,6 +68,9 @@ class Node:
     lost_hooks: set[Callable[[str], None]] = field(default_factory=set)
     # A health check is late: no new work until it answers (or the node is found unreachable).
     suspect: bool = False
+    # Has been healthy at least once: only then does its model count as served (a join that
+    # never answered, e.g. from a wrong address, does not add a model).
+    admitted: bool = False
     # Monotonic time the node was last found unreachable without answering since (None: it
     # answers); past --forget-after the node is forgotten.
     unreachable_since: float | None = None
@@ -182,7 +185,7 @@ class Registry:
         self._dispatchable: tuple[Node, ...] = ()
         # The dispatchable nodes by every model name they serve (model and aliases), in id order.
         self._by_model: dict[str, tuple[Node, ...]] = {}
-        # Every model the registered nodes serve (healthy or not): their own names, and every
+        # Every model the admitted nodes serve (healthy now or not): their own names, and every
         # name (aliases too) a request may use.
         self.models: tuple[str, ...] = ()
         self.model_names: frozenset[str] = frozenset()
@@ -215,9 +218,11 @@ class Registry:
             for name in node.model_names:
                 by_model.setdefault(name, []).append(node)
         self._by_model = {name: tuple(nodes) for name, nodes in by_model.items()}
-        registered = [n for n in self.nodes.values() if not n.left]
-        self.models = tuple(sorted({n.info.model for n in registered}))
-        self.model_names = frozenset(name for n in registered for name in n.model_names)
+        for node in ready:
+            node.admitted = True
+        serving = [n for n in self.nodes.values() if n.admitted and not n.left]
+        self.models = tuple(sorted({n.info.model for n in serving} - {""}))
+        self.model_names = frozenset(name for n in serving for name in n.model_names if name)
 
     def join(self, request: registry_pb2.JoinRequest) -> tuple[Node, bool]:
         """Register or refresh a node; returns (node, whether it is new)."""
@@ -253,7 +258,6 @@ class Registry:
             breaker=CircuitBreaker(self.breaker_policy),
         )
         self.nodes[node.node_id] = node
-        self._refresh()  # its model is served now (not dispatchable yet)
         log.info(
             "node joined",
             node_id=node.node_id,

@@ -66,7 +66,6 @@ class ReplicaRegistry(Registry):
                     joined_at=pushed.joined_at,
                 )
                 self.nodes[node.node_id] = node
-                self._refresh()
                 for listener in self.on_added:
                     listener(node)
             elif node.info != pushed.info:

@@ -136,3 +136,16 @@ async def test_status_lists_models_with_their_healthy_nodes(
     assert format_models(stats) == (
         "models: model-a 1/2 healthy; model-b (also b, bee) 1/1 healthy"
     )
+
+
+async def test_a_node_never_healthy_adds_no_model(
+    registry: Registry, fleet: FakeFleet, clock: VirtualClock
+) -> None:
+    """A join that never answers as a node (a wrong address, a typo) must not make the cluster
+    "serve several models" and refuse every request that names none."""
+    serve(registry, fleet, "a1", "model-a")
+    registry.join(registry_pb2.JoinRequest(node_id="junk", address="nowhere:1", model="other"))
+    registry.join(registry_pb2.JoinRequest(node_id="blank", address="nowhere:2"))
+    assert registry.models == ("model-a",)
+    responses = await collect(dispatcher(registry).generate(request(), None))
+    assert responses[-1].finish_reason == "length"
