@@ -38,10 +38,7 @@ class CircuitBreaker:
 
     def record_failure(self, now: float) -> float:
         """Count a failure; return the ejection time in seconds if this one trips it, else 0."""
-        if self.ejections and now - self.ejected_until > self.policy.max_s:
-            # Well-behaved for longer than the longest ejection since the last one: forgive
-            # the history, so one bad day does not cost maximal ejections forever.
-            self.ejections = 0
+        self._forgive(now)
         self.consecutive_failures += 1
         if self.consecutive_failures < self.policy.threshold:
             return 0.0
@@ -50,13 +47,18 @@ class CircuitBreaker:
     def eject(self, now: float) -> float:
         """Open the breaker now (also for other outlier verdicts, e.g. latency); return the
         ejection time in seconds, which grows with the number of ejections."""
-        if self.ejections and now - self.ejected_until > self.policy.max_s:
-            self.ejections = 0
+        self._forgive(now)
         self.ejections += 1
         self.consecutive_failures = 0
         duration = min(self.policy.max_s, self.policy.base_s * self.ejections)
         self.ejected_until = now + duration
         return duration
+
+    def _forgive(self, now: float) -> None:
+        if self.ejections and now - self.ejected_until > self.policy.max_s:
+            # Well-behaved for longer than the longest ejection since the last one: forgive
+            # the history, so one bad day does not cost maximal ejections forever.
+            self.ejections = 0
 
     def is_open(self, now: float) -> bool:
         return now < self.ejected_until

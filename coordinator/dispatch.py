@@ -220,7 +220,7 @@ class Dispatcher:
             )
         except DispatchError as exc:
             status, error = exc.code.name, exc.message
-            cancelled = exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and exc.caller_deadline
+            cancelled = exc.caller_deadline
             raise
         finally:
             counters.in_flight -= 1
@@ -334,30 +334,27 @@ class Dispatcher:
         try:
             async for response in stream:
                 watched.stamp(clock.now())
-                if response.finish_reason == "abort":
+                aborted = response.finish_reason == "abort"
+                if aborted:
                     # The coordinator did not ask for it (it stops reading when it cancels):
                     # the node or its engine dropped the request. Keep what it produced, then
                     # fail over and resume; the client never sees a truncated "success".
                     response.finish_reason = ""
                     response.ClearField("usage")
-                    if response.token_ids or response.text:
-                        delivered.token_ids.extend(response.token_ids)
-                        delivered.text.append(response.text)
-                        watched.client_reading = True
-                        yield response
+                if not aborted or response.token_ids or response.text:
+                    delivered.token_ids.extend(response.token_ids)
+                    delivered.text.append(response.text)
+                    finished = bool(response.finish_reason)
+                    # While the client takes its time, the node's silence is not the node's: the
+                    # stall clock stops (a client that never reads is OutputOverflow's business).
+                    watched.client_reading = True
+                    yield response
+                    watched.resume(clock.now())
+                if aborted:
                     raise NodeCallError(
                         grpc.StatusCode.ABORTED,
                         "the node aborted the request without being asked (finish_reason abort)",
                     )
-                delivered.token_ids.extend(response.token_ids)
-                delivered.text.append(response.text)
-                if response.finish_reason:
-                    finished = True
-                # While the client takes its time, the node's silence is not the node's: the
-                # stall clock stops (a client that never reads is OutputOverflow's business).
-                watched.client_reading = True
-                yield response
-                watched.resume(clock.now())
                 if finished:
                     # The client has the whole output: whatever the node does next (its status,
                     # or dying before sending it) must not be failed over and resumed.

@@ -15,13 +15,14 @@ from typing import Protocol
 
 import grpc
 
+from omni_rpc import config
 from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_pb2, registry_pb2
 
 # Health statuses as grpc.health.v1 names them ("SERVING", "NOT_SERVING", ...).
 SERVING = "SERVING"
 # How an agent's FAILED_PRECONDITION details begin when a call was meant for another node id or
 # incarnation than the process that answers it.
-IDENTITY_MISMATCH = "node identity mismatch: "
+IDENTITY_MISMATCH = config.IDENTITY_MISMATCH_PREFIX
 
 
 class NodeCallError(Exception):

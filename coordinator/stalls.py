@@ -42,26 +42,28 @@ class StallPolicy:
 
     def bound(self, watched: Watched) -> float:
         """How long ``watched`` may stay silent from its last output (or its start)."""
-        node = watched.node
         if watched.outputs == 0:
-            usual = self.factor * node.usual_first_output_s
+            node = watched.node
             # More requests on the node than it runs at once: this one may wait in its queue.
             queued = max(1.0, node.in_flight / max(1, node.capacity))
-            return (
-                max(self.timeout_s, usual) * queued
-                + self.prefill_s_per_token * watched.prompt_tokens
-            )
-        return max(self.timeout_s, self.factor * node.usual_gap_s)
+            return max(self.timeout_s, self._usual(watched)) * queued + self._prefill(watched)
+        return max(self.timeout_s, self._usual(watched))
 
     def expected_silence(self, watched: Watched) -> float:
         """The silence a node is blamed for when the caller's deadline ends it: longer than it
         usually takes by ``factor``, and at least ``config.STALL_BLAME_MIN_S`` (plus, before the
         first output, the prompt's prefill allowance)."""
+        return max(config.STALL_BLAME_MIN_S, self._usual(watched)) + self._prefill(watched)
+
+    def _usual(self, watched: Watched) -> float:
+        """``factor`` times what the node usually takes for what ``watched`` waits for."""
         node = watched.node
-        if watched.outputs == 0:
-            prefill = self.prefill_s_per_token * watched.prompt_tokens
-            return max(config.STALL_BLAME_MIN_S, self.factor * node.usual_first_output_s) + prefill
-        return max(config.STALL_BLAME_MIN_S, self.factor * node.usual_gap_s)
+        usual = node.usual_first_output_s if watched.outputs == 0 else node.usual_gap_s
+        return self.factor * usual
+
+    def _prefill(self, watched: Watched) -> float:
+        """Before the first output, the allowance for prefilling the prompt."""
+        return self.prefill_s_per_token * watched.prompt_tokens if watched.outputs == 0 else 0.0
 
 
 @dataclass(eq=False)
@@ -105,18 +107,18 @@ def learn(node: Node, watched: Watched) -> None:
     """Fold a successful attempt into the node's usual times (EWMA)."""
     if watched.outputs == 0:
         return
-    weight = config.STALL_HISTORY_WEIGHT
-    first = watched.first_output - watched.started
-    node.usual_first_output_s = (
-        first
-        if node.usual_first_output_s == 0.0
-        else node.usual_first_output_s + weight * (first - node.usual_first_output_s)
+    node.usual_first_output_s = _ewma(
+        node.usual_first_output_s, watched.first_output - watched.started
     )
     if watched.outputs > 1:
-        gap = watched.longest_gap
-        node.usual_gap_s = (
-            gap if node.usual_gap_s == 0.0 else node.usual_gap_s + weight * (gap - node.usual_gap_s)
-        )
+        node.usual_gap_s = _ewma(node.usual_gap_s, watched.longest_gap)
+
+
+def _ewma(usual: float, sample: float) -> float:
+    """``usual`` moved towards ``sample`` (0 is "not known yet": the sample itself)."""
+    if usual == 0.0:
+        return sample
+    return usual + config.STALL_HISTORY_WEIGHT * (sample - usual)
 
 
 class StallWatch:

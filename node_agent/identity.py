@@ -21,7 +21,7 @@ from omni_rpc import config
 from omni_rpc.security import rejection
 
 # What a refusal's details start with (the coordinator recognises it).
-MISMATCH_PREFIX = "node identity mismatch: "
+MISMATCH_PREFIX = config.IDENTITY_MISMATCH_PREFIX
 
 
 def new_incarnation() -> str:

@@ -33,10 +33,6 @@ log = get_logger("node_agent")
 # Kubernetes' downward API, as deploy/kubernetes sets it: becomes the node's placement labels.
 K8S_LABEL_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "k8s_node": "NODE_NAME"}
 
-# HTTP/2 keepalive towards the agent's clients (--keepalive-time, --keepalive-timeout).
-AGENT_KEEPALIVE_TIME_S = 10.0
-AGENT_KEEPALIVE_TIMEOUT_S = 5.0
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni-agent", description=__doc__)
@@ -126,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keepalive-time",
         type=argtypes.positive_float,
-        default=AGENT_KEEPALIVE_TIME_S,
+        default=config.KEEPALIVE_TIME_MS / 1000,
         metavar="S",
         help="ping each connected coordinator every S seconds (HTTP/2 keepalive): with "
         "--keepalive-timeout, bounds how long requests keep running for a coordinator that "
@@ -135,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keepalive-timeout",
         type=argtypes.positive_float,
-        default=AGENT_KEEPALIVE_TIMEOUT_S,
+        default=config.KEEPALIVE_TIMEOUT_MS / 1000,
         metavar="S",
         help="a ping unanswered for S seconds breaks the connection: its sessions end and "
         "their requests are aborted in the engine (after at most keepalive-time + this)",

@@ -39,7 +39,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
 # Health checking: a Check must answer within this, else the node counts as unreachable.
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 2.0
-# gRPC keepalive on coordinator -> agent channels (detects dead peers on idle connections).
+# gRPC keepalive on coordinator -> agent channels (detects dead peers on idle connections), and
+# the agents' default --keepalive-time / --keepalive-timeout towards their coordinators.
 KEEPALIVE_TIME_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 
@@ -228,3 +229,5 @@ CONTROL_PLANE_SERVICE = "omni.v1.ControlPlane"
 # ("node identity mismatch: ..."): another process now listens at that address.
 NODE_ID_METADATA = "omni-node-id"
 NODE_INCARNATION_METADATA = "omni-node-incarnation"
+# How the details of that refusal begin (the coordinator recognises it by this).
+IDENTITY_MISMATCH_PREFIX = "node identity mismatch: "
