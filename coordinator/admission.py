@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from omni_rpc import config
 from omni_rpc.v1 import generate_pb2
+from omni_rpc.validation import chat_text_bytes
 
 # Token ids count 4 bytes each toward the prompt size limit (their size as int32 on the wire).
 TOKEN_ID_BYTES = 4
@@ -37,8 +38,10 @@ class LimitExceeded(Exception):
 
 
 def prompt_bytes(request: generate_pb2.GenerateRequest) -> int:
-    return len(request.prompt.encode("utf-8", "surrogatepass")) + TOKEN_ID_BYTES * len(
-        request.prompt_token_ids
+    return (
+        len(request.prompt.encode("utf-8", "surrogatepass"))
+        + TOKEN_ID_BYTES * len(request.prompt_token_ids)
+        + chat_text_bytes(request.messages)
     )
 
 

@@ -30,6 +30,7 @@ from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
 from omni_rpc.metrics import CoordinatorMetrics
 from omni_rpc.v1 import generate_pb2, node_agent_pb2
+from omni_rpc.validation import chat_text_bytes
 
 # Deferred: its lines (one per request, and one per failover) are written off the event loop.
 log = get_logger("coordinator.dispatch", deferred=True)
@@ -455,8 +456,11 @@ def _median(values: list[float]) -> float:
 
 
 def _prompt_tokens(request: generate_pb2.GenerateRequest) -> int:
-    """The prompt's length in tokens (estimated at 4 characters a token for a text prompt)."""
-    return len(request.prompt_token_ids) or len(request.prompt) // 4
+    """The prompt's length in tokens (estimated at 4 UTF-8 bytes a token for text)."""
+    return (
+        len(request.prompt_token_ids)
+        or (len(request.prompt) + chat_text_bytes(request.messages)) // 4
+    )
 
 
 def _expired(deadline: float | None) -> bool:

@@ -27,6 +27,14 @@ class EngineOverloaded(EngineError):
 
 
 @dataclass(frozen=True)
+class ChatTurn:
+    """One turn of a chat the engine renders with its model's chat template."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     # The engine's id for this attempt, unique in the agent's process (``engine_request_id``):
     # not the client's request_id, which two concurrent calls may share, and which an engine's
@@ -35,6 +43,9 @@ class EngineRequest:
     sampling: Sampling
     prompt: str = ""
     prompt_token_ids: tuple[int, ...] = ()
+    # A chat instead of a prompt: the engine renders it with the model's chat template, the
+    # assistant's turn opened (``prompt`` and ``prompt_token_ids`` are empty then).
+    messages: tuple[ChatTurn, ...] = ()
     # Output another node already delivered: continue after it (see the Resume message).
     resume_token_ids: tuple[int, ...] = ()
     resume_text: str = ""

@@ -15,13 +15,14 @@ stopping) aborts every request still on it in the engine.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from node_agent.engine import (
+    ChatTurn,
     Delta,
     EngineError,
     EngineOverloaded,
@@ -60,6 +61,18 @@ def stream_interval(request: generate_pb2.GenerateRequest) -> int:
     return config.DEFAULT_STREAM_INTERVAL
 
 
+def chat_turns(messages: Sequence[generate_pb2.ChatMessage]) -> tuple[ChatTurn, ...]:
+    """A validated chat as the engine's turns: text parts are joined with newlines (as vLLM's
+    OpenAI server does for models whose templates take string content)."""
+    return tuple(
+        ChatTurn(
+            role=m.role,
+            content="\n".join(p.text for p in m.parts) if m.parts else m.content,
+        )
+        for m in messages
+    )
+
+
 def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> EngineRequest:
     """The engine request for ``message`` (which carries ``generate``), or Refused: the
     checks a request passes before the engine sees it, on Generate and on a Session alike.
@@ -78,6 +91,7 @@ def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> Engi
         sampling=sampling,
         prompt=request.prompt,
         prompt_token_ids=tuple(request.prompt_token_ids),
+        messages=chat_turns(request.messages),
         resume_token_ids=tuple(message.resume.token_ids),
         resume_text=message.resume.text,
     )

@@ -28,6 +28,9 @@ STARTUP_TIMEOUT_S = {"sim": 60.0, "vllm": 600.0}
 # Requests.
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_CAP = 8192
+# A chat's shape (its size counts against the prompt byte limit like a prompt's).
+MAX_CHAT_MESSAGES = 1024
+MAX_CHAT_ROLE_CHARS = 64
 # The fewest new tokens per streamed message (``stream_interval``): 1 sends every token as soon
 # as it exists; the last message of a stream may carry fewer.
 DEFAULT_STREAM_INTERVAL = 1

@@ -4,6 +4,7 @@ and the agents (which never trust the network). Errors name the offending field.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from omni_rpc import config
@@ -66,6 +67,45 @@ def resolve_sampling(
     )
 
 
+def validate_messages(messages: Sequence[generate_pb2.ChatMessage]) -> None:
+    """A chat: every turn has a role and either text content or parts, and no media yet."""
+    if len(messages) > config.MAX_CHAT_MESSAGES:
+        raise InvalidRequest(
+            "messages", f"at most {config.MAX_CHAT_MESSAGES} messages, got {len(messages)}"
+        )
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not message.role:
+            raise InvalidRequest(f"{where}.role", "must not be empty")
+        if len(message.role) > config.MAX_CHAT_ROLE_CHARS:
+            raise InvalidRequest(
+                f"{where}.role", f"at most {config.MAX_CHAT_ROLE_CHARS} characters"
+            )
+        if message.content and message.parts:
+            raise InvalidRequest(where, "give content or parts, not both")
+        for number, part in enumerate(message.parts):
+            kind = part.WhichOneof("part")
+            if kind is None:
+                raise InvalidRequest(f"{where}.parts[{number}]", "set text or media")
+            if kind == "media":
+                # Refused rather than dropped, as GenerateRequest.inputs.
+                raise InvalidRequest(
+                    f"{where}.parts[{number}].media",
+                    "media inputs are not supported yet (text parts only)",
+                )
+
+
+def chat_text_bytes(messages: Sequence[generate_pb2.ChatMessage]) -> int:
+    """The UTF-8 size of a chat's roles and text (what a prompt size limit counts)."""
+    total = 0
+    for message in messages:
+        total += len(message.role.encode("utf-8", "surrogatepass"))
+        total += len(message.content.encode("utf-8", "surrogatepass"))
+        for part in message.parts:
+            total += len(part.text.encode("utf-8", "surrogatepass"))
+    return total
+
+
 def validate_request(
     request: generate_pb2.GenerateRequest,
     *,
@@ -79,10 +119,22 @@ def validate_request(
             "request_id",
             f"at most {config.MAX_REQUEST_ID_CHARS} characters, got {len(request.request_id)}",
         )
-    if not request.prompt and not request.prompt_token_ids:
-        raise InvalidRequest("prompt", "give a prompt or prompt_token_ids (both are empty)")
-    if request.prompt and request.prompt_token_ids:
-        raise InvalidRequest("prompt", "give either prompt or prompt_token_ids, not both")
+    given = [
+        name
+        for name, present in (
+            ("prompt", bool(request.prompt)),
+            ("prompt_token_ids", bool(request.prompt_token_ids)),
+            ("messages", bool(request.messages)),
+        )
+        if present
+    ]
+    if not given:
+        raise InvalidRequest(
+            "prompt", "give a prompt, prompt_token_ids or messages (all three are empty)"
+        )
+    if len(given) > 1:
+        raise InvalidRequest("prompt", f"give only one of {' and '.join(given)}")
+    validate_messages(request.messages)
     if any(t < 0 for t in request.prompt_token_ids):
         raise InvalidRequest("prompt_token_ids", "token ids must be >= 0")
     if request.HasField("max_retries") and request.max_retries < 0:

@@ -116,6 +116,66 @@ class Media(_message.Message):
 Global___Media: _TypeAlias = Media  # noqa: Y015
 
 @_typing.final
+class ChatMessage(_message.Message):
+    """One turn of a chat (GenerateRequest.messages), as in OpenAI's chat API."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user", "assistant" (or another role the model's chat template takes)."""
+    content: _builtins.str
+    """The turn's text. Used when parts is empty."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
+        """The turn's content as ordered parts (OpenAI's content arrays): text, or media (refused
+        with INVALID_ARGUMENT until multimodal support lands, never dropped). Give content or
+        parts, not both.
+        """
+
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+        parts: _abc.Iterable[Global___ContentPart] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "parts", b"parts", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class ContentPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    MEDIA_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    @_builtins.property
+    def media(self) -> Global___Media: ...
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        media: Global___Media | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["media", b"media", "part", b"part", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["media", b"media", "part", b"part", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "media"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ContentPart: _TypeAlias = ContentPart  # noqa: Y015
+
+@_typing.final
 class GenerateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -128,10 +188,11 @@ class GenerateRequest(_message.Message):
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
     STREAM_INTERVAL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Filled in by the coordinator when empty; echoed on every response."""
     prompt: _builtins.str
-    """Exactly one of prompt or prompt_token_ids must be given."""
+    """Exactly one of prompt, prompt_token_ids or messages must be given."""
     affinity_key: _builtins.str
     """Requests with the same key are to prefer the same node (prefix-cache locality): read by
     the upcoming `consistent_hash` routing strategy; no strategy reads it yet, so it is
@@ -160,6 +221,13 @@ class GenerateRequest(_message.Message):
         coordinator and the agents refuse a request with inputs (INVALID_ARGUMENT).
         """
 
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A chat instead of a prompt: the serving node renders it with its model's own chat
+        template (with the generation prompt, the assistant's turn, opened), and generates the
+        assistant's reply. usage.prompt_tokens counts the rendered prompt.
+        """
+
     def __init__(
         self,
         *,
@@ -172,10 +240,11 @@ class GenerateRequest(_message.Message):
         max_retries: _builtins.int | None = ...,
         stream_interval: _builtins.int | None = ...,
         model: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "max_retries", b"max_retries", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "model", b"model", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "messages", b"messages", "model", b"model", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
