@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from coordinator import assembly
 from coordinator.dispatch import DispatchCounters
+from coordinator.http.server import http_address
 from coordinator.outliers import LATENCY_OUTLIER
 from coordinator.ports import reserve_port
 from coordinator.registry import Node, Registry, state_name
@@ -546,6 +547,8 @@ async def serve_control(args: argparse.Namespace, guard: security.ServerSecurity
     host = args.listen.rsplit(":", 1)[0]
     # Free (not even shared) and concrete: the workers then share it among themselves only.
     port = reserve_port(args.listen)
+    # The HTTP front door likewise: one concrete port, shared by the workers alone.
+    http_port = reserve_port(args.http_listen) if args.http_listen else None
     local_metrics = CoordinatorMetrics()
     registry = assembly.monitored_registry(args, guard, local_metrics)
     hub = ControlHub(registry, args.health_check_interval)
@@ -569,6 +572,8 @@ async def serve_control(args: argparse.Namespace, guard: security.ServerSecurity
     args_file = private / "args.pickle"
     worker_args = argparse.Namespace(**vars(args))
     worker_args.listen = f"{host}:{port}"
+    if http_port is not None:
+        worker_args.http_listen = f"{args.http_listen.rsplit(':', 1)[0]}:{http_port}"
     args_file.write_bytes(pickle.dumps(worker_args))
     loads = asyncio.create_task(hub.push_loads(), name="push-loads")
     pool = WorkerPool(args.workers, args_file, control_path, hub, args.shutdown_grace, stop)
@@ -587,9 +592,13 @@ async def serve_control(args: argparse.Namespace, guard: security.ServerSecurity
         )
         serve_metrics(served, args.metrics_port, host, args.metrics_port_file)
         servers.write_port_file(args.port_file, port)
+        if http_port is not None:
+            # Every worker serves HTTP once attached: it bound the port before attaching.
+            servers.write_port_file(args.http_port_file, http_port)
         log.info(
             "coordinator serving",
             address=servers.advertised(args.listen, port),
+            **http_address(args, http_port),
             workers=args.workers,
             strategy=args.strategy,
             health_check_interval_s=args.health_check_interval,

@@ -12,6 +12,7 @@ import os
 import sys
 
 from coordinator import assembly, control
+from coordinator.http.server import http_address, start_front_door
 from coordinator.registry import state_name
 from coordinator.service import CoordinatorService, RegistryService
 from coordinator.strategies import STRATEGIES
@@ -38,6 +39,13 @@ def workers_count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni-coordinator", description=__doc__)
     p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0: any free)")
+    p.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="also serve the OpenAI-compatible HTTP API here (port 0: any free; docs/http.md); "
+        "off when not given",
+    )
+    p.add_argument("--http-port-file", help="write the bound HTTP port to this file once serving")
     p.add_argument(
         "--workers",
         type=workers_count,
@@ -222,15 +230,19 @@ async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int
     health = servers.add_health_and_reflection(server, SERVICES)
     port = servers.bind(server, args.listen, guard.tls)
     await server.start()
+    http = await start_front_door(args, coordinator, guard)
     health_only = await servers.start_health_only(health, args.health_listen)
     await servers.set_serving(health, SERVICES, True)
     serve_metrics(
         metrics.registry, args.metrics_port, args.listen.rsplit(":", 1)[0], args.metrics_port_file
     )
     servers.write_port_file(args.port_file, port)
+    if http is not None:
+        servers.write_port_file(args.http_port_file, http.port)
     log.info(
         "coordinator serving",
         address=servers.advertised(args.listen, port),
+        **http_address(args, http.port if http is not None else None),
         strategy=args.strategy,
         health_check_interval_s=args.health_check_interval,
         max_retries=args.max_retries,
@@ -241,7 +253,10 @@ async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int
     await stop.wait()
     log.info("shutting down", in_flight=dispatcher.counters.in_flight, grace_s=args.shutdown_grace)
     await servers.set_serving(health, SERVICES, False)
-    await server.stop(grace=args.shutdown_grace)
+    # Both front doors drain at once: in-flight calls on either get the same grace.
+    await asyncio.gather(
+        server.stop(grace=args.shutdown_grace), *([http.stop()] if http is not None else [])
+    )
     if health_only is not None:
         await health_only.stop(grace=None)
     await registry.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -27,6 +27,18 @@ from omni_rpc.v1 import (
 from omni_rpc.validation import InvalidRequest, validate_request
 
 log = get_logger("coordinator.service")
+
+
+class GenerateError(Exception):
+    """How a Generate call ends when it cannot be served: its status, final (clients must not
+    retry it as if the coordinator had been unreachable). ``field``: the request field at
+    fault, when validation names one."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
@@ -56,36 +68,52 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         ],
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
-            self.admission.check_request(request)
-            validate_request(request, max_tokens_cap=self.max_tokens_cap)
-        except LimitExceeded as exc:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except InvalidRequest as exc:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            with self.admission.admit(client_identity(context)):
-                # Closed here, not when collected: a client that goes away frees its node now.
-                async with contextlib.aclosing(
-                    self.dispatcher.generate(request, context.time_remaining())
-                ) as responses:
-                    async for response in responses:
-                        yield response
-        except LimitExceeded as exc:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except DispatchError as exc:
-            # Logged once by the dispatcher ("request finished", with node and error).
+            # Closed here, not when collected: a client that goes away frees its node now.
+            async with contextlib.aclosing(
+                self.stream(request, client_identity(context), context.time_remaining())
+            ) as responses:
+                async for response in responses:
+                    yield response
+        except GenerateError as exc:
             # Marks the status as the coordinator's verdict: clients must not retry it as if
             # the coordinator had been unreachable.
             context.set_trailing_metadata(((config.FINAL_ERROR_METADATA, "1"),))
             await context.abort(exc.code, exc.message)
 
-    async def _refuse(
-        self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
-    ) -> None:
-        """Fail the call before any node is involved (final: clients must not retry it)."""
+    async def stream(
+        self,
+        request: generate_pb2.GenerateRequest,
+        client: str,
+        time_remaining: float | None,
+    ) -> AsyncGenerator[generate_pb2.GenerateResponse, None]:
+        """One Generate call for ``client``, whatever its transport (gRPC here, HTTP in
+        ``coordinator/http/``): the request's limits and validation, a stream slot, then the
+        dispatcher's responses (failover and resume included). Raises GenerateError, final."""
+        try:
+            self.admission.check_request(request)
+            validate_request(request, max_tokens_cap=self.max_tokens_cap)
+        except LimitExceeded as exc:
+            raise self._refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except InvalidRequest as exc:
+            raise self._refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+        try:
+            with self.admission.admit(client):
+                async with contextlib.aclosing(
+                    self.dispatcher.generate(request, time_remaining)
+                ) as responses:
+                    async for response in responses:
+                        yield response
+        except LimitExceeded as exc:
+            raise self._refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except DispatchError as exc:
+            # Logged once by the dispatcher ("request finished", with node and error).
+            raise GenerateError(exc.code, exc.message) from None
+
+    def _refusal(self, code: grpc.StatusCode, message: str, field: str = "") -> GenerateError:
+        """A call failed before any node is involved (counted here: the dispatcher never saw
+        it)."""
         self.dispatcher.metrics.requests.labels(code.name).inc()
-        context.set_trailing_metadata(((config.FINAL_ERROR_METADATA, "1"),))
-        await context.abort(code, message)
+        return GenerateError(code, message, field)
 
     async def GetStats(
         self,

@@ -28,6 +28,7 @@ from prometheus_client import generate_latest
 
 from coordinator import assembly
 from coordinator.dispatch import Dispatcher
+from coordinator.http.server import http_address, start_front_door
 from coordinator.replica import ReplicaRegistry
 from coordinator.service import CoordinatorService, RegistryService
 from omni_rpc import config, security, servers
@@ -213,6 +214,9 @@ async def serve_worker(
     await servers.set_serving(health, SERVICES, False)
     servers.bind(server, args.listen, guard.tls)
     await server.start()
+    # Bound before attaching (as the gRPC port), so that every worker listens by the time
+    # the control process publishes the port; calls wait for nodes until the first snapshot.
+    http = await start_front_door(args, coordinator, guard, reuse_port=True)
     link = ControlLink(control, index, replica, metrics, dispatcher)
     attach = asyncio.create_task(link.run(), name="attach")
     stopped = asyncio.create_task(stop.wait(), name="stop")
@@ -220,7 +224,12 @@ async def serve_worker(
     await asyncio.wait({attach, stopped, attached}, return_when=asyncio.FIRST_COMPLETED)
     if link.attached.is_set():
         await servers.set_serving(health, SERVICES, True)
-        log.info("worker serving", address=args.listen, pid=os.getpid())
+        log.info(
+            "worker serving",
+            address=args.listen,
+            pid=os.getpid(),
+            **http_address(args, http.port if http is not None else None),
+        )
         await asyncio.wait({attach, stopped}, return_when=asyncio.FIRST_COMPLETED)
     attached.cancel()
     code = 0
@@ -230,7 +239,9 @@ async def serve_worker(
         code = 1
     log.info("worker shutting down", in_flight=dispatcher.counters.in_flight)
     await servers.set_serving(health, SERVICES, False)
-    await server.stop(grace=args.shutdown_grace)
+    await asyncio.gather(
+        server.stop(grace=args.shutdown_grace), *([http.stop()] if http is not None else [])
+    )
     attach.cancel()
     stopped.cancel()
     with contextlib.suppress(asyncio.CancelledError):

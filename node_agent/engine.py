@@ -11,7 +11,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from omni_rpc.validation import Sampling
+from omni_rpc.validation import InvalidRequest, Sampling
 
 
 class EngineError(Exception):
@@ -49,6 +49,10 @@ class EngineRequest:
     # Output another node already delivered: continue after it (see the Resume message).
     resume_token_ids: tuple[int, ...] = ()
     resume_text: str = ""
+    # sampling.max_tokens is the server's default, not the client's: an engine lowers it to
+    # what the model's context leaves after the prompt (as vLLM's OpenAI server does) instead
+    # of refusing the request (see ``context_budget``).
+    default_max_tokens: bool = False
 
 
 @dataclass
@@ -86,6 +90,35 @@ class EngineLoad:
 
 
 HealthListener = Callable[[bool], None]
+
+
+def context_budget(request: EngineRequest, prompt_tokens: int, max_model_len: int | None) -> int:
+    """The tokens ``request`` may generate in all (its max_tokens), or InvalidRequest when its
+    prompt and completion do not fit the model's context of ``max_model_len`` tokens.
+
+    Counts the original prompt (``prompt_tokens``, without resumed tokens) and the original
+    max_tokens: on a resumed attempt the prompt, the resumed tokens and the remaining ones add
+    up to the same total, so every attempt of a request gets the same answer. A request that
+    does not fit is refused, never clamped; one whose max_tokens is the server's default
+    (``default_max_tokens``) gets what the context leaves, and is refused only when that is
+    nothing.
+    """
+    max_tokens = request.sampling.max_tokens
+    if max_model_len is None:
+        return max_tokens
+    if request.default_max_tokens and prompt_tokens < max_model_len:
+        return min(max_tokens, max_model_len - prompt_tokens)
+    if prompt_tokens + max_tokens > max_model_len:
+        where = "messages" if request.messages else "prompt"
+        raise InvalidRequest(
+            where,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {where}, "
+            f"{max_tokens} for the completion). Please reduce the length of the {where} or "
+            f"completion.",
+        )
+    return max_tokens
+
 
 _engine_ids = itertools.count(1)
 

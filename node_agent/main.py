@@ -14,8 +14,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from node_agent import cpus
 from node_agent.engine import Engine
-from node_agent.engines.sim import FAULTS, SimConfig, SimEngine
+from node_agent.engines.sim import DEFAULT_MAX_MODEL_LEN, FAULTS, SimConfig, SimEngine
 from node_agent.gpu import own_gpu
 from node_agent.identity import IdentityGuard, default_node_id, new_incarnation
 from node_agent.membership import Membership
@@ -46,11 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         "listening on port 0 need --node-id or fixed ports: the coordinator refuses a second "
         "live holder of an id)",
     )
-    p.add_argument("--engine", choices=config.ENGINES, default="sim")
+    p.add_argument(
+        "--engine",
+        choices=config.ENGINES,
+        help="default: follows --model (sim for no model or `sim`, vllm for any other: "
+        "simulated output never carries a real model's name unless --engine sim says so)",
+    )
     p.add_argument(
         "--model",
-        help="sim: a name; vllm: a model folder, a hub id, or a known name "
-        "(smollm2-135m-instruct, prepared once by `omni model prepare`)",
+        help="sim: a name; vllm: a model folder, a known name (smollm2-135m-instruct, prepared "
+        "once by `omni model prepare`), or a hub id ORG/NAME (in the local cache, or with hub "
+        "access); anything else fails at once (docs/models.md)",
     )
     p.add_argument(
         "--model-alias",
@@ -68,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(-1: keep the environment's CUDA_VISIBLE_DEVICES)",
     )
     p.add_argument(
+        "--cpu-cores",
+        type=cpus.cpu_list,
+        metavar="LIST",
+        help="cores this agent and its engine run on, e.g. 0-3, 0,2 or 1 (default: all the "
+        "process may use); vllm on CPU binds its OpenMP threads to them "
+        "(VLLM_CPU_OMP_THREADS_BIND): give each agent on a host its own cores",
+    )
+    p.add_argument(
         "--launcher",
         choices=config.AGENT_LAUNCHERS,
         default="external",
@@ -81,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vllm.add_argument("--max-model-len", type=argtypes.positive_int)
     vllm.add_argument("--max-num-seqs", type=argtypes.positive_int, default=16)
-    vllm.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    vllm.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto, float32, bfloat16, float16 (auto: float32 on a host without CUDA, "
+        "vLLM's choice with it)",
+    )
     vllm.add_argument(
         "--engine-arg",
         action="append",
@@ -105,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=-1,
         help="requests that may wait for a slot; more are refused as RESOURCE_EXHAUSTED (-1: any)",
+    )
+    p.add_argument(
+        "--sim-max-model-len",
+        type=argtypes.positive_int,
+        default=DEFAULT_MAX_MODEL_LEN,
+        help="the simulated model's context length: prompt tokens + max_tokens beyond it are "
+        "refused (INVALID_ARGUMENT)",
     )
     p.add_argument(
         "--sim-fault",
@@ -185,6 +212,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
                 max_num_seqs=args.max_num_seqs,
                 dtype=args.dtype,
                 memory_buffer_gb=args.memory_buffer_gb,
+                cpu_cores=args.cpu_cores or (),
                 extra=_engine_args(args.engine_arg),
             )
         )
@@ -196,6 +224,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
             max_concurrency=args.sim_max_concurrency,
             max_queue=None if args.sim_max_queue < 0 else args.sim_max_queue,
             model=args.model or "sim",
+            max_model_len=args.sim_max_model_len,
         )
     )
 
@@ -240,6 +269,9 @@ async def serve(
     guard = security.ServerSecurity.from_args(args, ["node"], outgoing_role="node")
     stop = stop or servers.stop_event_on_signals()
     gpu = own_gpu(args.gpu)
+    if args.cpu_cores:
+        # Before the engine starts: its processes and threads inherit the binding.
+        cpus.pin(cpus.check(args.cpu_cores))
     engine = build_engine(args)
     if engine.faults:
         engine.set_fault(args.sim_fault)
@@ -342,6 +374,7 @@ async def serve(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, sources = settings.parse(parser, "agent", argv)
+    args.engine = args.engine or config.engine_for(args.model)
     if not args.coordinator:
         variable = settings.env_name("coordinator")
         parser.error(

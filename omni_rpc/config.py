@@ -21,8 +21,19 @@ LAUNCHERS = ("local", "ray")
 AGENT_LAUNCHERS = (*LAUNCHERS, "kubernetes", "external")
 
 # Engines: the model an agent serves when none is named, and how long a local cluster may
-# take to become healthy (a real engine loads its model first).
-DEFAULT_MODELS = {"sim": "sim", "vllm": "smollm2-135m-instruct"}
+# take to become healthy (a real engine loads its model first). The SDK and `omni up` pick the
+# engine from the model when none is given: SIM_MODEL (or no model) runs simulated agents,
+# any other name runs vLLM; simulated output never carries a real model's name by default.
+SIM_MODEL = "sim"
+DEFAULT_MODELS = {"sim": SIM_MODEL, "vllm": "smollm2-135m-instruct"}
+
+
+def engine_for(model: str | None) -> str:
+    """The engine that serves ``model`` when none is named: simulated output only for no
+    model or SIM_MODEL, never under a real model's name."""
+    return "sim" if model in (None, "", SIM_MODEL) else "vllm"
+
+
 STARTUP_TIMEOUT_S = {"sim": 60.0, "vllm": 600.0}
 
 # Requests.
@@ -39,6 +50,14 @@ DEFAULT_STREAM_INTERVAL = 1
 MAX_BUFFERED_TOKENS = 4096
 # Deadline applied by the SDK when the caller gives none; the coordinator itself imposes none.
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
+# How long the SDK waits to connect to a coordinator it has never reached before failing
+# (UNAVAILABLE, naming the address). Once reached, a coordinator that goes away (restarting)
+# is waited for until each request's deadline.
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+# Where a cluster started by the SDK serves its HTTP front door (OpenAI-compatible; port 0:
+# any free port), and the path of its API under that address (the openai client's base_url).
+SDK_HTTP_LISTEN = "127.0.0.1:0"
+HTTP_API_PATH = "/v1"
 
 # Health checking: a Check must answer within this, else the node counts as unreachable.
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 2.0

@@ -238,25 +238,36 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: UNIMPLEMENTED, as without auth
             return handler
-        if (self.health_open and method.startswith(HEALTH_PREFIX)) or (
-            self.reflection_open and method.startswith(REFLECTION_PREFIXES)
-        ):
+        if self.is_open(method):
             return handler
-        role = self.tokens.role_of(bearer(handler_call_details.invocation_metadata))
+        refused = self.refusal(method, bearer(handler_call_details.invocation_metadata))
+        if refused is not None:
+            return rejection(handler, *refused)
+        return handler
+
+    def refusal(self, method: str, token: str | None) -> tuple[grpc.StatusCode, str] | None:
+        """Why a caller presenting ``token`` may not call ``method`` (None: it may). Shared
+        with the coordinator's HTTP front door, which asks on behalf of the gRPC method its
+        endpoint stands for."""
+        role = self.tokens.role_of(token)
         if role is None:
-            return rejection(
-                handler,
+            return (
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or unknown bearer token (metadata 'authorization: Bearer <token>')",
             )
         allowed = allowed_roles(method)
         if allowed is not None and role not in allowed:
-            return rejection(
-                handler,
+            return (
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"role {role!r} may not call {method} (allowed: {', '.join(sorted(allowed))})",
             )
-        return handler
+        return None
+
+    def is_open(self, method: str) -> bool:
+        """Whether ``method`` is served without a token (health, reflection when opened)."""
+        return (self.health_open and method.startswith(HEALTH_PREFIX)) or (
+            self.reflection_open and method.startswith(REFLECTION_PREFIXES)
+        )
 
 
 # -- TLS ----------------------------------------------------------------------------------

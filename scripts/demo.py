@@ -1,9 +1,11 @@
 """A tour of omni-rpc on this machine.
 
 --engine vllm (the default): a local cluster of vLLM agents serving SmolLM2-135M-Instruct (one
-agent per GPU where there are GPUs, two CPU agents otherwise), with a progress display while the
-engines load; example prompts, chat answers streamed live, a node SIGKILLed in the middle of a
-greedy stream that another node finishes, and the cluster's statistics.
+agent per GPU where there are GPUs, two CPU agents otherwise, each bound to its own share of the
+cores), with a progress display while the engines load; example questions as chats
+(``orch.chat``, rendered by the model's own chat template on the serving node), chat answers
+streamed live (``orch.stream_chat``), a node SIGKILLed in the middle of a greedy stream that
+another node finishes, and the cluster's statistics.
 
 --engine sim: a local cluster of simulated nodes (no model), example prompts, live streams, a
 concurrent burst, and the cluster's statistics.
@@ -11,15 +13,14 @@ concurrent burst, and the cluster's statistics.
     make demo                     # = .venv/bin/python scripts/demo.py --engine vllm
     make demo ENGINE=sim          # = .venv/bin/python scripts/demo.py --engine sim
     .venv/bin/python scripts/demo.py --engine sim --nodes 5
+    .venv/bin/python scripts/demo.py --cpu-cores none   # vLLM's own CPU binding (all on core 0)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -33,8 +34,9 @@ from typing import Any
 
 from node_agent.models import ModelError, prepare
 from omni_rpc import DistributedOrchestrator, GenerationError, GenerationResult, config
+from omni_rpc.launchers.cpus import CPU_MODES
 from omni_rpc.launchers.gpus import visible_gpus
-from omni_rpc.launchers.local import Child, LaunchError, LocalCluster
+from omni_rpc.launchers.local import Child, LaunchError, LocalCluster, last_log_event
 from omni_rpc.sdk.client import CoordinatorClient, CoordinatorUnreachable, state_name
 
 EXAMPLE_PROMPTS = [
@@ -66,13 +68,6 @@ CHAT_TOKENS = 48
 FAILOVER_PROMPT = "Tell me a short story about a robot who learns to paint."
 FAILOVER_TOKENS = 64
 KILL_AFTER_TOKENS = 8
-# SmolLM2-Instruct's chat template, by hand (the tokenizer's template adds this system turn).
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-STOP = ["<|im_end|>"]
-# "(EngineCore pid=1557) INFO 11-27 08:40:23 [core.py:133] " in front of vLLM's messages.
-VLLM_LOG_PREFIX = re.compile(
-    r"^(\([\w:-]+ pid=\d+\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\] "
-)
 
 
 class Phases:
@@ -124,6 +119,15 @@ async def live_streams(orchestrator: DistributedOrchestrator) -> None:
                 started = True
             print(delta.text, end="", flush=True)
         print(flush=True)
+    question = CHAT_QUESTIONS[0]
+    print(f"> {question}  (a chat: the node renders it with its model's chat template)")
+    node = ""
+    async for delta in orchestrator.stream_chat(chat(question), max_tokens=20):
+        if not node:
+            node = delta.node_id
+            print(f"  [{node}]", end="")
+        print(delta.text, end="", flush=True)
+    print(flush=True)
 
 
 async def timed_generate(
@@ -189,6 +193,7 @@ async def run(args: argparse.Namespace, phases: Phases) -> None:
             await asyncio.to_thread(orchestrator.wait_ready)
         assert orchestrator.cluster is not None
         print(f"Coordinator at {orchestrator.coordinator}, logs in {orchestrator.cluster.log_dir}")
+        print(f"HTTP front door (OpenAI-compatible): {orchestrator.http_url}")
         with phases.phase("(a) example prompts"):
             await example_prompts(orchestrator)
         with phases.phase("(b) live streams"):
@@ -206,12 +211,10 @@ async def run(args: argparse.Namespace, phases: Phases) -> None:
 # -- the vLLM demo -------------------------------------------------------------------------
 
 
-def chat(question: str) -> str:
-    """One user turn in SmolLM2-Instruct's chat format, ready for the assistant's answer."""
-    return (
-        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
-        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    )
+def chat(question: str) -> list[dict[str, str]]:
+    """One user turn, as OpenAI's chat API has it: the serving node renders it with the
+    model's own chat template (SmolLM2's adds its default system turn)."""
+    return [{"role": "user", "content": question}]
 
 
 def one_line(text: str) -> str:
@@ -232,33 +235,6 @@ def placement(nodes: int, gpus: list[int]) -> tuple[list[str], dict[int, list[st
         per_agent[index] = flags
     where = "one per GPU" if per_gpu == 1 else f"{per_gpu} per GPU"
     return GPU_ENGINE_FLAGS, per_agent, f"{nodes} agents on {len(gpus)} GPU(s), {where}"
-
-
-def last_log_event(path: Path) -> str:
-    """What an agent's log says last: a JSON line's "event", or a message of vLLM's logger
-    (warnings, progress bars and continuation lines are skipped)."""
-    try:
-        with open(path, "rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
-            tail = log.read().decode(errors="replace")
-    except OSError:
-        return ""
-    for line in reversed(tail.splitlines()):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "event" in record:
-                return str(record["event"])
-            continue
-        prefix = VLLM_LOG_PREFIX.match(line)
-        if prefix:
-            return "vllm: " + line[prefix.end() :].strip()
-    return ""
 
 
 class Progress:
@@ -335,10 +311,12 @@ async def wait_for_engines(cluster: LocalCluster, timeout_s: float) -> None:
 
 
 async def vllm_example_prompts(orchestrator: DistributedOrchestrator) -> None:
-    heading("(a) example prompts (as chat messages, greedy)")
-    results: list[GenerationResult] = await orchestrator.generate(
-        [chat(p) for p in EXAMPLE_PROMPTS], max_tokens=40, temperature=0.0, stop=STOP
+    heading("(a) example prompts (as chats, at once, greedy)")
+    start = time.perf_counter()
+    results: list[GenerationResult] = await asyncio.gather(
+        *(orchestrator.chat(chat(p), max_tokens=40, temperature=0.0) for p in EXAMPLE_PROMPTS)
     )
+    wall = time.perf_counter() - start
     for prompt, result in zip(EXAMPLE_PROMPTS, results, strict=True):
         print(f"> {prompt}")
         print(f"Generated: {one_line(str(result))}")
@@ -346,6 +324,11 @@ async def vllm_example_prompts(orchestrator: DistributedOrchestrator) -> None:
             f"    node {result.node_id}, {result.usage['completion_tokens']} tokens, "
             f"finish {result.finish_reason}"
         )
+    tokens = sum(r.usage["completion_tokens"] for r in results)
+    print(
+        f"  {len(results)} chats at once: {tokens} tokens in {wall:.2f} s, "
+        f"{tokens / wall:.1f} tokens/s across the cluster"
+    )
 
 
 async def vllm_live_streams(orchestrator: DistributedOrchestrator) -> None:
@@ -356,8 +339,8 @@ async def vllm_live_streams(orchestrator: DistributedOrchestrator) -> None:
         tokens = 0
         start = time.perf_counter()
         first = 0.0
-        async for delta in orchestrator.stream(
-            chat(question), max_tokens=CHAT_TOKENS, temperature=0.0, stop=STOP
+        async for delta in orchestrator.stream_chat(
+            chat(question), max_tokens=CHAT_TOKENS, temperature=0.0
         ):
             if delta.node_id != node:
                 node = delta.node_id
@@ -416,9 +399,9 @@ async def failover(orchestrator: DistributedOrchestrator, cluster: LocalCluster)
         "temperature": 0.0,
         "ignore_eos": True,
     }
-    prompt = chat(FAILOVER_PROMPT)
+    messages = chat(FAILOVER_PROMPT)
     print(f"> {FAILOVER_PROMPT}  (greedy, {FAILOVER_TOKENS} tokens)")
-    reference = await orchestrator.generate_one(prompt, **sampling)
+    reference = await orchestrator.chat(messages, **sampling)
     print(f"  undisturbed run on {reference.node_id}: {one_line(reference.text)[:90]}...")
     print(f"  again, and SIGKILL the node serving it after {KILL_AFTER_TOKENS} tokens:")
     text = ""
@@ -427,7 +410,7 @@ async def failover(orchestrator: DistributedOrchestrator, cluster: LocalCluster)
     attempt = 0
     killed_at = 0.0
     last = None
-    async for delta in orchestrator.stream(prompt, **sampling):
+    async for delta in orchestrator.stream_chat(messages, **sampling):
         if delta.attempt != attempt or (nodes and delta.node_id != nodes[-1]):
             if attempt:
                 gap = time.perf_counter() - killed_at
@@ -485,15 +468,28 @@ async def run_vllm(args: argparse.Namespace, phases: Phases) -> None:
         model=MODEL,
         agent_args=agent_args,
         per_agent_args=dict(per_agent),
+        http_listen="127.0.0.1:0",
+        cpu_cores=args.cpu_cores,
     )
     orchestrator: DistributedOrchestrator | None = None
     try:
         with phases.phase(f"engine load ({nodes} nodes)"):
             await asyncio.to_thread(cluster.start)
             print(f"Coordinator at {cluster.coordinator_address}, logs in {cluster.log_dir}")
+            print(f"HTTP front door (OpenAI-compatible): {cluster.http_url}")
+            if cluster.agent_cores:
+                cores = ", ".join(
+                    f"{a.name} {c}"
+                    for a, c in zip(cluster.agents, cluster.agent_cores, strict=True)
+                )
+                print(f"CPU cores: {cores}")
+            elif not gpus:
+                print("CPU cores: vLLM's own binding (--cpu-cores none)")
             print("Loading the engines (each node joins the coordinator once its model is up):")
             await wait_for_engines(cluster, config.STARTUP_TIMEOUT_S["vllm"])
-        orchestrator = DistributedOrchestrator(coordinator=cluster.coordinator_address, timeout=300)
+        orchestrator = DistributedOrchestrator(
+            coordinator=cluster.coordinator_address, timeout=300, http_url=cluster.http_url
+        )
         with phases.phase("(a) example prompts"):
             await vllm_example_prompts(orchestrator)
         with phases.phase("(b) live streams"):
@@ -526,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
         "--nodes",
         type=int,
         help="number of nodes (default: sim 3; vllm one per GPU, at least 2)",
+    )
+    parser.add_argument(
+        "--cpu-cores",
+        default="auto",
+        choices=CPU_MODES,
+        help="vLLM agents without GPUs: auto gives each its own share of the cores, none leaves "
+        "vLLM's own binding (every agent on the same cores) (default: auto)",
     )
     args = parser.parse_args(argv)
     if args.nodes is not None and args.nodes < 1:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from node_agent.engine import ChatTurn
 from node_agent.engines.sim import simulate
 from omni_rpc.cli.main import format_status
 from omni_rpc.sdk.client import node_dict
@@ -23,6 +27,7 @@ from omni_rpc.v1 import coordinator_pb2
 from tests.conftest import wait_until
 
 OMNI = [sys.executable, "-m", "omni_rpc"]
+FAST_SIM_FLAGS = ["--health-check-interval", "0.5", "--sim-ttft-ms", "5", "--sim-itl-ms", "2"]
 
 
 def free_port() -> int:
@@ -171,7 +176,7 @@ def test_up_status_generate_and_ctrl_c(
     assert process.returncode == 0, err
     assert address in out and str(log_dir) in out
     assert not accepts_connections(address), "coordinator still listening after omni up exited"
-    agent_pids = [int(pid) for pid in re.findall(r"\bpid (\d+)", out)]
+    agent_pids = sorted({int(pid) for pid in re.findall(r"\bpid (\d+)", out)})
     assert len(agent_pids) == 2, out
     assert not [pid for pid in agent_pids if alive(pid)], "agents outlived omni up"
     assert (log_dir / "node-0.log").exists() and (log_dir / "coordinator.log").exists()
@@ -345,3 +350,131 @@ def test_bad_usage_exits_2() -> None:
     assert omni().returncode == 2
     assert omni("drain").returncode == 2
     assert omni("drain", "node-0", "--timeout", "0").returncode == 2
+
+
+def read_lines_until(process: subprocess.Popen[str], last: str, timeout: float) -> list[str]:
+    """``process``'s stdout, line by line as it comes, up to the first line containing
+    ``last`` (fails if it exits or ``timeout`` passes first)."""
+    assert process.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line.rstrip("\n"))
+            if last in line:
+                return
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(
+                f"no {last!r} within {timeout}s; got:\n" + "\n".join(seen)
+            ) from None
+        if line is None:
+            raise AssertionError(f"omni up exited ({process.wait()}):\n" + "\n".join(seen))
+        seen.append(line)
+        if last in line:
+            return seen
+
+
+def test_up_says_where_at_once_then_each_node_as_it_loads(tmp_path: Path) -> None:
+    """The coordinator's addresses first (before any node is ready), then each node's start,
+    loading and readiness; engine options reach every agent's command line."""
+    address = f"127.0.0.1:{free_port()}"
+    engine_options = ["--dtype", "float32", "--max-model-len", "256"]
+    engine_options += ["--engine-arg", "enforce_eager=true", "--engine-arg", 'x={"a": 1}']
+    with omni_up_running(
+        "--nodes",
+        "2",
+        "--listen",
+        address,
+        "--http-listen",
+        "127.0.0.1:0",
+        "--log-dir",
+        str(tmp_path),
+        *FAST_SIM_FLAGS,
+        *engine_options,
+    ) as process:
+        lines = read_lines_until(process, "nodes healthy", 60)
+        assert lines[0] == f"coordinator  {address} (gRPC)", lines
+        http = re.fullmatch(r"http +(http://127\.0\.0\.1:(\d+)/v1) .*", lines[1])
+        assert http is not None and int(http.group(2)) > 0, lines
+        assert lines[2] == f"logs         {tmp_path}"
+        # Then, in this order: each node starting, loading, ready; the table; the ready line.
+        starting = [
+            i
+            for i, line in enumerate(lines)
+            if re.fullmatch(r"node-\d: starting \(pid \d+\)", line)
+        ]
+        loading = [
+            i
+            for i, line in enumerate(lines)
+            if re.match(r"node-\d: loading model sim \(logs: ", line)
+        ]
+        ready = [
+            i
+            for i, line in enumerate(lines)
+            if re.fullmatch(r"node-\d: ready after [\d.]+ s", line)
+        ]
+        assert len(starting) == len(loading) == len(ready) == 2, lines
+        assert 2 < max(starting) < min(loading) and max(loading) < min(ready), lines
+        assert lines[-1] == "2 nodes healthy. Press Ctrl-C to stop."
+        assert f"logs: {tmp_path / 'node-0.log'})" in lines[loading[0]]
+        # Every agent got the engine options, as given.
+        pids = [int(re.findall(r"pid (\d+)", lines[i])[0]) for i in starting]
+        for pid in pids:
+            argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+            joined = " ".join(argv)
+            assert " ".join(engine_options) in joined, argv
+        assert accepts_connections(f"127.0.0.1:{http.group(2)}")
+
+
+def test_chat_streams_the_reply_to_a_chat(
+    omni_up: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    process, address, _ = omni_up
+    wait_until(lambda: healthy_count(process, address) >= 2, 60, "2 healthy nodes")
+    turns = (
+        ChatTurn("system", "Be brief."),
+        ChatTurn("user", "Hello"),
+        ChatTurn("assistant", "Hi: how can I help?"),
+        ChatTurn("user", "Name a colour."),
+    )
+    chat = omni(
+        "chat",
+        "Name a colour.",
+        "--system",
+        "Be brief.",
+        "--message",
+        "user:Hello",
+        "--message",
+        "assistant:Hi: how can I help?",
+        "--max-tokens",
+        "6",
+        "--seed",
+        "2",
+        "--model",
+        "sim",
+        "-v",
+        "--coordinator",
+        address,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout == simulate("", max_tokens=6, seed=2, messages=turns).text + "\n"
+    assert chat.stderr.startswith("[node-"), chat.stderr
+    # Only --message turns, and the same sampling flags as omni generate.
+    only = omni("chat", "--message", "user:Hi", "--max-tokens", "3", "--coordinator", address)
+    assert only.returncode == 0, only.stderr
+    assert only.stdout == simulate("", max_tokens=3, messages=(ChatTurn("user", "Hi"),)).text + "\n"
+    # Nothing to send, a malformed turn, a model nobody serves.
+    assert omni("chat", "--coordinator", address).returncode == 2
+    bad = omni("chat", "--message", "no colon here", "--coordinator", address)
+    assert bad.returncode == 2 and "ROLE:TEXT" in bad.stderr
+    missing = omni("chat", "Hi", "--model", "nobody/serves-this", "--coordinator", address)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: NOT_FOUND: ")

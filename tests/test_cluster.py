@@ -151,15 +151,15 @@ def test_unknown_strategy_fails_at_start_up_with_exit_code_2() -> None:
 
 def test_sdk_rejects_bad_configuration() -> None:
     with pytest.raises(ValueError, match="load_balancing_strategy"):
-        DistributedOrchestrator(model="m", load_balancing_strategy="fastest")
+        DistributedOrchestrator(model="m", engine="sim", load_balancing_strategy="fastest")
     with pytest.raises(PlacementError, match="cannot connect to the Ray cluster at auto"):
-        DistributedOrchestrator(model="m", ray_address="auto")  # no Ray running here
+        DistributedOrchestrator(model="m", engine="sim", ray_address="auto")  # no Ray running here
     with pytest.raises(ValueError, match="launcher"):
-        DistributedOrchestrator(model="m", launcher="slurm")
+        DistributedOrchestrator(model="m", engine="sim", launcher="slurm")
     with pytest.raises(ValueError, match="num_nodes"):
-        DistributedOrchestrator(model="m", num_nodes=0)
+        DistributedOrchestrator(model="m", engine="sim", num_nodes=0)
     with pytest.raises(ValueError, match="max_retries"):
-        DistributedOrchestrator(model="m", max_retries=-1)
+        DistributedOrchestrator(model="m", engine="sim", max_retries=-1)
 
 
 async def test_no_healthy_nodes_available(make_cluster: MakeCluster) -> None:

@@ -213,6 +213,10 @@ def test_documented_multi_node_example_runs_with_only_the_address_changed(
     code = MULTI_NODE_EXAMPLE
     assert 'ray_address="ray://head-node:10001"' in code
     code = code.replace("ray://head-node:10001", ray_head)
+    # Simulated agents under the example's model name: only when asked for (engine="sim");
+    # by default a real model's name runs vLLM.
+    code = code.replace("num_nodes=16,", 'num_nodes=16,\n    engine="sim",')
+    assert 'engine="sim"' in code
     script = tmp_path / "multi_node.py"
     script.write_text(
         "from omni_rpc import DistributedOrchestrator\n"

@@ -2,7 +2,8 @@
 
 One cluster serves the whole module (each engine takes tens of seconds to load on two cores);
 the test that kills an agent runs last. The reference outputs come from vLLM called directly,
-in a separate process, on the same model folder and settings.
+in a separate process, on the same model folder and settings (float32, which the agents get
+from ``--dtype auto`` on CPU: they are not given a dtype).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,15 +23,19 @@ import grpc
 import psutil
 import pytest
 
+from node_agent.cpus import parse_cpu_list
 from node_agent.models import prepare
 from omni_rpc import DistributedOrchestrator, GenerationError
 from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
 from tests.conftest import agent_load, async_wait_until, node_address, wait_healthy, wait_until
 
 pytestmark = [pytest.mark.timeout(1200)]
 
 MODEL = "smollm2-135m-instruct"
-ENGINE_FLAGS = ["--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "8"]
+# No --dtype: "auto" must be float32 on CPU (bfloat16, vLLM's own auto there, answers the
+# chat question below with nonsense).
+ENGINE_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8"]
 PROMPTS = [
     "The capital of France is",
     "Write one sentence about the sea.",
@@ -39,6 +45,8 @@ PROMPTS = [
 MAX_TOKENS = 24
 RESUME_PROMPT = "Tell me a short story about a robot who learns to paint."
 RESUME_TOKENS = 40
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+CHAT_TOKENS = 16
 
 REFERENCE = """
 import json, sys
@@ -47,7 +55,7 @@ from node_agent.engines.vllm import VllmConfig, engine_args
 
 
 def main():
-    prompts, max_tokens, resume_prompt, resume_tokens = json.loads(sys.argv[1])
+    prompts, max_tokens, resume_prompt, resume_tokens, chat, chat_tokens = json.loads(sys.argv[1])
     cfg = VllmConfig(model=sys.argv[2], max_model_len=256, dtype="float32", max_num_seqs=8)
     args = engine_args(cfg)
     args.pop("disable_log_stats", None)
@@ -57,7 +65,15 @@ def main():
         [resume_prompt],
         SamplingParams(max_tokens=resume_tokens, temperature=0.0, ignore_eos=True),
     )
+    # vLLM's own chat path, and the model's template rendered and tokenized by hand.
+    chat_out = llm.chat(chat, SamplingParams(max_tokens=chat_tokens, temperature=0.0))
+    tokenizer = llm.get_tokenizer()
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     print("REFERENCE " + json.dumps({
+        "chat_text": chat_out[0].outputs[0].text,
+        "chat_ids": list(chat_out[0].outputs[0].token_ids),
+        "chat_prompt_ids": list(chat_out[0].prompt_token_ids),
+        "template_ids": tokenizer.encode(rendered, add_special_tokens=False),
         "texts": [o.outputs[0].text for o in out],
         "ids": [list(o.outputs[0].token_ids) for o in out],
         "resume_text": long[0].outputs[0].text,
@@ -87,7 +103,7 @@ def reference_run(
         [
             sys.executable,
             str(script),
-            json.dumps([PROMPTS, MAX_TOKENS, RESUME_PROMPT, RESUME_TOKENS]),
+            json.dumps([PROMPTS, MAX_TOKENS, RESUME_PROMPT, RESUME_TOKENS, CHAT, CHAT_TOKENS]),
             str(model_dir),
         ],
         stdout=subprocess.PIPE,
@@ -126,6 +142,7 @@ def cluster(
         agent_args=ENGINE_FLAGS,
         health_check_interval=0.5,
         coordinator_args=["--health-check-timeout", "2"],
+        http_listen="127.0.0.1:0",
         log_dir=tmp_path_factory.mktemp("vllm-cluster"),
     )
     try:
@@ -171,12 +188,160 @@ async def test_cancel_leaves_no_unfinished_request_in_vllm(cluster: LocalCluster
     await orch.aclose()
 
 
+def log_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+async def chat(
+    cluster: LocalCluster, messages: list[dict[str, str]], max_tokens: int
+) -> list[generate_pb2.GenerateResponse]:
+    request = generate_pb2.GenerateRequest(
+        messages=[generate_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
+    async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        return [r async for r in stub.Generate(request, timeout=300)]
+
+
+async def test_a_chat_is_rendered_by_the_models_template_as_vllm_chat_does(
+    cluster: LocalCluster, reference: dict[str, Any]
+) -> None:
+    responses = await chat(cluster, CHAT, CHAT_TOKENS)
+    text = "".join(r.text for r in responses)
+    ids = [t for r in responses for t in r.token_ids]
+    assert "Paris" in text, text
+    # vLLM's own LLM.chat: the same prompt tokens (its template rendered, no special tokens
+    # added again) and the same answer, token for token.
+    assert reference["chat_prompt_ids"] == reference["template_ids"]
+    assert ids == reference["chat_ids"] and text == reference["chat_text"]
+    assert responses[-1].usage.prompt_tokens == len(reference["template_ids"])
+    assert responses[-1].usage.completion_tokens == len(ids)
+    for agent in cluster.agents:
+        started = [
+            r for r in log_records(agent.log_path) if r.get("event") == "starting vLLM engine"
+        ]
+        assert started and started[-1]["dtype"] == "float32", started
+        assert started[-1]["dtype_requested"] == "auto"
+
+
+async def test_the_official_openai_client_gets_what_the_grpc_path_gets(
+    cluster: LocalCluster, reference: dict[str, Any]
+) -> None:
+    """The `openai` package against the HTTP front door: completions and chat, streamed and
+    not, with the texts and usage counts of the gRPC path (and of vLLM called directly)."""
+    from openai import AsyncOpenAI
+    from openai.types.chat import ChatCompletionUserMessageParam
+
+    OPENAI_CHAT = [ChatCompletionUserMessageParam(role="user", content=CHAT[0]["content"])]
+
+    orch = orchestrator(cluster)
+    via_grpc = await orch.generate(PROMPTS[:1], max_tokens=MAX_TOKENS, temperature=0.0)
+    chat_grpc = await orch.chat(CHAT, max_tokens=CHAT_TOKENS, temperature=0.0)
+    await orch.aclose()
+    client = AsyncOpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0)
+    try:
+        listed = {m.id: m for m in (await client.models.list()).data}
+        assert MODEL in listed, listed
+        completion = await client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0
+        )
+        assert completion.choices[0].text == reference["texts"][0] == via_grpc[0].text
+        assert completion.usage is not None
+        assert completion.usage.prompt_tokens == via_grpc[0].usage["prompt_tokens"]
+        assert completion.usage.completion_tokens == len(reference["ids"][0])
+        streamed, usage = "", None
+        async for piece in await client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[0],
+            max_tokens=MAX_TOKENS,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            streamed += "".join(c.text for c in piece.choices)
+            usage = piece.usage or usage
+        assert streamed == reference["texts"][0]
+        assert usage is not None and usage.completion_tokens == len(reference["ids"][0])
+
+        answer = await client.chat.completions.create(
+            model=MODEL,
+            messages=OPENAI_CHAT,
+            max_tokens=CHAT_TOKENS,
+            temperature=0.0,
+        )
+        content = answer.choices[0].message.content or ""
+        assert "Paris" in content and content == reference["chat_text"] == chat_grpc.text
+        assert answer.usage is not None
+        assert answer.usage.prompt_tokens == len(reference["template_ids"])
+        assert answer.usage.prompt_tokens == chat_grpc.usage["prompt_tokens"]
+        assert answer.usage.completion_tokens == chat_grpc.usage["completion_tokens"]
+        pieces: list[str] = []
+        async for chunk in await client.chat.completions.create(
+            model=MODEL,
+            messages=OPENAI_CHAT,
+            max_tokens=CHAT_TOKENS,
+            temperature=0.0,
+            stream=True,
+        ):
+            pieces += [c.delta.content or "" for c in chunk.choices]
+        assert "".join(pieces) == reference["chat_text"]
+    finally:
+        await client.close()
+
+
+def test_each_agent_binds_vllms_threads_to_its_own_cores(cluster: LocalCluster) -> None:
+    """Where the agents were given --cpu-cores (the local launcher does on CPU hosts), vLLM's
+    OpenMP threads are bound to exactly those cores, and no two agents share one."""
+    bound: list[list[int]] = []
+    for agent in cluster.agents:
+        text = agent.log_path.read_text(errors="replace")
+        started = [
+            r for r in log_records(agent.log_path) if r.get("event") == "starting vLLM engine"
+        ]
+        bind = started[-1]["cpu_threads_bind"]
+        vllm_cores = re.findall(r"local_rank=0, core ids=\[([0-9, ]*)\]", text)
+        assert vllm_cores, text[-3000:]
+        cores = [int(c) for c in vllm_cores[-1].split(",") if c.strip()]
+        if bind != "auto":
+            assert cores == list(parse_cpu_list(bind)), (bind, cores)
+            bound.append(cores)
+    if len(bound) == len(cluster.agents) and len(os.sched_getaffinity(0)) >= len(bound):
+        flat = [c for cores in bound for c in cores]
+        assert len(flat) == len(set(flat)), bound
+
+
 async def test_prompt_longer_than_the_context_is_invalid_argument(cluster: LocalCluster) -> None:
     orch = orchestrator(cluster)
     with pytest.raises(GenerationError) as info:
         await orch.generate(["hello " * 400], max_tokens=8)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "maximum context length is 256" in info.value.message
+    # A prompt that fits, with a max_tokens that does not: refused (vLLM alone would clamp
+    # max_tokens), naming both numbers and the limit.
+    with pytest.raises(GenerationError) as over:
+        await orch.generate(["hello " * 200], max_tokens=100)
+    assert over.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    found = re.search(
+        r"This model's maximum context length is 256 tokens\. However, you requested (\d+) "
+        r"tokens \((\d+) in the prompt, 100 for the completion\)",
+        over.value.message,
+    )
+    assert found, over.value.message
+    prompt_tokens = int(found[2])
+    assert prompt_tokens < 256 and int(found[1]) == prompt_tokens + 100
+    with pytest.raises(grpc.aio.AioRpcError) as chat_over:
+        await chat(cluster, [{"role": "user", "content": "hello " * 200}], 100)
+    assert chat_over.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "maximum context length is 256 tokens" in (chat_over.value.details() or "")
+    assert "in the messages, 100 for the completion" in (chat_over.value.details() or "")
     stats = orch.get_stats()
     assert stats["healthy_nodes"] == ["node-0", "node-1"]
     ok = await orch.generate(["The capital of France is"], max_tokens=4, temperature=0.0)

@@ -4,6 +4,10 @@ Output is a pure function, so a test can compute what any request must return:
 
 * The prompt key is the prompt text (UTF-8) or, for token-id prompts, the ids joined by
   commas; ``seed`` defaults to 0.
+* A chat (``messages``) is first rendered to a text prompt by the simulated model's chat
+  template (``render_chat``): ``<|ROLE|>`` + newline + the content + newline for each turn, in
+  order, then ``<|assistant|>`` + newline (the assistant's turn opened). From there on it is
+  that prompt: same output, same ``prompt_tokens``.
 * The token at position ``i`` (0-based, counting generated tokens) is
   ``int.from_bytes(blake2b(blake2b(key).digest() + seed(8 bytes, signed big-endian)
   + i(8 bytes big-endian), digest_size=8).digest()) % VOCAB_SIZE``.
@@ -14,6 +18,10 @@ Output is a pure function, so a test can compute what any request must return:
   ``ignore_eos`` changes nothing. Sampling temperature, top_p and top_k do not change output.
 * Usage: ``prompt_tokens`` is the number of prompt token ids, or of whitespace-separated words
   of a text prompt (at least 1).
+* Context length: ``max_model_len`` (``--sim-max-model-len``, default 32768) bounds
+  ``prompt_tokens + max_tokens``; a request beyond it is refused with InvalidRequest
+  (INVALID_ARGUMENT), never clamped, in the words of vLLM's server. When max_tokens is the
+  server's default rather than the client's, it is lowered to what the context leaves.
 * A resumed request (``resume_token_ids``, the tokens another node already delivered) continues
   at position ``len(resume_token_ids)``: the concatenation is exactly the undisturbed output.
 
@@ -39,6 +47,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from node_agent.engine import (
+    ChatTurn,
     Delta,
     Engine,
     EngineDead,
@@ -46,9 +55,12 @@ from node_agent.engine import (
     EngineLoad,
     EngineOverloaded,
     EngineRequest,
+    context_budget,
 )
 
 VOCAB_SIZE = 4096
+# The simulated model's context length unless configured (SimConfig.max_model_len).
+DEFAULT_MAX_MODEL_LEN = 32768
 _CONSONANTS = "bdfghklmnprstvz"
 _VOWELS = "aeiou"
 _SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]  # 75
@@ -58,6 +70,17 @@ def word(token_id: int) -> str:
     """Text of a token: two syllables, preceded by a space."""
     n = len(_SYLLABLES)
     return " " + _SYLLABLES[token_id % n] + _SYLLABLES[(token_id // n) % n]
+
+
+def render_chat(messages: Sequence[ChatTurn]) -> str:
+    """The simulated model's chat template: ``<|role|>\ncontent\n`` per turn, then the
+    assistant's turn opened (``<|assistant|>\n``)."""
+    return "".join(f"<|{turn.role}|>\n{turn.content}\n" for turn in messages) + "<|assistant|>\n"
+
+
+def request_prompt(request: EngineRequest) -> str:
+    """The text prompt of ``request``: its prompt, or its chat rendered (``render_chat``)."""
+    return render_chat(request.messages) if request.messages else request.prompt
 
 
 def _prompt_digest(prompt: str, prompt_token_ids: Sequence[int]) -> bytes:
@@ -95,8 +118,11 @@ def simulate(
     max_tokens: int,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    messages: Sequence[ChatTurn] = (),
 ) -> Completion:
-    """The complete output the simulated engine produces for a request."""
+    """The complete output the simulated engine produces for a request (a chat: ``messages``)."""
+    if messages:
+        prompt = render_chat(messages)
     digest = _prompt_digest(prompt, prompt_token_ids)
     text, ids = "", []
     for position in range(max_tokens):
@@ -119,6 +145,8 @@ class SimConfig:
     # Requests allowed to wait for a slot; beyond it the engine is full (None: no limit).
     max_queue: int | None = None
     model: str = "sim"
+    # prompt_tokens + max_tokens of a request may not exceed this (None: no limit).
+    max_model_len: int | None = DEFAULT_MAX_MODEL_LEN
 
 
 FAULTS = ("none", "dead", "fail_requests")
@@ -214,6 +242,10 @@ class SimEngine(Engine):
     async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
         if not self._healthy:
             raise EngineDead("simulated engine is not running")
+        prompt = request_prompt(request)
+        prompt_tokens = prompt_token_count(prompt, request.prompt_token_ids)
+        # Refused before the engine takes it (InvalidRequest: not the engine's work).
+        max_tokens = context_budget(request, prompt_tokens, self.cfg.max_model_len)
         self._started += 1
         outcome = "aborted"  # unless the stream reaches its end or the engine fails
         flag = _Aborted()
@@ -234,7 +266,7 @@ class SimEngine(Engine):
                 self._waiting -= 1
             self._running += 1
             try:
-                async for delta in self._stream(request, flag):
+                async for delta in self._stream(request, prompt, max_tokens, flag):
                     if delta.finish_reason is not None:
                         outcome = "aborted" if delta.finish_reason == "abort" else "finished"
                     yield delta
@@ -264,10 +296,12 @@ class SimEngine(Engine):
         else:
             self._aborted += 1
 
-    async def _stream(self, request: EngineRequest, aborted: _Aborted) -> AsyncIterator[Delta]:
+    async def _stream(
+        self, request: EngineRequest, prompt: str, max_tokens: int, aborted: _Aborted
+    ) -> AsyncIterator[Delta]:
         s = request.sampling
-        digest = _prompt_digest(request.prompt, request.prompt_token_ids)
-        prompt_tokens = prompt_token_count(request.prompt, request.prompt_token_ids)
+        digest = _prompt_digest(prompt, request.prompt_token_ids)
+        prompt_tokens = prompt_token_count(prompt, request.prompt_token_ids)
         # Text that could still turn out to be the start of a stop string is held back, as
         # vLLM does, so the streamed text always adds up to the final text.
         holdback = max((len(x) for x in s.stop), default=1) - 1
@@ -275,7 +309,7 @@ class SimEngine(Engine):
         text = "".join(word(t) for t in request.resume_token_ids)
         emitted = len(request.resume_text)
         await asyncio.sleep(self.cfg.ttft_ms / 1000.0)
-        if start >= s.max_tokens:  # the previous node died just before saying it was done
+        if start >= max_tokens:  # the previous node died just before saying it was done
             yield Delta(
                 text=text[emitted:],
                 finish_reason="length",
@@ -283,7 +317,7 @@ class SimEngine(Engine):
                 completion_tokens=start,
             )
             return
-        for position in range(start, s.max_tokens):
+        for position in range(start, max_tokens):
             if aborted.set:
                 yield Delta(
                     finish_reason="abort", prompt_tokens=prompt_tokens, completion_tokens=position
@@ -303,7 +337,7 @@ class SimEngine(Engine):
             cut = _find_stop(text, s.stop) if s.stop else -1
             if cut >= 0:
                 end, delta.finish_reason = cut, "stop"
-            elif position + 1 == s.max_tokens:
+            elif position + 1 == max_tokens:
                 end, delta.finish_reason = len(text), "length"
             if end > emitted:
                 delta.text, emitted = text[emitted:end], end

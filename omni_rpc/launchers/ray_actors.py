@@ -17,7 +17,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,18 +272,25 @@ class RayAgents:
             self.started_ray = False
 
 
-def start(cluster: LocalCluster, agents: RayAgents, startup_timeout_s: float) -> str:
+def start(
+    cluster: LocalCluster,
+    agents: RayAgents,
+    startup_timeout_s: float,
+    on_coordinator: Callable[[LocalCluster], None] | None = None,
+) -> str:
     """Check Ray's capacity, start the coordinator, place the agents.
 
     ``cluster`` runs only the coordinator (no local agents), listening on every interface so
     actors on other machines can join; agents dial it at the IP Ray knows this machine by.
     Listening beyond loopback, the cluster should have ``auth=True``: the agents get the node
     token from it.
-    Returns the address local clients use. On failure nothing is left running.
+    Returns the address local clients use (its HTTP front door, if ``cluster.http_listen``
+    asks for one, is ``cluster.http_url``). ``on_coordinator`` is called once the coordinator
+    listens, before the agents are placed. On failure nothing is left running.
     """
     agents.connect()  # refuses a cluster too small before anything starts
     try:
-        port = cluster.start(startup_timeout_s).rsplit(":", 1)[1]
+        port = cluster.start(startup_timeout_s, on_coordinator).rsplit(":", 1)[1]
         agents.node_token = cluster.tokens.get("node")
         agents.coordinator_address = f"{import_ray().util.get_node_ip_address()}:{port}"
         agents.place(startup_timeout_s)

@@ -7,10 +7,17 @@ the cluster's load and health (see the README for the whole API).
 from __future__ import annotations
 
 from omni_rpc.sdk.monitor import HealthMonitor, LoadBalancer
-from omni_rpc.sdk.orchestrator import DistributedOrchestrator, build_request
-from omni_rpc.sdk.results import GenerationDelta, GenerationError, GenerationResult, Prompt
+from omni_rpc.sdk.orchestrator import DistributedOrchestrator, build_chat_request, build_request
+from omni_rpc.sdk.results import (
+    CoordinatorUnreachableError,
+    GenerationDelta,
+    GenerationError,
+    GenerationResult,
+    Prompt,
+)
 
 __all__ = [
+    "CoordinatorUnreachableError",
     "DistributedOrchestrator",
     "GenerationDelta",
     "GenerationError",
@@ -18,5 +25,6 @@ __all__ = [
     "HealthMonitor",
     "LoadBalancer",
     "Prompt",
+    "build_chat_request",
     "build_request",
 ]

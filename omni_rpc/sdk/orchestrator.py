@@ -10,6 +10,7 @@ never loads the launchers or Ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -21,9 +22,11 @@ import grpc
 from coordinator.strategies import STRATEGIES
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
+from omni_rpc.sdk.chat import ChatMessages, chat_messages
 from omni_rpc.sdk.client import CoordinatorClient, node_dict, stats_dict
 from omni_rpc.sdk.monitor import HealthMonitor, LoadBalancer, remember_coordinator
 from omni_rpc.sdk.results import (
+    CoordinatorUnreachableError,
     GenerationDelta,
     GenerationError,
     GenerationResult,
@@ -40,9 +43,8 @@ if TYPE_CHECKING:
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
-def build_request(
-    prompt: Prompt, max_retries: int | None, sampling: dict[str, Any]
-) -> generate_pb2.GenerateRequest:
+def _new_request(max_retries: int | None, sampling: dict[str, Any]) -> generate_pb2.GenerateRequest:
+    """A request with its model, retries and sampling set, and no input yet."""
     sampling = dict(sampling)
     # Not a sampling parameter: the model to route to (GenerateRequest.model).
     model = sampling.pop("model", None)
@@ -53,10 +55,6 @@ def build_request(
             f"known: model, {', '.join(SAMPLING_KEYS)}"
         )
     request = generate_pb2.GenerateRequest(model=model or "")
-    if isinstance(prompt, str):
-        request.prompt = prompt
-    else:
-        request.prompt_token_ids.extend(int(t) for t in prompt)
     if max_retries is not None:
         request.max_retries = max_retries
     params = request.sampling
@@ -70,6 +68,54 @@ def build_request(
     return request
 
 
+def build_request(
+    prompt: Prompt, max_retries: int | None, sampling: dict[str, Any]
+) -> generate_pb2.GenerateRequest:
+    """The GenerateRequest for a prompt (text or token ids); TypeError for an unknown
+    sampling argument (``model`` routes the request: GenerateRequest.model)."""
+    request = _new_request(max_retries, sampling)
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_token_ids.extend(int(t) for t in prompt)
+    return request
+
+
+def build_chat_request(
+    messages: ChatMessages, max_retries: int | None, sampling: dict[str, Any]
+) -> generate_pb2.GenerateRequest:
+    """The GenerateRequest for a chat in OpenAI's shape (see ``omni_rpc.sdk.chat``)."""
+    request = _new_request(max_retries, sampling)
+    request.messages.extend(chat_messages(messages))
+    return request
+
+
+async def _collect(deltas: AsyncGenerator[GenerationDelta, None]) -> GenerationResult:
+    """A whole result from a stream of deltas."""
+    texts: list[str] = []
+    token_ids: list[int] = []
+    nodes: list[str] = []
+    last: GenerationDelta | None = None
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            texts.append(delta.text)
+            token_ids.extend(delta.token_ids)
+            if not nodes or nodes[-1] != delta.node_id:
+                nodes.append(delta.node_id)
+            last = delta
+    assert last is not None and last.usage is not None  # streams end with a final delta
+    return GenerationResult(
+        text="".join(texts),
+        token_ids=token_ids,
+        finish_reason=last.finish_reason or "",
+        node_id=last.node_id,
+        attempts=last.attempt,
+        usage=last.usage,
+        request_id=last.request_id,
+        nodes=nodes,
+    )
+
+
 def _usage(response: generate_pb2.GenerateResponse) -> dict[str, int]:
     return {
         "prompt_tokens": response.usage.prompt_tokens,
@@ -78,6 +124,7 @@ def _usage(response: generate_pb2.GenerateResponse) -> dict[str, int]:
 
 
 def _engine_flags(engine: str, memory_buffer_gb: float | None) -> list[str]:
+    """The agents' flags for ``memory_buffer_gb`` (vLLM only)."""
     if engine == "vllm" and memory_buffer_gb is not None:
         return ["--memory-buffer-gb", str(memory_buffer_gb)]
     return []
@@ -103,7 +150,12 @@ OMITTED = _Omitted()
 
 
 class DistributedOrchestrator:
-    """Generate across a cluster of vLLM nodes with load balancing and failover."""
+    """Generate across a cluster of vLLM nodes with load balancing and failover.
+
+    Without ``coordinator=`` it starts a cluster whose engine follows ``model``: vLLM for a
+    model (a folder, a hub id or a known name such as ``smollm2-135m-instruct``), simulated
+    agents for ``model="sim"`` or no model. ``engine="sim"`` or ``engine="vllm"`` says so
+    explicitly (a simulated engine then serves under any name you give it)."""
 
     def __init__(
         self,
@@ -116,8 +168,9 @@ class DistributedOrchestrator:
         memory_buffer_gb: float | None = None,
         *,
         coordinator: str | None = None,
-        engine: str = "sim",
+        engine: str | None = None,
         timeout: float = config.DEFAULT_REQUEST_TIMEOUT_S,
+        connect_timeout: float = config.DEFAULT_CONNECT_TIMEOUT_S,
         startup_timeout: float | None = None,
         agent_args: Sequence[str] = (),
         coordinator_args: Sequence[str] = (),
@@ -127,6 +180,8 @@ class DistributedOrchestrator:
         ray_max_restarts: int = config.RAY_MAX_RESTARTS,
         token: str | None = None,
         tls: TlsFiles | None = None,
+        http_url: str | None = None,
+        cpu_cores: str = "auto",
     ) -> None:
         """``launcher``: "local" (child processes) or "ray"; default "ray" when
         ``ray_address`` is passed, else "local". ``ray_address``: "auto",
@@ -135,8 +190,19 @@ class DistributedOrchestrator:
         child processes, without Ray.
         ``gpus``: for local agents, "auto" (vLLM: one agent per GPU), "all", "none" or a list
         of indices. ``ray_resources``: per Ray agent (default one GPU and one CPU).
+        ``engine``: None (the default) follows ``model``: "sim" or no model runs simulated
+        agents (serving the model "sim"), any other model runs vLLM; "sim" or "vllm" chooses.
+        ``cpu_cores``: local vLLM agents without GPUs, "auto" binds each to its own share of
+        this process's cores, "none" leaves vLLM's own thread binding.
+        ``timeout``: each request's deadline (default 600 s). ``connect_timeout``: how long a
+        request waits for a coordinator this orchestrator has never reached before raising
+        ``CoordinatorUnreachableError`` (a ``GenerationError`` and a ``ConnectionError``,
+        naming the address); once reached, a coordinator that goes away (restarting) is
+        waited for until the request's deadline.
         ``token`` (default ``OMNI_TOKEN``) and ``tls`` (CA, and a client certificate for
-        mutual TLS) secure the calls to a coordinator given by ``coordinator=``."""
+        mutual TLS) secure the calls to a coordinator given by ``coordinator=``;
+        ``http_url`` is its HTTP front door, if you want ``orch.http_url`` to say it (a
+        cluster started here serves one and sets it)."""
         address = None if isinstance(ray_address, _Omitted) else ray_address
         launcher = launcher or ("local" if isinstance(ray_address, _Omitted) else "ray")
         if launcher not in config.LAUNCHERS:
@@ -155,9 +221,13 @@ class DistributedOrchestrator:
             raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         if memory_buffer_gb is not None and not memory_buffer_gb >= 0:
             raise ValueError(f"memory_buffer_gb must be >= 0, got {memory_buffer_gb!r}")
-        if coordinator is None and engine not in config.ENGINES:
-            known = ", ".join(config.ENGINES)
-            raise ValueError(f"unknown engine {engine!r} (available: {known})")
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be > 0, got {connect_timeout!r}")
+        if coordinator is None:
+            from omni_rpc import launchers
+
+            engine, model = launchers.resolve_engine(engine, model)
+        self.engine = engine
         self.model = model
         self.num_nodes = num_nodes
         self.load_balancing_strategy = load_balancing_strategy
@@ -165,16 +235,20 @@ class DistributedOrchestrator:
         self.max_retries = max_retries
         self.memory_buffer_gb = memory_buffer_gb
         self.timeout = timeout
-        self.startup_timeout = startup_timeout or config.STARTUP_TIMEOUT_S.get(engine, 60.0)
+        self.connect_timeout = connect_timeout
+        self.startup_timeout = startup_timeout or config.STARTUP_TIMEOUT_S.get(engine or "", 60.0)
         self.security = ChannelSecurity(
             token=token or os.environ.get("OMNI_TOKEN") or None, tls=tls or TlsFiles()
         )
         self._started: Cluster | None = None
         self._ready = coordinator is not None
+        self._http_url = http_url
+        # Whether this orchestrator has ever been connected to its coordinator: until then a
+        # request waits at most connect_timeout for a connection (see _connect).
+        self._reached = False
         reachable_at = coordinator or ""
         if coordinator is None:
-            from omni_rpc import launchers
-
+            assert engine is not None and model is not None
             self._started = launchers.start_cluster(
                 launchers.ClusterPlan(
                     num_nodes=num_nodes,
@@ -182,7 +256,7 @@ class DistributedOrchestrator:
                     health_check_interval=health_check_interval,
                     max_retries=max_retries,
                     engine=engine,
-                    model=model or config.DEFAULT_MODELS[engine],
+                    model=model,
                     launcher=launcher,
                     agent_args=[*agent_args, *_engine_flags(engine, memory_buffer_gb)],
                     coordinator_args=coordinator_args,
@@ -190,9 +264,12 @@ class DistributedOrchestrator:
                     ray_address=address,
                     ray_resources=dict(ray_resources or launchers.ray_actors.DEFAULT_RESOURCES),
                     ray_max_restarts=ray_max_restarts,
+                    http_listen=config.SDK_HTTP_LISTEN,
+                    cpu_cores=cpu_cores,
                 ),
                 self.startup_timeout,
             )
+            self._reached = True  # it listens: its port file is written
             coordinator = self._started.coordinator
             reachable_at = self._started.reachable_at
             if self._started.ray_agents is not None:
@@ -216,6 +293,15 @@ class DistributedOrchestrator:
     def cluster(self) -> LocalCluster | None:
         """The local processes of the cluster this orchestrator started (None: it did not)."""
         return self._started.processes if self._started is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        """The base URL of the cluster's HTTP front door, OpenAI-compatible
+        (``http://HOST:PORT/v1``: the openai client's ``base_url``): set for a cluster this
+        orchestrator started, else what ``http_url=`` said (None)."""
+        if self._started is not None and self._started.processes.http_url:
+            return self._started.processes.http_url
+        return self._http_url
 
     @property
     def ray_agents(self) -> RayAgents | None:
@@ -251,15 +337,32 @@ class DistributedOrchestrator:
             await asyncio.to_thread(self.wait_ready)
 
     def _stub(self) -> coordinator_pb2_grpc.CoordinatorAsyncStub:
+        return self._aio_channel()[2]
+
+    def _aio_channel(
+        self,
+    ) -> tuple[
+        asyncio.AbstractEventLoop, grpc.aio.Channel, coordinator_pb2_grpc.CoordinatorAsyncStub
+    ]:
         loop = asyncio.get_running_loop()
         if self._aio is None or self._aio[0] is not loop:
             channel = self.security.aio_channel(self.coordinator)
             self._aio = (loop, channel, coordinator_pb2_grpc.CoordinatorStub(channel))
-        return self._aio[2]
+        return self._aio
+
+    async def _connect(self, bound_s: float) -> None:
+        """Wait up to ``bound_s`` for a connection to a coordinator never reached before;
+        CoordinatorUnreachableError naming its address when none comes."""
+        channel = self._aio_channel()[1]
+        try:
+            await asyncio.wait_for(channel.channel_ready(), bound_s)
+        except TimeoutError:
+            raise CoordinatorUnreachableError(self.coordinator, bound_s) from None
+        self._reached = True
 
     # -- generation ------------------------------------------------------------------------
 
-    async def stream(
+    def stream(
         self,
         prompt: Prompt,
         max_retries: int | None = None,
@@ -275,13 +378,42 @@ class DistributedOrchestrator:
 
         While the coordinator is unreachable (restarting, say), a call that has received
         nothing yet waits and is retried with backoff until its deadline; failover between
-        nodes is the coordinator's job.
+        nodes is the coordinator's job. A coordinator never reached yet is waited for at most
+        ``connect_timeout``.
         """
         request = build_request(prompt, max_retries, sampling)
+        return self._stream(request, timeout, stream_interval)
+
+    def stream_chat(
+        self,
+        messages: ChatMessages,
+        max_retries: int | None = None,
+        *,
+        timeout: float | None = None,
+        stream_interval: int | None = None,
+        **sampling: Any,
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        """Stream the assistant's reply to a chat as deltas; ``messages`` in OpenAI's shape,
+        ``[{"role": "user", "content": "Hi"}]`` (content may be a list of text parts). The
+        serving node renders the chat with its model's chat template. Options as
+        ``stream()``; TypeError or ValueError for malformed messages (media parts: not
+        supported yet), before any traffic."""
+        request = build_chat_request(messages, max_retries, sampling)
+        return self._stream(request, timeout, stream_interval)
+
+    async def _stream(
+        self,
+        request: generate_pb2.GenerateRequest,
+        timeout: float | None,
+        stream_interval: int | None,
+    ) -> AsyncGenerator[GenerationDelta, None]:
         if stream_interval is not None:
             request.stream_interval = stream_interval
         await self._ensure_ready()
-        deadline = time.monotonic() + (timeout or self.timeout)
+        budget = timeout or self.timeout
+        deadline = time.monotonic() + budget
+        if not self._reached:
+            await self._connect(min(self.connect_timeout, budget))
         backoff = Backoff(config.RETRY_BACKOFF_BASE_S, config.RETRY_BACKOFF_CAP_S)
         while True:
             received = False
@@ -317,29 +449,36 @@ class DistributedOrchestrator:
         max_retries: int | None = None,
         *,
         timeout: float | None = None,
+        stream_interval: int | None = None,
         **sampling: Any,
     ) -> GenerationResult:
         """Generate for one prompt and return the whole result."""
-        texts: list[str] = []
-        token_ids: list[int] = []
-        nodes: list[str] = []
-        last: GenerationDelta | None = None
-        async for delta in self.stream(prompt, max_retries, timeout=timeout, **sampling):
-            texts.append(delta.text)
-            token_ids.extend(delta.token_ids)
-            if not nodes or nodes[-1] != delta.node_id:
-                nodes.append(delta.node_id)
-            last = delta
-        assert last is not None and last.usage is not None  # streams end with a final delta
-        return GenerationResult(
-            text="".join(texts),
-            token_ids=token_ids,
-            finish_reason=last.finish_reason or "",
-            node_id=last.node_id,
-            attempts=last.attempt,
-            usage=last.usage,
-            request_id=last.request_id,
-            nodes=nodes,
+        return await _collect(
+            self.stream(
+                prompt, max_retries, timeout=timeout, stream_interval=stream_interval, **sampling
+            )
+        )
+
+    async def chat(
+        self,
+        messages: ChatMessages,
+        max_retries: int | None = None,
+        *,
+        timeout: float | None = None,
+        stream_interval: int | None = None,
+        **sampling: Any,
+    ) -> GenerationResult:
+        """The assistant's whole reply to a chat (see ``stream_chat``)::
+
+        result = await orch.chat(
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            max_tokens=32, temperature=0.0,
+        )
+        """
+        return await _collect(
+            self.stream_chat(
+                messages, max_retries, timeout=timeout, stream_interval=stream_interval, **sampling
+            )
         )
 
     async def generate(

@@ -24,6 +24,20 @@ class GenerationError(RuntimeError):
         self.index = index
 
 
+class CoordinatorUnreachableError(GenerationError, ConnectionError):
+    """No connection to a coordinator this orchestrator has never reached, within its
+    ``connect_timeout`` (``code`` is UNAVAILABLE; also a ``ConnectionError``)."""
+
+    def __init__(self, address: str, waited_s: float) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            f"coordinator at {address} is unreachable: no connection within {waited_s:g} s "
+            "(connect_timeout)",
+        )
+        self.address = address
+        self.waited_s = waited_s
+
+
 @dataclass
 class GenerationDelta:
     """One streamed message: new text and token ids since the previous delta."""
