@@ -53,6 +53,6 @@ RUN pip install --no-deps . \
 
 USER 10001:10001
 WORKDIR /home/omni
-# coordinator gRPC and metrics, agent gRPC and metrics (the ports deploy/kubernetes uses)
-EXPOSE 50051 9090 50061 9091
+# coordinator gRPC, HTTP (OpenAI API) and metrics, agent gRPC and metrics (deploy/kubernetes)
+EXPOSE 50051 8000 9090 50061 9091
 CMD ["omni", "--help"]

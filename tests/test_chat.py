@@ -101,9 +101,11 @@ def test_an_unknown_model_name_fails_at_once(tmp_path: Path) -> None:
         "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
         "PYTHONPATH": str(ROOT),
     }
-    for model, expected in (
-        ("smollm2", "not a hub id (ORG/NAME)"),
-        ("HuggingFaceTB/no-such-model", "no hub access (HF_HUB_OFFLINE is set)"),
+    # Without --engine the engine follows the model: a real model's name means vLLM (never
+    # simulated output under that name), so it fails the same way.
+    for model, engine, expected in (
+        ("smollm2", ["--engine", "vllm"], "not a hub id (ORG/NAME)"),
+        ("HuggingFaceTB/no-such-model", [], "no hub access (HF_HUB_OFFLINE is set)"),
     ):
         began = time.monotonic()
         done = subprocess.run(
@@ -115,8 +117,7 @@ def test_an_unknown_model_name_fails_at_once(tmp_path: Path) -> None:
                 "127.0.0.1:1",
                 "--auth",
                 "off",
-                "--engine",
-                "vllm",
+                *engine,
                 "--model",
                 model,
             ],

@@ -505,7 +505,11 @@ def test_coordinator_deployment_service_and_budget() -> None:
     ports = ports_by_name(container)
     targets = {p["name"]: ports[p["targetPort"]] for p in service["spec"]["ports"]}
     args = parsed("coordinator", container_env(container, "coordinator"))
-    assert targets == {"grpc": port_of(args.listen), "metrics": args.metrics_port}
+    assert targets == {
+        "grpc": port_of(args.listen),
+        "http": port_of(args.http_listen),  # the OpenAI-compatible front door
+        "metrics": args.metrics_port,
+    }
     (budget,) = docs_of("PodDisruptionBudget")
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert "minAvailable" not in budget["spec"], "minAvailable with 1 replica blocks drains"
