@@ -9,11 +9,24 @@ machine, each with two backends:
   produce the same output at the same pace;
 * **omni-rpc**: a coordinator (``round_robin``) in front of two ``sim`` node agents.
 
-Each workload is sent four ways: vllm-router routed, the mock workers direct, omni routed
-(``omni.v1.Coordinator/Generate``) and the agents direct (``omni.v1.NodeAgent/Generate``, first
-message ``AgentRequest(generate=..., attempt=1)``). Load generators are separate processes
-(``bench_peers.py loadgen``): gRPC clients for omni, HTTP SSE clients (aiohttp) for the others.
-Every process's CPU is read from /proc around the measured window.
+Each workload is sent five ways: vllm-router routed (HTTP), the mock workers direct (HTTP),
+omni routed over HTTP (the coordinator's OpenAI-compatible ``POST /v1/completions``, started
+with ``--http-listen``; skipped with a note when the coordinator has no such flag), omni routed
+over gRPC (``omni.v1.Coordinator/Generate``) and the agents direct (``omni.v1.NodeAgent/Generate``,
+first message ``AgentRequest(generate=..., attempt=1)``). Load generators are separate
+processes (``bench_peers.py loadgen``): one HTTP SSE client (aiohttp) for every HTTP path, ours
+and vllm-router's alike, and grpc.aio clients for the gRPC paths. Every process's CPU is read
+from /proc around the measured window.
+
+Tokens are counted the same way on every HTTP path, from the plain OpenAI request (no
+extensions: the coordinator refuses parameters it does not know): each SSE chunk with text
+counts one token as it arrives (``len(token_ids)`` instead, should a server send ids), and the
+request's count is then set to the final usage chunk's ``completion_tokens``
+(``stream_options.include_usage``), the difference credited when the stream ends; gRPC
+responses count ``len(token_ids)``. The mock workers send one SSE chunk per engine step, one
+token, so their chunks are exact; the coordinator may put several tokens in one message or
+chunk (the *msgs/request* column), and its HTTP tokens are then credited partly at the end of
+each request, which over a steady window adds up the same.
 
 Workloads (``--only`` takes these names, comma separated):
 
@@ -25,6 +38,9 @@ Workloads (``--only`` takes these names, comma separated):
   ``throughput`` and ``paced`` (skipped with a note when the coordinator has no such flag);
 * ``idle``: 128 simulated agents joined and idle; CPU of the coordinator's processes.
 
+``--systems omni`` leaves vllm-router and the mock workers out (no install; the smoke test of
+``tests/test_bench_peers.py`` runs ``--quick --only latency --systems omni``).
+
 The report goes into docs/benchmarks.md, section "Side by side with vllm-router" (between
 ``<!-- bench:peers:start -->`` and ``<!-- bench:peers:end -->``; the rest of the file is kept).
 """
@@ -35,9 +51,11 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -83,15 +101,28 @@ NUM_PROMPTS = 32
 IDLE_AGENTS = 128
 IDLE_AGENTS_PER_PROCESS = 32
 
-PATHS = ("vllm-router", "mock-direct", "omni-routed", "omni-direct")
-# The order paths are measured in: routed and direct of each system next to each other.
-INTERLEAVED = ("vllm-router", "omni-routed", "mock-direct", "omni-direct")
+PATHS = ("vllm-router", "mock-direct", "omni-http", "omni-routed", "omni-direct")
+# The order paths are measured in: the routed ones next to each other, then the direct ones.
+INTERLEAVED = ("vllm-router", "omni-http", "omni-routed", "mock-direct", "omni-direct")
 PATH_LABELS = {
-    "vllm-router": "vllm-router routed",
-    "mock-direct": "mock workers direct",
-    "omni-routed": "omni routed (coordinator)",
-    "omni-direct": "omni direct (agents)",
+    "vllm-router": "vllm-router routed (HTTP)",
+    "mock-direct": "mock workers direct (HTTP)",
+    "omni-http": "omni routed (HTTP /v1/completions)",
+    "omni-routed": "omni routed (gRPC coordinator)",
+    "omni-direct": "omni direct (gRPC agents)",
 }
+# How each path is called: the one HTTP load generator, or gRPC to a coordinator or an agent.
+PATH_KIND = {
+    "vllm-router": "http",
+    "mock-direct": "http",
+    "omni-http": "http",
+    "omni-routed": "coordinator",
+    "omni-direct": "agent",
+}
+SYSTEM_PATHS = {"vllm": ("vllm-router", "mock-direct"), "omni": PATHS[2:]}
+SYSTEMS = tuple(SYSTEM_PATHS)
+SYSTEM_TITLES = {"vllm": "vllm-router + 2 mock workers", "omni": "omni + 2 agents"}
+HTTP_FLAG = "--http-listen"
 
 
 # --- what is measured --------------------------------------------------------------------------
@@ -221,6 +252,8 @@ class Recorder:
     completed: int = 0
     errors: int = 0
     ttfts: list[float] = field(default_factory=list)
+    # Messages (SSE chunks or gRPC responses) that carried tokens, per request in ``ttfts``.
+    messages: list[int] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
 
     def error(self, message: str) -> None:
@@ -229,24 +262,30 @@ class Recorder:
             if len(self.error_samples) < 5:
                 self.error_samples.append(message[:300])
 
+    def received(self, tokens: int) -> None:
+        """``tokens`` arrived (negative: a correction of what was counted)."""
+        if self.measuring:
+            self.tokens += tokens
+
     def check(self, finish_reason: str, tokens: int) -> None:
         if finish_reason != "length" or tokens != self.max_tokens:
             raise RuntimeError(f"unexpected end: finish_reason={finish_reason!r} tokens={tokens}")
 
 
-Caller = Callable[[int, Recorder], Awaitable[float]]
+@dataclass(frozen=True)
+class Done:
+    """One request that ended well: its time to first token and its messages with tokens."""
+
+    ttft_s: float
+    messages: int
 
 
-def http_caller(
-    urls: Sequence[str], max_tokens: int
-) -> tuple[Caller, Callable[[], Awaitable[None]]]:
-    import aiohttp
+Caller = Callable[[int, Recorder], Awaitable[Done]]
 
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
-        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
-    )
-    bodies = [
+
+def completion_bodies(max_tokens: int) -> list[bytes]:
+    """The OpenAI completions bodies every HTTP path gets (streamed, with a usage chunk)."""
+    return [
         json.dumps(
             {
                 "model": "sim",
@@ -259,12 +298,39 @@ def http_caller(
         ).encode()
         for k, prompt in enumerate(PROMPTS)
     ]
+
+
+def chunk_tokens(choice: dict[str, Any]) -> tuple[int, bool]:
+    """Tokens in one streamed choice, and whether the server said so (``token_ids``, which
+    vLLM sends when asked) or the count is one for a chunk with text (corrected from the usage
+    at the end)."""
+    ids = choice.get("token_ids")
+    if isinstance(ids, list):
+        return len(ids), True
+    return (1 if choice.get("text") else 0), False
+
+
+def http_caller(
+    urls: Sequence[str], max_tokens: int
+) -> tuple[Caller, Callable[[], Awaitable[None]]]:
+    """The one HTTP load generator: OpenAI ``/v1/completions`` streamed as SSE, for
+    vllm-router, the mock workers and the coordinator's front door alike."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+    )
+    bodies = completion_bodies(max_tokens)
     headers = {"Content-Type": "application/json"}
 
-    async def call(index: int, rec: Recorder) -> float:
+    async def call(index: int, rec: Recorder) -> Done:
         start = time.perf_counter()
         first = 0.0
         tokens = 0
+        messages = 0
+        guessed = False  # some chunk had text but no token ids
+        usage: int | None = None
         finish = ""
         url = urls[index % len(urls)]
         async with session.post(url, data=bodies[index % NUM_PROMPTS], headers=headers) as resp:
@@ -277,19 +343,29 @@ def http_caller(
                 if data == b"[DONE]":
                     break
                 event = json.loads(data)
-                choices = event.get("choices")
-                if choices:
-                    # One event per engine delta, one token per delta in these workloads.
-                    if not first:
-                        first = time.perf_counter()
-                    tokens += 1
-                    if rec.measuring:
-                        rec.tokens += 1
-                    finish = choices[0].get("finish_reason") or finish
-                elif "error" in event:
+                if "error" in event:
                     raise RuntimeError(f"stream error: {event['error']}")
+                for choice in event.get("choices") or ():
+                    n, said = chunk_tokens(choice)
+                    if n:
+                        if not first:
+                            first = time.perf_counter()
+                        tokens += n
+                        messages += 1
+                        guessed = guessed or not said
+                        rec.received(n)
+                    finish = choice.get("finish_reason") or finish
+                if event.get("usage"):
+                    usage = int(event["usage"]["completion_tokens"])
+            else:
+                raise RuntimeError(f"stream ended without [DONE] after {tokens} tokens")
+        if usage is not None and usage != tokens:
+            if not guessed:
+                raise RuntimeError(f"usage says {usage} tokens, the chunks' token_ids {tokens}")
+            rec.received(usage - tokens)
+            tokens = usage
         rec.check(finish, tokens)
-        return first - start
+        return Done(first - start, messages)
 
     return call, session.close
 
@@ -308,9 +384,10 @@ def grpc_caller(
             request_id=f"{tag}-{index}", prompt=PROMPTS[k], sampling=samplings[k]
         )
 
-    async def consume(stream: Any, rec: Recorder, start: float) -> float:
+    async def consume(stream: Any, rec: Recorder, start: float) -> Done:
         first = 0.0
         tokens = 0
+        messages = 0
         finish = ""
         async for response in stream:
             n = len(response.token_ids)
@@ -318,17 +395,17 @@ def grpc_caller(
                 if not first:
                     first = time.perf_counter()
                 tokens += n
-                if rec.measuring:
-                    rec.tokens += n
+                messages += 1
+                rec.received(n)
             if response.finish_reason:
                 finish = response.finish_reason
         rec.check(finish, tokens)
-        return first - start
+        return Done(first - start, messages)
 
     if kind == "coordinator":
         coordinators = [coordinator_pb2_grpc.CoordinatorStub(c) for c in channels]
 
-        async def call(index: int, rec: Recorder) -> float:
+        async def call(index: int, rec: Recorder) -> Done:
             start = time.perf_counter()
             stream = coordinators[index % len(coordinators)].Generate(
                 request(index), timeout=REQUEST_TIMEOUT_S
@@ -341,7 +418,7 @@ def grpc_caller(
     else:
         agents = [node_agent_pb2_grpc.NodeAgentStub(c) for c in channels]
 
-        async def call(index: int, rec: Recorder) -> float:
+        async def call(index: int, rec: Recorder) -> Done:
             start = time.perf_counter()
             stream = agents[index % len(agents)].Generate(timeout=REQUEST_TIMEOUT_S)  # type: ignore[call-arg]
             try:
@@ -380,7 +457,7 @@ async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
         while not rec.stopping:
             in_window = rec.measuring
             try:
-                ttft = await call(index, rec)
+                done = await call(index, rec)
             except (TimeoutError, grpc.aio.AioRpcError, RuntimeError, OSError) as exc:
                 detail = (
                     f"{exc.code().name}: {exc.details()}"
@@ -396,7 +473,8 @@ async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
                 if rec.measuring:
                     rec.completed += 1
                 if in_window:  # also when it ends after the window (long requests)
-                    rec.ttfts.append(ttft)
+                    rec.ttfts.append(done.ttft_s)
+                    rec.messages.append(done.messages)
             index += concurrency * spec.get("clients", 1)
 
     tasks = [asyncio.create_task(worker(w)) for w in range(concurrency)]
@@ -423,6 +501,7 @@ async def run_load(spec: dict[str, Any]) -> dict[str, Any]:
         "errors": rec.errors,
         "error_samples": rec.error_samples,
         "ttfts": [round(t, 7) for t in rec.ttfts],
+        "messages": rec.messages,
         "cpu_s": (own_after.user + own_after.system) - (own_before.user + own_before.system),
     }
 
@@ -501,6 +580,11 @@ class Processes:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def check(self, name: str, process: subprocess.Popen[bytes]) -> None:
+        """Raise, with the end of its log, if ``process`` (started as ``name``) has exited."""
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
+
     def stop(self, process: subprocess.Popen[bytes] | None = None) -> None:
         targets = [c for c in self.children if process is None or c[1] is process]
         for _, child in targets:
@@ -515,13 +599,14 @@ class Processes:
         self.children = [c for c in self.children if c not in targets]
 
 
-def wait_for_file(path: Path, process: subprocess.Popen[bytes], what: str, procs: Processes) -> str:
+def wait_for_file(path: Path, check: Callable[[], None], what: str) -> str:
+    """The content of ``path`` once it exists (a port file); ``check`` raises if the process
+    that writes it has died."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}:\n{procs.log_tail(what)}")
+        if path.exists() and (text := path.read_text().strip()):
+            return text
+        check()
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not start within {STARTUP_TIMEOUT_S:.0f}s")
 
@@ -538,6 +623,20 @@ def http_ok(url: str, body: bytes | None = None) -> bool:
         return False
 
 
+PROBE = json.dumps({"model": "sim", "prompt": "ready?", "max_tokens": 1}).encode()
+
+
+def wait_http_route(url: str, check: Callable[[], None], what: str) -> None:
+    """Until a completion posted to ``url`` succeeds (the router has a backend to send it to);
+    ``check`` raises if the router has died."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not http_ok(url, PROBE):
+        check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not route a request within the startup timeout")
+        time.sleep(0.1)
+
+
 @dataclass
 class Stack:
     """One system under test: how to reach it and which processes are whose."""
@@ -548,6 +647,14 @@ class Stack:
     router_pids: list[int]
     backend_pids: list[int]
     stop: Callable[[], None]
+    # The coordinator's OpenAI-compatible front door (omni, when started with it).
+    http: list[str] = field(default_factory=list)
+
+    def targets(self, path: str) -> list[str]:
+        """Where the load generators of ``path`` send their requests."""
+        if path == "omni-http":
+            return self.http
+        return self.routed if path in ("vllm-router", "omni-routed") else self.direct
 
 
 def ensure_vllm_router(version: str) -> Path:
@@ -588,7 +695,8 @@ def start_vllm_stack(router: Path, timing: EngineTiming, procs: Processes) -> St
              *timing.args()],
         )  # fmt: skip
         workers.append(process)
-        urls.append(f"http://127.0.0.1:{wait_for_file(port_file, process, name, procs)}")
+        check = functools.partial(procs.check, name, process)
+        urls.append(f"http://127.0.0.1:{wait_for_file(port_file, check, name)}")
     port = free_port()
     router_process = procs.spawn(
         "vllm-router",
@@ -600,17 +708,8 @@ def start_vllm_stack(router: Path, timing: EngineTiming, procs: Processes) -> St
         ],
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    probe = json.dumps({"model": "sim", "prompt": "ready?", "max_tokens": 1}).encode()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not http_ok(base + "/v1/completions", probe):
-        if router_process.poll() is not None:
-            raise RuntimeError(
-                f"vllm-router exited with {router_process.returncode}:\n"
-                + procs.log_tail("vllm-router")
-            )
-        if time.monotonic() > deadline:
-            raise RuntimeError("vllm-router did not route a request within the startup timeout")
-        time.sleep(0.1)
+    check = functools.partial(procs.check, "vllm-router", router_process)
+    wait_http_route(base + "/v1/completions", check, "vllm-router")
 
     def stop() -> None:
         procs.stop(router_process)
@@ -651,20 +750,31 @@ def wait_nodes(address: str, count: int, check: Callable[[], None]) -> list[str]
 
 
 def start_omni_stack(
-    timing: EngineTiming | None, coordinator_args: Sequence[str], log_dir: Path, num_nodes: int = 2
+    timing: EngineTiming | None,
+    coordinator_args: Sequence[str],
+    log_dir: Path,
+    num_nodes: int = 2,
+    http: bool = False,
 ) -> tuple[Stack, Any]:
+    """A coordinator and ``num_nodes`` agents; with ``http``, also the coordinator's
+    OpenAI-compatible front door (``--http-listen``), ready once it routes a completion."""
     from omni_rpc.launchers.local import LocalCluster
 
     cluster = LocalCluster(
         num_nodes=num_nodes,
         strategy="round_robin",
+        http_listen="127.0.0.1:0" if http else None,
         coordinator_args=list(coordinator_args),
         agent_args=timing.args() if timing is not None else [],
         log_dir=Path(tempfile.mkdtemp(prefix="omni-", dir=log_dir)),
     )
+    urls = []
     try:
         address = cluster.start()
         agents = wait_nodes(address, num_nodes, cluster.check_alive) if num_nodes else []
+        if http:
+            urls.append(cluster.http_url + "/completions")  # http_url: http://HOST:PORT/v1
+            wait_http_route(urls[0], cluster.check_alive, "the coordinator's HTTP front door")
     except BaseException:
         cluster.stop()
         raise
@@ -676,13 +786,15 @@ def start_omni_stack(
         [cluster.coordinator.process.pid],
         [a.process.pid for a in cluster.agents],
         cluster.stop,
+        http=urls,
     )
     return stack, cluster
 
 
-def coordinator_supports_workers() -> bool:
+@functools.cache
+def coordinator_help() -> str:
     try:
-        out = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "coordinator", "--help"],
             capture_output=True,
             text=True,
@@ -690,8 +802,12 @@ def coordinator_supports_workers() -> bool:
             cwd=ROOT,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return False
-    return "--workers" in out
+        return ""
+
+
+def coordinator_supports(flag: str) -> bool:
+    """Whether ``omni-coordinator --help`` lists ``flag``."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", coordinator_help()) is not None
 
 
 # --- one measurement ---------------------------------------------------------------------------
@@ -706,8 +822,11 @@ class Row:
     requests: int = 0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
+    ttft_mean_ms: float = float("nan")
     ttft_p50_ms: float = float("nan")
     ttft_p99_ms: float = float("nan")
+    # Messages carrying tokens (SSE chunks, gRPC responses) per request.
+    msgs_per_request: float = float("nan")
     tokens_per_s: float = 0.0
     streams_per_s: float = 0.0
     window_s: float = 0.0
@@ -731,6 +850,10 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def _read_until(stream: IO[bytes], marker: str, name: str) -> str:
     while True:
         line = stream.readline()
@@ -751,10 +874,8 @@ def run_loadgens(
     label: str | None = None,
 ) -> Row:
     """Start the load generators of one measurement, read CPU around their window, merge."""
-    kind = (
-        "http" if stack.system == "vllm" else ("coordinator" if path == "omni-routed" else "agent")
-    )
-    targets = stack.routed if path in ("vllm-router", "omni-routed") else stack.direct
+    kind = PATH_KIND[path]
+    targets = stack.targets(path)
     clients = max(1, min(clients, workload.concurrency))
     per_client = workload.concurrency // clients
     loadgens: list[subprocess.Popen[bytes]] = []
@@ -817,6 +938,7 @@ def run_loadgens(
                 p.wait()
     window = max(r["window_s"] for r in results)
     ttfts = [t for r in results for t in r["ttfts"]]
+    messages = [m for r in results for m in r["messages"]]
     used = {g: cpu_delta(before[g], after[g]) for g in groups}
     loadgen_cpu = sum(r["cpu_s"] for r in results)
     ours = sum(used.values()) + cpu_delta(loadgens_before, loadgens_after)
@@ -826,8 +948,10 @@ def run_loadgens(
         requests=sum(r["completed"] for r in results),
         errors=sum(r["errors"] for r in results),
         error_samples=[e for r in results for e in r["error_samples"]][:5],
+        ttft_mean_ms=mean(ttfts) * 1000.0,
         ttft_p50_ms=percentile(ttfts, 50) * 1000.0,
         ttft_p99_ms=percentile(ttfts, 99) * 1000.0,
+        msgs_per_request=mean(messages),
         tokens_per_s=sum(r["tokens"] for r in results) / window,
         streams_per_s=sum(r["completed"] for r in results) / window,
         window_s=window,
@@ -847,8 +971,9 @@ def median_row(rows: Sequence[Row]) -> Row:
         return rows[0]
     merged = Row(path=rows[0].path, label=rows[0].label, clients=rows[0].clients)
     for name in (
-        "requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_s", "streams_per_s",
-        "window_s", "loadgen_cpu", "router_cpu", "backends_cpu", "other_cpu",
+        "requests", "errors", "ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "msgs_per_request",
+        "tokens_per_s", "streams_per_s", "window_s", "loadgen_cpu", "router_cpu",
+        "backends_cpu", "other_cpu",
     ):  # fmt: skip
         values = sorted(getattr(r, name) for r in rows)
         value = percentile(values, 50)
@@ -862,8 +987,9 @@ def median_row(rows: Sequence[Row]) -> Row:
 def describe(workload: Workload, row: Row) -> str:
     return (
         f"{workload.name:<10} {row.label:<34} n={row.requests:<6} err={row.errors:<3} "
-        f"ttft p50={row.ttft_p50_ms:.2f} p99={row.ttft_p99_ms:.2f} ms "
-        f"{row.tokens_per_s:.0f} tok/s {row.streams_per_s:.0f} streams/s | cpu% "
+        f"ttft mean={row.ttft_mean_ms:.2f} p50={row.ttft_p50_ms:.2f} p99={row.ttft_p99_ms:.2f} ms "
+        f"{row.tokens_per_s:.0f} tok/s {row.streams_per_s:.0f} streams/s "
+        f"{row.msgs_per_request:.1f} msgs/req | cpu% "
         f"loadgen {row.loadgen_cpu:.0f} router {row.router_cpu:.0f} "
         f"backends {row.backends_cpu:.0f} other {row.other_cpu:.0f}"
     )
@@ -963,7 +1089,10 @@ class Results:
     clients: int = 1
     repeat: int = 1
     vllm_router_version: str = VLLM_ROUTER_VERSION
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     workers_flag: bool | None = None
+    # Whether the coordinator has its HTTP front door (--http-listen).
+    http_flag: bool | None = None
     rows: dict[str, list[Row]] = field(default_factory=dict)
     # "workers" rows: workload name -> rows ("--workers 1", "--workers 2").
     workers: dict[str, list[Row]] = field(default_factory=dict)
@@ -1031,6 +1160,7 @@ def run(args: argparse.Namespace) -> Results:
         quick=args.quick,
         clients=args.clients,
         repeat=args.repeat,
+        systems=list(args.systems),
         machine=machine_info(),
     )
     log_dir = Path(tempfile.mkdtemp(prefix="omni-bench-peers-"))
@@ -1039,34 +1169,54 @@ def run(args: argparse.Namespace) -> Results:
     started = time.perf_counter()
     try:
         workloads = [w for w in WORKLOADS if w.name in selected]
-        router = ensure_vllm_router(args.vllm_router_version) if workloads else None
+        with_vllm = "vllm" in args.systems and bool(workloads)
+        with_omni = "omni" in args.systems and bool(workloads)
+        router = ensure_vllm_router(args.vllm_router_version) if with_vllm else None
         res.vllm_router_version = args.vllm_router_version
+        paths = [p for s in args.systems for p in SYSTEM_PATHS[s]]
+        if with_omni:
+            res.http_flag = coordinator_supports(HTTP_FLAG)
+            if not res.http_flag:
+                note = (
+                    f"`{HTTP_FLAG}`: the coordinator has no HTTP front door yet "
+                    "(`omni-coordinator --help`), so omni was measured over gRPC only."
+                )
+                res.notes.append(note)
+                print("  " + note, flush=True)
+                paths.remove("omni-http")
         for timing in (ZERO, PACED):
             group = [w for w in workloads if w.timing == timing]
             if not group:
                 continue
-            assert router is not None
             # Both systems stay up and the paths alternate, so that whatever else the machine
             # does at the time weighs on them alike.
-            print(f"vllm-router + 2 mock workers, omni + 2 agents: {timing.describe()}", flush=True)
+            title = " and ".join(SYSTEM_TITLES[s] for s in args.systems)
+            print(f"{title}: {timing.describe()}", flush=True)
             with contextlib.ExitStack() as stacks:
-                vllm = start_vllm_stack(router, timing, procs)
-                stacks.callback(vllm.stop)
-                omni, _ = start_omni_stack(timing, [], log_dir)
-                stacks.callback(omni.stop)
-                systems = {"vllm-router": vllm, "mock-direct": vllm}
-                systems.update({"omni-routed": omni, "omni-direct": omni})
+                systems: dict[str, Stack] = {}
+                if with_vllm:
+                    assert router is not None
+                    vllm = start_vllm_stack(router, timing, procs)
+                    stacks.callback(vllm.stop)
+                    systems.update(dict.fromkeys(SYSTEM_PATHS["vllm"], vllm))
+                if with_omni:
+                    omni, _ = start_omni_stack(timing, [], log_dir, http=bool(res.http_flag))
+                    stacks.callback(omni.stop)
+                    systems.update(dict.fromkeys(SYSTEM_PATHS["omni"], omni))
+                order = [p for p in INTERLEAVED if p in paths]
                 for w in group:
                     rounds = [
                         {
                             p: run_loadgens(w, p, systems[p], procs, scale, args.clients)
-                            for p in INTERLEAVED
+                            for p in order
                         }
                         for _ in range(args.repeat)
                     ]
-                    res.rows[w.name] = [median_row([r[p] for r in rounds]) for p in PATHS]
+                    res.rows[w.name] = [
+                        median_row([r[p] for r in rounds]) for p in PATHS if p in order
+                    ]
         if "workers" in selected:
-            res.workers_flag = coordinator_supports_workers()
+            res.workers_flag = coordinator_supports("--workers")
             if not res.workers_flag:
                 note = (
                     "`--workers`: the coordinator has no such flag yet "
@@ -1105,7 +1255,7 @@ def run(args: argparse.Namespace) -> Results:
             print(f"{IDLE_AGENTS} idle agents for {seconds:.0f} s", flush=True)
             res.idle = run_idle(log_dir, procs, seconds, [])
             if res.workers_flag is None:
-                res.workers_flag = coordinator_supports_workers()
+                res.workers_flag = coordinator_supports("--workers")
             if res.workers_flag:
                 print(f"{IDLE_AGENTS} idle agents, coordinator --workers 2", flush=True)
                 res.idle_workers = run_idle(log_dir, procs, seconds, ["--workers", "2"])
@@ -1142,18 +1292,21 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def rows_table(rows: Sequence[Row]) -> str:
     headers = [
-        "path", "requests", "errors", "TTFT p50 ms", "TTFT p99 ms", "tokens/s", "streams/s",
-        "load gen CPU %", "router CPU %", "backends CPU %", "other CPU %",
+        "path", "requests", "errors", "TTFT mean ms", "TTFT p50 ms", "TTFT p99 ms", "tokens/s",
+        "streams/s", "msgs/request", "load gen CPU %", "router CPU %", "backends CPU %",
+        "other CPU %",
     ]  # fmt: skip
     body = [
         [
             r.label,
             str(r.requests),
             str(r.errors),
+            fmt(r.ttft_mean_ms),
             fmt(r.ttft_p50_ms),
             fmt(r.ttft_p99_ms),
             f"{r.tokens_per_s:.0f}",
             f"{r.streams_per_s:.0f}",
+            fmt(r.msgs_per_request, 1),
             f"{r.loadgen_cpu:.0f}",
             f"{r.router_cpu:.0f}",
             f"{r.backends_cpu:.0f}",
@@ -1168,6 +1321,51 @@ def by_path(rows: Sequence[Row]) -> dict[str, Row]:
     return {r.path: r for r in rows}
 
 
+# The routed paths side by side: vllm-router over HTTP, ours over HTTP and over gRPC.
+SUMMARY_PATHS = {
+    "vllm-router": "vllm-router HTTP",
+    "omni-http": "omni-rpc HTTP",
+    "omni-routed": "omni-rpc gRPC",
+}
+
+
+def summary_table(res: Results) -> str:
+    """Every workload's routed paths, each against vllm-router's."""
+    headers = [
+        "workload", "path", "errors", "TTFT mean ms", "TTFT p50 ms", "TTFT p99 ms", "tokens/s",
+        "tokens/s vs vllm-router", "TTFT p50 vs vllm-router", "TTFT p99 vs vllm-router",
+    ]  # fmt: skip
+    body = []
+    for w in WORKLOADS:
+        p = by_path(res.rows.get(w.name, []))
+        vr = p.get("vllm-router")
+        for path, label in SUMMARY_PATHS.items():
+            r = p.get(path)
+            if r is None:
+                continue
+            versus = [
+                f"{fmt(ratio(a, b))}x" if vr else "-"
+                for a, b in (
+                    (r.tokens_per_s, vr.tokens_per_s if vr else 0.0),
+                    (r.ttft_p50_ms, vr.ttft_p50_ms if vr else 0.0),
+                    (r.ttft_p99_ms, vr.ttft_p99_ms if vr else 0.0),
+                )
+            ]
+            body.append(
+                [
+                    w.name,
+                    label,
+                    str(r.errors),
+                    fmt(r.ttft_mean_ms),
+                    fmt(r.ttft_p50_ms),
+                    fmt(r.ttft_p99_ms),
+                    f"{r.tokens_per_s:.0f}",
+                    *versus,
+                ]
+            )
+    return render_table(headers, body) if body else "_Not run._"
+
+
 @dataclass(frozen=True)
 class Target:
     workload: str
@@ -1176,73 +1374,81 @@ class Target:
     met: bool | None  # None: not measured
 
 
+# Ours against vllm-router: over HTTP (the same client for both) and over gRPC.
+OURS = (("omni-http", "omni HTTP"), ("omni-routed", "omni gRPC"))
+
+
 def targets(res: Results) -> list[Target]:
     out: list[Target] = []
     nan = float("nan")
 
-    def get(workload: str) -> tuple[Row | None, Row | None, Row | None, Row | None]:
+    def versus(workload: str, path: str, metric: str) -> float:
+        """``path``'s ``metric`` over vllm-router's in ``workload`` (NaN: not measured)."""
         rows = by_path(res.rows.get(workload, []))
-        return (
-            rows.get("vllm-router"),
-            rows.get("mock-direct"),
-            rows.get("omni-routed"),
-            rows.get("omni-direct"),
-        )
+        ours, theirs = rows.get(path), rows.get("vllm-router")
+        if ours is None or theirs is None:
+            return nan
+        return ratio(getattr(ours, metric), getattr(theirs, metric))
 
     def check(value: float, limit: float, at_least: bool) -> bool | None:
         if value != value:
             return None
         return value >= limit if at_least else value <= limit
 
-    vr, _, om, _ = get("paced")
-    tok = ratio(om.tokens_per_s, vr.tokens_per_s) if vr and om else nan
-    p50 = ratio(om.ttft_p50_ms, vr.ttft_p50_ms) if vr and om else nan
-    p99 = ratio(om.ttft_p99_ms, vr.ttft_p99_ms) if vr and om else nan
-    out += [
-        Target("paced", "omni routed tokens/s >= 0.95x vllm-router's", f"{fmt(tok)}x",
-               check(tok, 0.95, True)),
-        Target("paced", "omni routed TTFT p50 <= 2x vllm-router's", f"{fmt(p50)}x",
-               check(p50, 2.0, False)),
-        Target("paced", "omni routed TTFT p99 <= 2x vllm-router's", f"{fmt(p99)}x",
-               check(p99, 2.0, False)),
-    ]  # fmt: skip
-    _, _, om, od = get("latency")
+    def target(workload: str, what: str, value: float, limit: float, at_least: bool) -> Target:
+        measured = "-" if value != value else f"{fmt(value)}x"
+        return Target(workload, what, measured, check(value, limit, at_least))
+
+    for path, name in OURS:
+        tok = versus("paced", path, "tokens_per_s")
+        p50 = versus("paced", path, "ttft_p50_ms")
+        p99 = versus("paced", path, "ttft_p99_ms")
+        out += [
+            target("paced", f"{name} tokens/s >= 0.95x vllm-router's", tok, 0.95, True),
+            target("paced", f"{name} TTFT p50 <= 2x vllm-router's", p50, 2.0, False),
+            target("paced", f"{name} TTFT p99 <= 2x vllm-router's", p99, 2.0, False),
+        ]
+    latency = by_path(res.rows.get("latency", []))
+    om, od = latency.get("omni-routed"), latency.get("omni-direct")
     added = om.ttft_p50_ms - od.ttft_p50_ms if om and od else nan
     out.append(
-        Target("latency", "omni added TTFT p50 (routed - direct) <= 0.5 ms",
+        Target("latency", "omni added TTFT p50 (gRPC routed - direct) <= 0.5 ms",
                f"{fmt(added)} ms", check(added, 0.5, False))
     )  # fmt: skip
-    vr, _, om, _ = get("throughput")
-    tok = ratio(om.tokens_per_s, vr.tokens_per_s) if vr and om else nan
-    out.append(
-        Target("throughput", "omni routed tokens/s >= 0.75x vllm-router's", f"{fmt(tok)}x",
-               check(tok, 0.75, True))
-    )  # fmt: skip
-    vr, _, om, _ = get("streams")
-    streams = ratio(om.streams_per_s, vr.streams_per_s) if vr and om else nan
-    out.append(
-        Target("streams", "omni routed streams/s >= 0.5x vllm-router's", f"{fmt(streams)}x",
-               check(streams, 0.5, True))
-    )  # fmt: skip
+    for path, name in OURS:
+        tok = versus("throughput", path, "tokens_per_s")
+        out.append(target("throughput", f"{name} tokens/s >= 0.75x vllm-router's", tok, 0.75, True))
+    for path, name in OURS:
+        streams = versus("streams", path, "streams_per_s")
+        out.append(target("streams", f"{name} streams/s >= 0.5x vllm-router's", streams, 0.5, True))
     idle = res.idle.coordinator_cpu if res.idle else nan
     out.append(
         Target("idle", f"{IDLE_AGENTS} idle agents: coordinator CPU <= 5% of one core",
-               f"{fmt(idle)}%", check(idle, 5.0, False))
+               "-" if idle != idle else f"{fmt(idle)}%", check(idle, 5.0, False))
     )  # fmt: skip
     return out
 
 
 def comparison_lines(workload: str, rows: Sequence[Row]) -> list[str]:
     p = by_path(rows)
-    vr, md, om, od = (p.get(k) for k in PATHS)
+    vr, md, oh, om, od = (p.get(k) for k in PATHS)
     lines = []
-    if vr and om:
-        tokens = fmt(ratio(om.tokens_per_s, vr.tokens_per_s))
+    for ours, name in ((oh, "omni HTTP"), (om, "omni gRPC")):
+        if vr and ours:
+            lines.append(
+                f"- {name}/vllm-router (routed): tokens/s "
+                f"{fmt(ratio(ours.tokens_per_s, vr.tokens_per_s))}x, streams/s "
+                f"{fmt(ratio(ours.streams_per_s, vr.streams_per_s))}x, TTFT mean "
+                f"{fmt(ratio(ours.ttft_mean_ms, vr.ttft_mean_ms))}x, p50 "
+                f"{fmt(ratio(ours.ttft_p50_ms, vr.ttft_p50_ms))}x, p99 "
+                f"{fmt(ratio(ours.ttft_p99_ms, vr.ttft_p99_ms))}x."
+            )
+    if oh and om:
         lines.append(
-            f"- omni/vllm-router (routed): tokens/s {tokens}x, "
-            f"streams/s {fmt(ratio(om.streams_per_s, vr.streams_per_s))}x, "
-            f"TTFT p50 {fmt(ratio(om.ttft_p50_ms, vr.ttft_p50_ms))}x, "
-            f"TTFT p99 {fmt(ratio(om.ttft_p99_ms, vr.ttft_p99_ms))}x."
+            f"- omni HTTP against omni gRPC: tokens/s "
+            f"{fmt(ratio(oh.tokens_per_s, om.tokens_per_s))}x, TTFT p50 "
+            f"{oh.ttft_p50_ms - om.ttft_p50_ms:+.2f} ms, coordinator CPU "
+            f"{oh.router_cpu:.0f}% against {om.router_cpu:.0f}%."
         )
     if md and od:
         lines.append(
@@ -1253,9 +1459,9 @@ def comparison_lines(workload: str, rows: Sequence[Row]) -> list[str]:
     if vr and md and om and od:
         lines.append(
             f"- added by the router (routed - direct), TTFT p50: vllm-router "
-            f"{vr.ttft_p50_ms - md.ttft_p50_ms:+.2f} ms, omni coordinator "
+            f"{vr.ttft_p50_ms - md.ttft_p50_ms:+.2f} ms, omni coordinator (gRPC) "
             f"{om.ttft_p50_ms - od.ttft_p50_ms:+.2f} ms; routed/direct tokens/s: vllm-router "
-            f"{fmt(ratio(vr.tokens_per_s, md.tokens_per_s))}x, omni "
+            f"{fmt(ratio(vr.tokens_per_s, md.tokens_per_s))}x, omni (gRPC) "
             f"{fmt(ratio(om.tokens_per_s, od.tokens_per_s))}x."
         )
     errors = [f"- {r.label}: {e}" for r in rows for e in r.error_samples[:2]]
@@ -1281,16 +1487,18 @@ def render_section(res: Results) -> str:
         "environment under the omni-rpc cache folder; `--policy round_robin`) in front of two "
         "mock OpenAI workers (`scripts/mock_openai_worker.py`: aiohttp, `/v1/completions` "
         "streamed as SSE, one event per token);",
-        "- **omni-rpc**: the coordinator (`--strategy round_robin`) in front of two `sim` "
-        "node agents.",
+        "- **omni-rpc**: the coordinator (`--strategy round_robin`, with its OpenAI-compatible "
+        "front door `--http-listen`) in front of two `sim` node agents.",
         "",
-        "Each workload runs four ways: vllm-router routed, the mock workers direct, omni routed "
-        "(`omni.v1.Coordinator/Generate`) and the agents direct (`omni.v1.NodeAgent/Generate`). "
-        "Load generators are separate processes (aiohttp SSE clients for HTTP, grpc.aio clients "
-        f"for omni; {res.clients} process(es) per measurement), closed loop: each of the "
+        "Each workload runs five ways: vllm-router routed (HTTP), the mock workers direct "
+        "(HTTP), omni routed over HTTP (the coordinator's `POST /v1/completions`), omni routed "
+        "over gRPC (`omni.v1.Coordinator/Generate`) and the agents direct "
+        "(`omni.v1.NodeAgent/Generate`). Load generators are separate processes (one aiohttp "
+        "SSE client for every HTTP path, grpc.aio clients for the gRPC ones; "
+        f"{res.clients} process(es) per measurement), closed loop: each of the "
         "workload's concurrent streams sends its next request when the last one ends. Both "
-        "systems stay up while a workload runs and its four paths are measured one after the "
-        "other in the order vllm-router, omni routed, mock direct, omni direct"
+        "systems stay up while a workload runs and its paths are measured one after the "
+        "other in the order vllm-router, omni HTTP, omni gRPC, mock direct, omni direct"
         + (f", {res.repeat} times, the tables giving medians" if res.repeat > 1 else "")
         + ", so that other work on the machine weighs on both alike. After a "
         "warm-up, a fixed window is measured: tokens/s counts tokens received in the window, "
@@ -1302,6 +1510,24 @@ def render_section(res: Results) -> str:
         "or the two agents, *other* the rest of the machine (noise). Every process shares "
         f"the same {m.get('cores', '?')} cores, so the load generators' CPU is taken from "
         "the systems under test: compare paths within a workload, not across machines.",
+        "",
+        "HTTP against HTTP: vllm-router speaks only HTTP, so the like-for-like comparison is "
+        "with the coordinator's own OpenAI-compatible front door (`omni-coordinator "
+        "--http-listen`, `POST /v1/completions` streamed as SSE chunks ending `data: [DONE]`, as "
+        "vLLM's server does), driven by the very same load generator: one aiohttp client, the "
+        "same plain OpenAI request bodies (`stream`, `stream_options.include_usage`, no "
+        "extensions), the same parsing. Behind its front door the coordinator still reaches the "
+        "agents over gRPC, so *omni HTTP* is client, HTTP, coordinator, gRPC, agent, against "
+        "vllm-router's client, HTTP, router, HTTP, worker; *omni gRPC* is omni's native path, "
+        "kept for reference. Tokens are counted the same way on every HTTP path: a chunk with "
+        "text counts one token when it arrives, and each request's count is then set to its "
+        "final usage chunk's `completion_tokens` (gRPC responses count their `token_ids`); TTFT "
+        "is the time to the first chunk or response that carries a token. The mock workers "
+        "send one chunk per engine step, one token, so for them the two counts agree; the "
+        "coordinator forwards the agents' messages, which carry several tokens when these come "
+        "out together, so it may send fewer, larger chunks for the same tokens (*msgs/request*: "
+        "messages that carried tokens, per request), and the rest of its tokens are credited "
+        "when each request ends, which over a steady window adds up the same.",
         "",
         f"- Date: {res.when}; took {res.duration_s:.0f} s{' (--quick)' if res.quick else ''}.",
         f"- Command: `{res.command}`",
@@ -1317,6 +1543,15 @@ def render_section(res: Results) -> str:
         "every process here during that window: absolute numbers then understate both "
         "systems, and routed against direct of the same system, measured a few seconds apart, "
         "is the steadier comparison.",
+        "",
+    ]
+    parts += [
+        "### vllm-router HTTP, omni-rpc HTTP, omni-rpc gRPC",
+        "",
+        "The routed paths of every workload; the ratios are each path's number over "
+        "vllm-router's (tokens/s: higher is better; TTFT: lower is better).",
+        "",
+        summary_table(res),
         "",
         "### Targets",
         "",
@@ -1413,12 +1648,22 @@ def previous_results(path: Path) -> Results | None:
 
 
 def merge(old: Results | None, new: Results, ran: set[str]) -> Results:
-    """``new``, with the workloads it did not run taken from ``old``."""
+    """``new``, with the workloads it did not run taken from ``old``, and in the ones it ran,
+    the paths it did not measure (``--systems``, no HTTP front door), with a note."""
     if old is None:
         return new
     for name, rows in old.rows.items():
-        if name not in ran:
+        if name not in ran or name not in new.rows:
             new.rows.setdefault(name, rows)
+            continue
+        have = {r.path for r in new.rows[name]}
+        kept = [r for r in rows if r.path in PATHS and r.path not in have]
+        if kept:
+            new.rows[name] = sorted([*new.rows[name], *kept], key=lambda r: PATHS.index(r.path))
+            new.notes.append(
+                f"`{name}`: {', '.join(r.label for r in kept)} from the previous run "
+                f"({old.when}), not measured in this one."
+            )
     if "workers" not in ran:
         new.workers, new.workers_flag = old.workers, old.workers_flag
     if "idle" not in ran and new.idle is None:
@@ -1459,6 +1704,16 @@ def parse_only(value: str) -> list[str]:
     return names
 
 
+def parse_systems(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown system(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SYSTEMS)}"
+        )
+    return [s for s in SYSTEMS if s in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["loadgen"]:
@@ -1487,6 +1742,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="measure each path this many times (interleaved) and report the medians",
+    )
+    parser.add_argument(
+        "--systems",
+        type=parse_systems,
+        default=list(SYSTEMS),
+        help="comma-separated systems to measure (vllm: vllm-router and its mock workers; "
+        "omni: the coordinator over HTTP and gRPC, the agents); default vllm,omni",
     )
     parser.add_argument("--idle-seconds", type=float, help="idle window (default 60, quick 10)")
     parser.add_argument("--vllm-router-version", default=VLLM_ROUTER_VERSION)
