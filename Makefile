@@ -43,7 +43,8 @@ bench: install
 	$(PY) scripts/bench.py
 
 # omni-rpc and vllm-router (installed once from PyPI into its own cached environment) side by
-# side on the same simulated engines; writes its section of docs/benchmarks.md (~7 minutes).
+# side on the same simulated engines, vllm-router over HTTP and omni over its HTTP front door and
+# over gRPC; writes its section of docs/benchmarks.md (~8.5 minutes).
 # A smoke run: make bench-peers BENCH_PEERS_ARGS=--quick
 bench-peers: install
 	$(PY) scripts/bench_peers.py $(BENCH_PEERS_ARGS)
