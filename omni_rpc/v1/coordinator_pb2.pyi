@@ -77,6 +77,8 @@ class NodeInfo(_message.Message):
     EJECTED_UNTIL_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     MODEL_ALIASES_FIELD_NUMBER: _builtins.int
+    INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
+    OUTPUT_MODALITIES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     model: _builtins.str
@@ -115,6 +117,12 @@ class NodeInfo(_message.Message):
     def model_aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other names requests may use for the node's model (JoinRequest.model_aliases)."""
 
+    @_builtins.property
+    def input_modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """JoinRequest.input_modalities and output_modalities."""
+
+    @_builtins.property
+    def output_modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -142,10 +150,12 @@ class NodeInfo(_message.Message):
         ejected_until: _builtins.float = ...,
         placement: _node_pb2.Placement | None = ...,
         model_aliases: _abc.Iterable[_builtins.str] | None = ...,
+        input_modalities: _abc.Iterable[_builtins.str] | None = ...,
+        output_modalities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "load", b"load", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "consecutive_failures", b"consecutive_failures", "dispatched", b"dispatched", "ejected_until", b"ejected_until", "ejections", b"ejections", "engine", b"engine", "failures", b"failures", "gpu", b"gpu", "health_check_latency_ms", b"health_check_latency_ms", "in_flight", b"in_flight", "joined_at", b"joined_at", "last_error", b"last_error", "last_health_check_at", b"last_health_check_at", "load", b"load", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "placement", b"placement", "served", b"served", "state", b"state", "state_reason", b"state_reason", "state_since", b"state_since", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "consecutive_failures", b"consecutive_failures", "dispatched", b"dispatched", "ejected_until", b"ejected_until", "ejections", b"ejections", "engine", b"engine", "failures", b"failures", "gpu", b"gpu", "health_check_latency_ms", b"health_check_latency_ms", "in_flight", b"in_flight", "input_modalities", b"input_modalities", "joined_at", b"joined_at", "last_error", b"last_error", "last_health_check_at", b"last_health_check_at", "load", b"load", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "output_modalities", b"output_modalities", "placement", b"placement", "served", b"served", "state", b"state", "state_reason", b"state_reason", "state_since", b"state_since", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

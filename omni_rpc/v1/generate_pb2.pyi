@@ -91,25 +91,36 @@ Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
 class Media(_message.Message):
-    """An input or output that is not text: an image, audio clip, video. Multimodal support is
-    upcoming: until then no request may carry Media and no response does.
+    """An input or output that is not text: an image, an audio clip, a video. Its modality is the
+    mime type's top-level type (image/png: image; audio/wav: audio; video/mp4: video).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    LAST_CHUNK_FIELD_NUMBER: _builtins.int
     mime_type: _builtins.str
     data: _builtins.bytes
+    index: _builtins.int
+    """Outputs: which media item of the generation this is (0, 1, ...). A large item travels in
+    several messages of the same index, in order, each carrying the next piece of data; the
+    piece with last_chunk set completes it. A client receives every item exactly once and
+    whole, even across a failover (a partial item is never relayed from a failed node).
+    """
+    last_chunk: _builtins.bool
     def __init__(
         self,
         *,
         mime_type: _builtins.str = ...,
         data: _builtins.bytes = ...,
+        index: _builtins.int = ...,
+        last_chunk: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "mime_type", b"mime_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index", "last_chunk", b"last_chunk", "mime_type", b"mime_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,6 +200,7 @@ class GenerateRequest(_message.Message):
     STREAM_INTERVAL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    MODALITIES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Filled in by the coordinator when empty; echoed on every response."""
     prompt: _builtins.str
@@ -228,6 +240,13 @@ class GenerateRequest(_message.Message):
         assistant's reply. usage.prompt_tokens counts the rendered prompt.
         """
 
+    @_builtins.property
+    def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output modalities asked for, as OpenAI chat's `modalities`: "text" (the default when
+        empty), "audio", "image". Only nodes whose model produces all of them serve the request;
+        media outputs arrive in GenerateResponse.outputs.
+        """
+
     def __init__(
         self,
         *,
@@ -241,10 +260,11 @@ class GenerateRequest(_message.Message):
         stream_interval: _builtins.int | None = ...,
         model: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        modalities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "max_retries", b"max_retries", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "messages", b"messages", "model", b"model", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "messages", b"messages", "modalities", b"modalities", "model", b"model", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
@@ -309,8 +329,8 @@ class GenerateResponse(_message.Message):
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Media]:
-        """Media outputs of multimodal models (upcoming); always empty until multimodal support
-        lands.
+        """Media outputs (see Media.index and last_chunk), for requests that asked for them with
+        modalities.
         """
 
     @_builtins.property

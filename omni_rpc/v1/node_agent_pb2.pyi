@@ -64,8 +64,13 @@ class Resume(_message.Message):
 
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    MEDIA_ITEMS_DELIVERED_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text delivered so far (it may lag the tokens where a stop string was being matched)."""
+    media_items_delivered: _builtins.int
+    """Media output items already delivered whole (indices 0 .. n-1): the new node produces the
+    items after them (a partial item is produced again from its start).
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -73,10 +78,11 @@ class Resume(_message.Message):
         *,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         text: _builtins.str = ...,
+        media_items_delivered: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["media_items_delivered", b"media_items_delivered", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -192,6 +198,7 @@ class StreamOutput(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.int
     text: _builtins.str
     finish_reason: _builtins.str
@@ -207,6 +214,10 @@ class StreamOutput(_message.Message):
     def usage(self) -> _generate_pb2.Usage:
         """Set with finish_reason."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_generate_pb2.Media]:
+        """Media output pieces since the previous StreamOutput (Media.index, last_chunk)."""
+
     def __init__(
         self,
         *,
@@ -217,10 +228,11 @@ class StreamOutput(_message.Message):
         usage: _generate_pb2.Usage | None = ...,
         error_code: _builtins.int = ...,
         error_message: _builtins.str = ...,
+        outputs: _abc.Iterable[_generate_pb2.Media] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "finish_reason", b"finish_reason", "stream_id", b"stream_id", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "finish_reason", b"finish_reason", "outputs", b"outputs", "stream_id", b"stream_id", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

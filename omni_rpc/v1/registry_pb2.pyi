@@ -35,6 +35,8 @@ class JoinRequest(_message.Message):
     PLACEMENT_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
     MODEL_ALIASES_FIELD_NUMBER: _builtins.int
+    INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
+    OUTPUT_MODALITIES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     """host:port where the coordinator reaches the agent's NodeAgent service."""
@@ -62,6 +64,15 @@ class JoinRequest(_message.Message):
         for a local folder. The model's own name always routes to it.
         """
 
+    @_builtins.property
+    def input_modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The modalities the model takes as input besides text ("image", "audio", "video"; from
+        vLLM's model config) and produces besides text ("audio", "image"): media requests go only
+        to nodes that take (and produce) theirs.
+        """
+
+    @_builtins.property
+    def output_modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -75,10 +86,12 @@ class JoinRequest(_message.Message):
         placement: _node_pb2.Placement | None = ...,
         incarnation: _builtins.str = ...,
         model_aliases: _abc.Iterable[_builtins.str] | None = ...,
+        input_modalities: _abc.Iterable[_builtins.str] | None = ...,
+        output_modalities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "placement", b"placement", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "input_modalities", b"input_modalities", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "output_modalities", b"output_modalities", "placement", b"placement", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
