@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from omni_rpc import config
 from omni_rpc.v1 import generate_pb2
-from omni_rpc.validation import chat_text_bytes
+from omni_rpc.validation import chat_text_bytes, media_bytes
 
 # Token ids count 4 bytes each toward the prompt size limit (their size as int32 on the wire).
 TOKEN_ID_BYTES = 4
@@ -27,6 +27,8 @@ TOKEN_ID_BYTES = 4
 @dataclass(frozen=True)
 class Limits:
     max_prompt_bytes: int = config.MAX_PROMPT_BYTES
+    # Media data of one request (inputs and chat media parts), not counted as prompt bytes.
+    max_media_bytes: int = config.MAX_MEDIA_BYTES
     max_tokens_cap: int = config.MAX_TOKENS_CAP
     max_streams: int = config.MAX_STREAMS
     max_streams_per_client: int = config.MAX_STREAMS_PER_CLIENT
@@ -59,6 +61,12 @@ class Admission:
             raise LimitExceeded(
                 f"prompt is {size} bytes, over the limit max_prompt_bytes="
                 f"{self.limits.max_prompt_bytes}"
+            )
+        media = media_bytes(request)
+        if media > self.limits.max_media_bytes:
+            raise LimitExceeded(
+                f"media inputs are {media} bytes, over the limit max_media_bytes="
+                f"{self.limits.max_media_bytes}"
             )
         if request.sampling.HasField("max_tokens"):
             wanted = request.sampling.max_tokens

@@ -68,6 +68,7 @@ def data_plane(
     admission = Admission(
         Limits(
             max_prompt_bytes=args.max_prompt_bytes,
+            max_media_bytes=args.max_media_bytes,
             max_tokens_cap=args.max_tokens_cap,
             max_streams=args.max_streams,
             max_streams_per_client=args.max_streams_per_client,

@@ -13,10 +13,18 @@ class Balancer:
         self.registry = registry
         self.strategy = strategy
 
-    def pick(self, key: str = "", avoid: Collection[str] = (), model: str = "") -> Node | None:
-        """A dispatchable node (serving ``model``, when given), preferring those not in
-        ``avoid`` (nodes already tried)."""
-        nodes = self.registry.dispatchable(model)
+    def pick(
+        self,
+        key: str = "",
+        avoid: Collection[str] = (),
+        model: str = "",
+        inputs: frozenset[str] = frozenset(),
+        outputs: frozenset[str] = frozenset(),
+    ) -> Node | None:
+        """A dispatchable node (serving ``model``, when given, and taking the media
+        modalities ``inputs`` and producing ``outputs``), preferring those not in ``avoid``
+        (nodes already tried)."""
+        nodes = self.registry.dispatchable(model, inputs, outputs)
         if avoid:
             fresh = [n for n in nodes if n.node_id not in avoid]
             candidates = fresh or nodes

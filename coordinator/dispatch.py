@@ -30,7 +30,12 @@ from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
 from omni_rpc.metrics import CoordinatorMetrics
 from omni_rpc.v1 import generate_pb2, node_agent_pb2
-from omni_rpc.validation import chat_text_bytes
+from omni_rpc.validation import (
+    chat_text_bytes,
+    input_modalities,
+    modality_problem,
+    output_modalities,
+)
 
 # Deferred: its lines (one per request, and one per failover) are written off the event loop.
 log = get_logger("coordinator.dispatch", deferred=True)
@@ -106,6 +111,18 @@ class Delivered:
 
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    # Media output items relayed whole (0 .. n-1): a failover resumes after them.
+    media_items: int = 0
+
+
+@dataclass(frozen=True)
+class Route:
+    """What picks the nodes of a request: its model ("": any node) and the media modalities
+    its nodes must take (``inputs``) and produce (``outputs``) besides text."""
+
+    model: str = ""
+    inputs: frozenset[str] = frozenset()
+    outputs: frozenset[str] = frozenset()
 
 
 class Dispatcher:
@@ -121,8 +138,11 @@ class Dispatcher:
         stream_interval: int = config.DEFAULT_STREAM_INTERVAL,
         stall_policy: StallPolicy | None = None,
         outliers: LatencyOutliers | None = None,
+        max_held_media_bytes: int = config.MAX_HELD_MEDIA_BYTES,
     ) -> None:
         self.metrics = metrics or CoordinatorMetrics()
+        # The most media bytes held for one request until its item completes.
+        self.max_held_media_bytes = max_held_media_bytes
         # Prompts are user data: they reach the logs only when the operator asks.
         self.log_prompts = log_prompts
         self.registry = registry
@@ -152,7 +172,7 @@ class Dispatcher:
         deadline = clock.now() + time_remaining if time_remaining is not None else None
         max_retries = request.max_retries if request.HasField("max_retries") else self.max_retries
         bound = log.bind(request_id=request.request_id)
-        model = self._route(request)
+        route = self._route(request)
         counters = self.counters
         counters.requests_total += 1
         counters.in_flight += 1
@@ -169,7 +189,7 @@ class Dispatcher:
         error = ""  # why it failed, for the log
         try:
             for attempt in range(1, max_retries + 2):
-                node = await self._wait_for_node(request, model, tried, deadline)
+                node = await self._wait_for_node(request, route, tried, deadline)
                 tried.append(node.node_id)
                 # Closed here, not when collected: a client that goes away stops the attempt now.
                 relay = contextlib.aclosing(
@@ -248,12 +268,14 @@ class Dispatcher:
                 **extra,
             )
 
-    def _route(self, request: generate_pb2.GenerateRequest) -> str:
-        """The model name to pick nodes by ("": any node), or DispatchError: a model no node
-        serves is NOT_FOUND, no model in a cluster serving several is INVALID_ARGUMENT."""
+    def _route(self, request: generate_pb2.GenerateRequest) -> Route:
+        """The model and modalities to pick nodes by, or DispatchError: a model no node
+        serves is NOT_FOUND, no model in a cluster serving several is INVALID_ARGUMENT, and so
+        is media no node serving the model takes (or produces): refused, never dropped."""
+        route = Route(request.model, input_modalities(request), output_modalities(request))
         registry = self.registry
         if not registry.models:
-            return request.model  # no node has joined yet: wait for one, as for a healthy one
+            return route  # no node has joined yet: wait for one, as for a healthy one
         served = ", ".join(registry.models)
         if request.model:
             if request.model not in registry.model_names:
@@ -261,30 +283,51 @@ class Dispatcher:
                     grpc.StatusCode.NOT_FOUND,
                     f"model {request.model!r} is not served here; served: {served}",
                 )
-            return request.model
-        if len(registry.models) > 1:
+        elif len(registry.models) > 1:
             raise DispatchError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"this cluster serves several models ({served}): name one in GenerateRequest.model",
             )
-        return ""
+        if route.inputs or route.outputs:
+            self._check_capable(route, request.model or registry.models[0])
+        return route
+
+    def _check_capable(self, route: Route, name: str) -> None:
+        """INVALID_ARGUMENT unless some node serving the route's model (healthy now or not)
+        takes its input modalities and produces its output modalities."""
+        nodes = self.registry.serving(route.model)
+        if any(n.takes(route.inputs, route.outputs) for n in nodes):
+            return
+        takes = {m for n in nodes for m in n.info.input_modalities}
+        produces = {m for n in nodes for m in n.info.output_modalities}
+        problem = modality_problem(route.inputs, route.outputs, takes, produces, name)
+        if problem is not None:
+            raise DispatchError(grpc.StatusCode.INVALID_ARGUMENT, str(problem))
+        # Each modality has a node, but no node has them all.
+        raise DispatchError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"no node of model {name!r} takes {', '.join(sorted(route.inputs)) or 'text'} "
+            f"input and produces {', '.join(sorted({'text', *route.outputs}))} output together",
+        )
 
     async def _wait_for_node(
         self,
         request: generate_pb2.GenerateRequest,
-        model: str,
+        route: Route,
         tried: list[str],
         deadline: float | None,
     ) -> Node:
-        """A node for the next attempt (serving ``model``), waiting with backoff while there
-        is none."""
+        """A node for the next attempt (serving the route's model and modalities), waiting
+        with backoff while there is none."""
         give_up = clock.now() + self.no_node_wait_s
         if deadline is not None:
             # Answer a little before the caller's deadline so the reason reaches it.
             give_up = min(give_up, deadline - min(0.05, 0.1 * (deadline - clock.now())))
         backoff = Backoff(config.NO_NODE_BACKOFF_BASE_S, config.NO_NODE_BACKOFF_CAP_S)
         while True:
-            node = self.balancer.pick(request.affinity_key, tried, model)
+            node = self.balancer.pick(
+                request.affinity_key, tried, route.model, route.inputs, route.outputs
+            )
             if node is not None:
                 return node
             left = give_up - clock.now()
@@ -303,13 +346,17 @@ class Dispatcher:
         """One attempt: stream the node's responses; AttemptError if the node fails.
 
         When an earlier attempt already delivered output, the node is asked to resume after
-        it, so the client receives each token exactly once.
+        it, so the client receives each token exactly once. Media output pieces are held until
+        their item's last piece arrives, then relayed together: a failover discards a partial
+        item (never relayed) and the next node produces it again, so each item reaches the
+        client exactly once, whole.
         """
         timeout = None if deadline is None else max(0.0, deadline - clock.now())
         first = node_agent_pb2.AgentRequest(generate=request, attempt=attempt)
-        if delivered.token_ids:
+        if delivered.token_ids or delivered.media_items:
             first.resume.token_ids.extend(delivered.token_ids)
             first.resume.text = "".join(delivered.text)
+            first.resume.media_items_delivered = delivered.media_items
             self.counters.resumes_total += 1
             self.metrics.resumes.inc()
         node.in_flight += 1
@@ -332,6 +379,9 @@ class Dispatcher:
             node, _prompt_tokens(request) + len(delivered.token_ids), on_stall
         )
         finished = False
+        # The pieces of the media item in progress, not relayed until it completes.
+        held: list[generate_pb2.Media] = []
+        held_bytes = 0
         try:
             async for response in stream:
                 watched.stamp(clock.now())
@@ -342,15 +392,40 @@ class Dispatcher:
                     # fail over and resume; the client never sees a truncated "success".
                     response.finish_reason = ""
                     response.ClearField("usage")
-                if not aborted or response.token_ids or response.text:
+                complete: list[generate_pb2.Media] = []
+                if response.outputs:
+                    for piece in response.outputs:
+                        held.append(piece)
+                        held_bytes += len(piece.data)
+                        if piece.last_chunk:
+                            complete.extend(held)
+                            held, held_bytes = [], 0
+                            delivered.media_items += 1
+                    response.ClearField("outputs")
+                    if held_bytes > self.max_held_media_bytes:
+                        raise DispatchError(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"media output item {held[0].index} of request {request.request_id} "
+                            f"exceeds max_held_media_bytes={self.max_held_media_bytes} "
+                            "(the bytes held until an item completes); the request was aborted",
+                        )
+                if held and response.finish_reason:
+                    raise NodeCallError(
+                        grpc.StatusCode.INTERNAL,
+                        f"the node finished with media item {held[0].index} incomplete",
+                    )
+                if not aborted or response.token_ids or response.text or complete:
                     delivered.token_ids.extend(response.token_ids)
                     delivered.text.append(response.text)
                     finished = bool(response.finish_reason)
-                    # While the client takes its time, the node's silence is not the node's: the
-                    # stall clock stops (a client that never reads is OutputOverflow's business).
-                    watched.client_reading = True
-                    yield response
-                    watched.resume(clock.now())
+                    if response.token_ids or response.text or complete or finished:
+                        # While the client takes its time, the node's silence is not the
+                        # node's: the stall clock stops (a client that never reads is
+                        # OutputOverflow's business).
+                        watched.client_reading = True
+                        for message in _with_media(response, complete):
+                            yield message
+                        watched.resume(clock.now())
                 if aborted:
                     raise NodeCallError(
                         grpc.StatusCode.ABORTED,
@@ -446,6 +521,40 @@ class Dispatcher:
                 f"{(typical[node_id] or 0) * 1000:.1f} ms per output token, its peers' median "
                 f"{_median(peers) * 1000:.1f} ms",
             )
+
+
+def _with_media(
+    response: generate_pb2.GenerateResponse, pieces: list[generate_pb2.Media]
+) -> list[generate_pb2.GenerateResponse]:
+    """``response`` with the pieces of the media items that completed: one message, or several
+    of at most about MEDIA_RELAY_MESSAGE_BYTES of media each (the first with the text, the
+    last with the finish), so a large item fits every channel's message limit."""
+    groups: list[list[generate_pb2.Media]] = [[]]
+    size = 0
+    for piece in pieces:
+        if groups[-1] and size + len(piece.data) > config.MEDIA_RELAY_MESSAGE_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(piece)
+        size += len(piece.data)
+    if len(groups) == 1:
+        response.outputs.extend(groups[0])
+        return [response]
+    messages = [
+        generate_pb2.GenerateResponse(
+            request_id=response.request_id,
+            node_id=response.node_id,
+            attempt=response.attempt,
+            outputs=group,
+        )
+        for group in groups
+    ]
+    messages[0].text = response.text
+    messages[0].token_ids.extend(response.token_ids)
+    if response.finish_reason:
+        messages[-1].finish_reason = response.finish_reason
+        messages[-1].usage.CopyFrom(response.usage)
+    return messages
 
 
 def _median(values: list[float]) -> float:

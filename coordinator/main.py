@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt size (UTF-8 bytes; 4 per prompt token id)",
     )
     limits.add_argument(
+        "--max-media-bytes",
+        type=argtypes.positive_int,
+        default=config.MAX_MEDIA_BYTES,
+        help="media data of one request (inputs and chat media parts; not prompt bytes)",
+    )
+    limits.add_argument(
         "--max-message-bytes",
         type=argtypes.positive_int,
         default=config.MAX_CLIENT_MESSAGE_BYTES,
@@ -264,6 +270,20 @@ async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int
     return 0
 
 
+def media_limit_problem(args: argparse.Namespace) -> str:
+    """Why --max-media-bytes cannot work, if it cannot: a request at the limit, with the
+    largest prompt, must fit what an agent receives. (It must also fit --max-message-bytes,
+    checked first by gRPC: a smaller --max-message-bytes is the effective media limit.)"""
+    room = config.MAX_MESSAGE_BYTES - config.REQUEST_OVERHEAD_BYTES - args.max_prompt_bytes
+    if args.max_media_bytes > room:
+        return (
+            f"--max-media-bytes {args.max_media_bytes} with --max-prompt-bytes "
+            f"{args.max_prompt_bytes} does not fit an agent's message limit of "
+            f"{config.MAX_MESSAGE_BYTES} bytes (at most {room})"
+        )
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, sources = settings.parse(parser, "coordinator", argv)
@@ -272,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown load balancing strategy {args.strategy!r} "
             f"(known: {', '.join(sorted(STRATEGIES))})"
         )
+    problem = media_limit_problem(args)
+    if problem:
+        parser.error(problem)
     if args.print_config:
         settings.print_config(args, sources)
         return 0

@@ -105,6 +105,13 @@ class Node:
         """The names requests may route to this node by: its model, then its aliases."""
         return tuple(dict.fromkeys((self.info.model, *self.info.model_aliases)))
 
+    def takes(self, inputs: frozenset[str], outputs: frozenset[str]) -> bool:
+        """Whether its model takes every modality of ``inputs`` and produces every one of
+        ``outputs`` (besides text, which every model takes and produces)."""
+        return inputs.issubset(self.info.input_modalities) and outputs.issubset(
+            self.info.output_modalities
+        )
+
     @property
     def kv_cache_usage(self) -> float:
         return self.load.kv_cache_usage if self.load is not None else 0.0
@@ -148,6 +155,8 @@ class Node:
             else 0.0,
             placement=self.info.placement,
             model_aliases=self.info.model_aliases,
+            input_modalities=self.info.input_modalities,
+            output_modalities=self.info.output_modalities,
         )
         if self.load is not None:
             info.load.CopyFrom(self.load)
@@ -189,6 +198,9 @@ class Registry:
         # name (aliases too) a request may use.
         self.models: tuple[str, ...] = ()
         self.model_names: frozenset[str] = frozenset()
+        # The admitted nodes (healthy now or not) by every model name they serve: what a
+        # request for the model could ever be served by (routing by modality asks it).
+        self._serving: dict[str, tuple[Node, ...]] = {}
         self.capacity = 0
         self.on_added: list[NodeListener] = []
         self.on_removed: list[NodeListener] = []
@@ -202,12 +214,25 @@ class Registry:
         self._available = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
 
-    def dispatchable(self, model: str = "") -> tuple[Node, ...]:
+    def dispatchable(
+        self,
+        model: str = "",
+        inputs: frozenset[str] = frozenset(),
+        outputs: frozenset[str] = frozenset(),
+    ) -> tuple[Node, ...]:
         """The nodes that take new work now, in node id order; with ``model``, only those
-        serving it (by its name or an alias)."""
-        if not model:
-            return self._dispatchable
-        return self._by_model.get(model, ())
+        serving it (by its name or an alias); with ``inputs`` or ``outputs`` (media
+        modalities), only those whose model takes and produces them (``Node.takes``)."""
+        nodes = self._by_model.get(model, ()) if model else self._dispatchable
+        if inputs or outputs:
+            return tuple(n for n in nodes if n.takes(inputs, outputs))
+        return nodes
+
+    def serving(self, model: str = "") -> tuple[Node, ...]:
+        """The admitted nodes (healthy now or not) serving ``model`` ("": any model)."""
+        if model:
+            return self._serving.get(model, ())
+        return tuple(n for nodes in self._serving.values() for n in nodes)
 
     def _refresh(self) -> None:
         ready = sorted((n for n in self.nodes.values() if n.dispatchable), key=_by_id)
@@ -223,6 +248,11 @@ class Registry:
         serving = [n for n in self.nodes.values() if n.admitted and not n.left]
         self.models = tuple(sorted({n.info.model for n in serving} - {""}))
         self.model_names = frozenset(name for n in serving for name in n.model_names if name)
+        by_name: dict[str, list[Node]] = {}
+        for node in sorted(serving, key=_by_id):
+            for name in node.model_names:
+                by_name.setdefault(name, []).append(node)
+        self._serving = {name: tuple(nodes) for name, nodes in by_name.items()}
 
     def join(self, request: registry_pb2.JoinRequest) -> tuple[Node, bool]:
         """Register or refresh a node; returns (node, whether it is new)."""

@@ -70,6 +70,7 @@ class SessionAttempt:
         "_limit",
         "_node_id",
         "_pending",
+        "_pending_media",
         "_pending_tokens",
         "_request_id",
         "_session",
@@ -95,6 +96,8 @@ class SessionAttempt:
         self._limit = max(limit, self._interval)
         self._pending: list[node_agent_pb2.StreamOutput] = []
         self._pending_tokens = 0
+        # Media pieces are pending: they go at once (they hold no tokens to wait for).
+        self._pending_media = False
         self._ended = False  # the last output (finish or error) has arrived
         self._error: NodeCallError | None = None
         self._done = False  # the consumer has taken the last output
@@ -107,17 +110,19 @@ class SessionAttempt:
             return
         self._pending.append(output)
         self._pending_tokens += len(output.token_ids)
+        if output.outputs:
+            self._pending_media = True
         if output.finish_reason or output.error_code:
             self._ended = True
             self._session.forget(self.stream_id)
         elif self._pending_tokens > self._limit:
             # Dropped, not kept for a reader that may never come: that is the bound.
             error = OutputOverflow(self._pending_tokens, self._limit)
-            self._pending, self._pending_tokens = [], 0
+            self._pending, self._pending_tokens, self._pending_media = [], 0, False
             self._session.cancel(self.stream_id)
             self._fail(error)
             return
-        if self._ended or self._pending_tokens >= self._interval:
+        if self._ended or self._pending_media or self._pending_tokens >= self._interval:
             self._wake()
 
     def fail(self, error: NodeCallError) -> None:
@@ -144,7 +149,9 @@ class SessionAttempt:
 
     async def __anext__(self) -> generate_pb2.GenerateResponse:
         while True:
-            if self._pending and (self._ended or self._pending_tokens >= self._interval):
+            if self._pending and (
+                self._ended or self._pending_media or self._pending_tokens >= self._interval
+            ):
                 response = self._take()
                 if response is not None:
                     return response
@@ -161,6 +168,7 @@ class SessionAttempt:
         outputs = self._pending
         self._pending = []
         self._pending_tokens = 0
+        self._pending_media = False
         last = outputs[-1]
         if last.error_code:
             self._error = NodeCallError(status_code(last.error_code), last.error_message)
@@ -173,6 +181,7 @@ class SessionAttempt:
                 request_id=self._request_id,
                 text=last.text,
                 token_ids=last.token_ids,
+                outputs=last.outputs,
                 node_id=self._node_id,
                 attempt=self._attempt,
             )
@@ -181,6 +190,8 @@ class SessionAttempt:
                 request_id=self._request_id,
                 text="".join([o.text for o in outputs]),
                 token_ids=[t for o in outputs for t in o.token_ids],
+                # Merged in order: a slow reader gets every piece, in one message.
+                outputs=[m for o in outputs for m in o.outputs],
                 node_id=self._node_id,
                 attempt=self._attempt,
             )
@@ -195,8 +206,28 @@ class SessionAttempt:
         if self._done:
             return  # the consumer already has the whole output
         self._session.cancel(self.stream_id)  # a no-op once the agent has ended it
-        self._pending, self._pending_tokens = [], 0
+        self._pending, self._pending_tokens, self._pending_media = [], 0, False
         self._fail(NodeCallError(grpc.StatusCode.CANCELLED, "attempt cancelled"))
+
+
+def split_batch(
+    batch: node_agent_pb2.SessionRequest, limit: int = config.SESSION_BATCH_BYTES
+) -> list[node_agent_pb2.SessionRequest]:
+    """``batch`` as messages of at most ``limit`` bytes where it can be (a start larger than
+    that goes alone): starts with media inputs must not add up past what the agent receives
+    (config.MAX_MESSAGE_BYTES), which would break the session and every stream on it."""
+    if len(batch.starts) < 2 or batch.ByteSize() <= limit:
+        return [batch]
+    messages = [node_agent_pb2.SessionRequest(cancels=batch.cancels)]
+    size = 0
+    for start in batch.starts:
+        start_bytes = start.ByteSize()
+        if size and size + start_bytes > limit:
+            messages.append(node_agent_pb2.SessionRequest())
+            size = 0
+        messages[-1].starts.append(start)
+        size += start_bytes
+    return messages
 
 
 class AgentSession:
@@ -273,7 +304,8 @@ class AgentSession:
                     continue
                 batch = node_agent_pb2.SessionRequest(starts=self._starts, cancels=self._cancels)
                 self._starts, self._cancels = [], []
-                await call.write(batch)
+                for message in split_batch(batch):
+                    await call.write(message)
         except grpc.aio.AioRpcError as exc:
             self._broken(call, session_error(exc))
         except asyncio.InvalidStateError:  # written after the call ended: the reader reports

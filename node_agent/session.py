@@ -15,7 +15,7 @@ stopping) aborts every request still on it in the engine.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +27,14 @@ from node_agent.engine import (
     EngineError,
     EngineOverloaded,
     EngineRequest,
+    MediaInput,
+    MediaPiece,
     engine_request_id,
 )
 from omni_rpc import config
 from omni_rpc.logging import get_logger
 from omni_rpc.v1 import generate_pb2, node_agent_pb2
-from omni_rpc.validation import InvalidRequest, validate_request
+from omni_rpc.validation import InvalidRequest, check_modalities, validate_request
 
 if TYPE_CHECKING:
     from node_agent.service import NodeAgentService
@@ -63,14 +65,22 @@ def stream_interval(request: generate_pb2.GenerateRequest) -> int:
 
 def chat_turns(messages: Sequence[generate_pb2.ChatMessage]) -> tuple[ChatTurn, ...]:
     """A validated chat as the engine's turns: text parts are joined with newlines (as vLLM's
-    OpenAI server does for models whose templates take string content)."""
+    OpenAI server does for models whose templates take string content); media parts go to
+    the turn's ``media``, in order."""
     return tuple(
         ChatTurn(
             role=m.role,
-            content="\n".join(p.text for p in m.parts) if m.parts else m.content,
+            content="\n".join(p.text for p in m.parts if p.WhichOneof("part") == "text")
+            if m.parts
+            else m.content,
+            media=media_inputs(p.media for p in m.parts if p.WhichOneof("part") == "media"),
         )
         for m in messages
     )
+
+
+def media_inputs(media: Iterable[generate_pb2.Media]) -> tuple[MediaInput, ...]:
+    return tuple(MediaInput(mime_type=m.mime_type, data=m.data) for m in media)
 
 
 def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> EngineRequest:
@@ -84,6 +94,9 @@ def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> Engi
         raise Refused(grpc.StatusCode.UNAVAILABLE, f"engine of node {agent.node_id} is not serving")
     try:
         sampling = validate_request(request, max_tokens_cap=agent.max_tokens_cap)
+        # Media the engine would ignore (or could not produce) is refused, never dropped.
+        engine = agent.engine
+        check_modalities(request, engine.input_modalities, engine.output_modalities, engine.model)
     except InvalidRequest as exc:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
     return EngineRequest(
@@ -91,11 +104,26 @@ def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> Engi
         sampling=sampling,
         prompt=request.prompt,
         prompt_token_ids=tuple(request.prompt_token_ids),
+        inputs=media_inputs(request.inputs),
         messages=chat_turns(request.messages),
         resume_token_ids=tuple(message.resume.token_ids),
         resume_text=message.resume.text,
         default_max_tokens=not request.sampling.HasField("max_tokens"),
+        modalities=tuple(request.modalities),
+        media_items_delivered=message.resume.media_items_delivered,
     )
+
+
+def add_media(into: Any, pieces: Sequence[MediaPiece]) -> None:
+    """Append ``pieces`` to a repeated ``Media`` field (StreamOutput or GenerateResponse
+    ``outputs``), in order."""
+    for piece in pieces:
+        into.add(
+            index=piece.index,
+            mime_type=piece.mime_type,
+            data=piece.data,
+            last_chunk=piece.last_chunk,
+        )
 
 
 def _code(status: grpc.StatusCode) -> int:
@@ -253,7 +281,11 @@ class CoordinatorSession:
             self._pending[stream.stream_id] = pending = delta
         else:
             pending.merge(delta)
-        if delta.finish_reason is not None or len(pending.token_ids) >= stream.interval:
+        if (
+            delta.finish_reason is not None
+            or len(pending.token_ids) >= stream.interval
+            or delta.outputs  # media pieces go at once: they hold no tokens to wait for
+        ):
             self._mark_ready(stream.stream_id)
 
     def _fail(self, stream: _Stream, code: grpc.StatusCode, details: str) -> None:
@@ -357,10 +389,11 @@ class CoordinatorSession:
         for stream_id in self._ready:
             delta = self._pending.pop(stream_id)
             stream = self._streams[stream_id]
-            if delta.token_ids or delta.text or stream.error is None:
+            if delta.token_ids or delta.text or delta.outputs or stream.error is None:
                 output = response.outputs.add(
                     stream_id=stream_id, text=delta.text, token_ids=delta.token_ids
                 )
+                add_media(output.outputs, delta.outputs)
                 if delta.finish_reason is not None:
                     output.finish_reason = delta.finish_reason
                     output.usage.prompt_tokens = delta.prompt_tokens

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         GenerationResult,
         HealthMonitor,
         LoadBalancer,
+        Media,
     )
 
 
@@ -43,5 +44,6 @@ __all__ = [
     "GenerationResult",
     "HealthMonitor",
     "LoadBalancer",
+    "Media",
     "__version__",
 ]

@@ -48,6 +48,13 @@ DEFAULT_STREAM_INTERVAL = 1
 # Output a coordinator holds for one request whose client is not reading, in tokens; past it
 # the request is aborted in the engine and the client gets RESOURCE_EXHAUSTED naming the limit.
 MAX_BUFFERED_TOKENS = 4096
+# Media output bytes a coordinator holds for one request: the pieces of an item not complete
+# yet (an item is relayed only whole, so a failover never delivers part of one), and pieces a
+# slow client has not taken. Past it the request fails RESOURCE_EXHAUSTED naming the limit.
+MAX_HELD_MEDIA_BYTES = 64 * 1024 * 1024
+# A completed media item is relayed to the client in messages of at most about this many bytes
+# of media data each (whole pieces), well within every channel's message limit.
+MEDIA_RELAY_MESSAGE_BYTES = 1024 * 1024
 # Deadline applied by the SDK when the caller gives none; the coordinator itself imposes none.
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 # How long the SDK waits to connect to a coordinator it has never reached before failing
@@ -122,9 +129,15 @@ RECONNECT_CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 # Limits on what one caller may ask of the coordinator (coordinator/admission.py); over a
 # limit the call is RESOURCE_EXHAUSTED, naming it.
-# Largest request message the coordinator accepts from clients (gRPC's own default).
-MAX_CLIENT_MESSAGE_BYTES = 4 * 1024 * 1024
+# Largest request message the coordinator accepts from clients (an HTTP body too): room for
+# MAX_MEDIA_BYTES of media, base64-encoded in JSON (4/3 larger), and a prompt.
+MAX_CLIENT_MESSAGE_BYTES = 48 * 1024 * 1024
 MAX_PROMPT_BYTES = 1024 * 1024
+# Media data of one request (GenerateRequest.inputs and chat media parts), not counted as prompt
+# bytes. With the largest prompt it must fit what an agent receives (MAX_MESSAGE_BYTES).
+MAX_MEDIA_BYTES = 32 * 1024 * 1024
+# Room in an agent-bound message for everything of a request but its prompt and media.
+REQUEST_OVERHEAD_BYTES = 1024 * 1024
 MAX_REQUEST_ID_CHARS = 256
 MAX_STREAMS = 10_000
 MAX_STREAMS_PER_CLIENT = 1_000
@@ -153,6 +166,9 @@ KEEPALIVE_CHANNEL_OPTIONS: list[tuple[str, int]] = [
 # growing window, 22k at 32 KiB, 30k at 8 KiB, 32k at 4 KiB; 256 paced streams unchanged.
 # Outputs far larger than the window (media) take a round trip per window's worth.
 SESSION_WINDOW_BYTES = 4 * 1024
+# Starts of several requests travel in one session message up to this size; a larger request
+# (media inputs) goes in a message of its own, so no message exceeds MAX_MESSAGE_BYTES.
+SESSION_BATCH_BYTES = 8 * 1024 * 1024
 SESSION_CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", SESSION_WINDOW_BYTES),

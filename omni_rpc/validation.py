@@ -1,14 +1,27 @@
 """Request validation shared by the coordinator (which rejects bad input before dispatch)
-and the agents (which never trust the network). Errors name the offending field."""
+and the agents (which never trust the network). Errors name the offending field.
+
+Media inputs (``GenerateRequest.inputs`` and chat ``ContentPart.media``) must have a mime type
+of ``image/*``, ``audio/*`` or ``video/*`` and non-empty data; their modality is the mime
+type's top-level type. Output modalities (``GenerateRequest.modalities``) are "text", "audio"
+or "image". Which nodes take them is routing's business (``coordinator/dispatch.py``); an
+agent refuses media its engine does not take (``check_modalities``), never ignores it."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 from omni_rpc import config
 from omni_rpc.v1 import generate_pb2
+
+# The modalities a media input may have (its mime type's top-level type), and those a request
+# may ask for as output (GenerateRequest.modalities).
+INPUT_MODALITIES = ("image", "audio", "video")
+OUTPUT_MODALITIES = ("text", "audio", "image")
+# A mime type goes into error messages and logs: no kilobyte ones.
+MAX_MIME_TYPE_CHARS = 255
 
 
 class InvalidRequest(ValueError):
@@ -67,8 +80,93 @@ def resolve_sampling(
     )
 
 
+def modality(mime_type: str) -> str:
+    """The modality of a media item: its mime type's top-level type, lower case."""
+    return mime_type.partition("/")[0].strip().lower()
+
+
+def validate_media(media: generate_pb2.Media, where: str) -> None:
+    """A media input: an image/*, audio/* or video/* mime type, and data."""
+    mime = media.mime_type
+    if not mime:
+        raise InvalidRequest(
+            f"{where}.mime_type", "must not be empty (image/*, audio/* or video/*)"
+        )
+    if len(mime) > MAX_MIME_TYPE_CHARS:
+        raise InvalidRequest(f"{where}.mime_type", f"at most {MAX_MIME_TYPE_CHARS} characters")
+    kind, slash, subtype = mime.partition("/")
+    if modality(kind) not in INPUT_MODALITIES or not slash or not subtype.strip():
+        raise InvalidRequest(
+            f"{where}.mime_type", f"must be image/*, audio/* or video/*, got {mime!r}"
+        )
+    if not media.data:
+        raise InvalidRequest(f"{where}.data", "must not be empty")
+
+
+def chat_media(
+    messages: Sequence[generate_pb2.ChatMessage],
+) -> list[generate_pb2.Media]:
+    """The media parts of a chat, in order."""
+    return [p.media for m in messages for p in m.parts if p.WhichOneof("part") == "media"]
+
+
+def input_modalities(request: generate_pb2.GenerateRequest) -> frozenset[str]:
+    """The modalities of a request's media (inputs and chat parts): "image", "audio", ..."""
+    media = (*request.inputs, *chat_media(request.messages))
+    return frozenset(modality(m.mime_type) for m in media)
+
+
+def output_modalities(request: generate_pb2.GenerateRequest) -> frozenset[str]:
+    """The media modalities a request asks for (GenerateRequest.modalities, less "text")."""
+    return frozenset(m for m in request.modalities if m != "text")
+
+
+def media_bytes(request: generate_pb2.GenerateRequest) -> int:
+    """The size of a request's media data (inputs and chat parts), in bytes."""
+    return sum(len(m.data) for m in (*request.inputs, *chat_media(request.messages)))
+
+
+def modality_problem(
+    inputs: Set[str], outputs: Set[str], takes: Iterable[str], produces: Iterable[str], model: str
+) -> InvalidRequest | None:
+    """Why a model that takes ``takes`` and produces ``produces`` (media modalities, besides
+    text) cannot serve a request with media of ``inputs`` asking for ``outputs``; None if it
+    can."""
+    takes, produces = set(takes), set(produces)
+    missing = sorted(set(inputs) - takes)
+    if missing:
+        return InvalidRequest(
+            "inputs",
+            f"model {model!r} does not take {missing[0]} input (it takes: "
+            f"{', '.join(('text', *sorted(takes)))})",
+        )
+    missing = sorted(set(outputs) - produces)
+    if missing:
+        return InvalidRequest(
+            "modalities",
+            f"model {model!r} does not produce {missing[0]} output (it produces: "
+            f"{', '.join(('text', *sorted(produces)))})",
+        )
+    return None
+
+
+def check_modalities(
+    request: generate_pb2.GenerateRequest,
+    takes: Iterable[str],
+    produces: Iterable[str],
+    model: str,
+) -> None:
+    """InvalidRequest unless a model that takes ``takes`` and produces ``produces`` (besides
+    text) can serve ``request``: media it would ignore is refused, never dropped."""
+    problem = modality_problem(
+        input_modalities(request), output_modalities(request), takes, produces, model
+    )
+    if problem is not None:
+        raise problem
+
+
 def validate_messages(messages: Sequence[generate_pb2.ChatMessage]) -> None:
-    """A chat: every turn has a role and either text content or parts, and no media yet."""
+    """A chat: every turn has a role and either text content or parts (text or media)."""
     if len(messages) > config.MAX_CHAT_MESSAGES:
         raise InvalidRequest(
             "messages", f"at most {config.MAX_CHAT_MESSAGES} messages, got {len(messages)}"
@@ -88,11 +186,7 @@ def validate_messages(messages: Sequence[generate_pb2.ChatMessage]) -> None:
             if kind is None:
                 raise InvalidRequest(f"{where}.parts[{number}]", "set text or media")
             if kind == "media":
-                # Refused rather than dropped, as GenerateRequest.inputs.
-                raise InvalidRequest(
-                    f"{where}.parts[{number}].media",
-                    "media inputs are not supported yet (text parts only)",
-                )
+                validate_media(part.media, f"{where}.parts[{number}].media")
 
 
 def chat_text_bytes(messages: Sequence[generate_pb2.ChatMessage]) -> int:
@@ -141,12 +235,14 @@ def validate_request(
         raise InvalidRequest("max_retries", f"must be >= 0, got {request.max_retries}")
     if request.HasField("stream_interval") and request.stream_interval < 1:
         raise InvalidRequest("stream_interval", f"must be >= 1, got {request.stream_interval}")
-    if request.inputs:
-        # Refused rather than dropped: a request must never be answered as if its images or
-        # audio had been seen. Multimodal inputs are an upcoming capability.
-        raise InvalidRequest(
-            "inputs", "media inputs are not supported yet (text and token id prompts only)"
-        )
+    for index, media in enumerate(request.inputs):
+        validate_media(media, f"inputs[{index}]")
+    for wanted in request.modalities:
+        if wanted not in OUTPUT_MODALITIES:
+            raise InvalidRequest(
+                "modalities",
+                f"must be {', '.join(map(repr, OUTPUT_MODALITIES))}, got {wanted!r}",
+            )
     return resolve_sampling(
         request.sampling, default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap
     )

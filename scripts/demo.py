@@ -26,6 +26,7 @@ import signal
 import statistics
 import sys
 import time
+import wave
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,6 +131,28 @@ async def live_streams(orchestrator: DistributedOrchestrator) -> None:
     print(flush=True)
 
 
+async def media_round_trip(orchestrator: DistributedOrchestrator, log_dir: Path) -> None:
+    """One request for text and audio: the simulated engine's WAV, saved in the logs."""
+    heading("Media round trip (the simulated engine's audio output)")
+    result = await orchestrator.generate_one(
+        "Say hello out loud", max_tokens=8, seed=1, modalities=["text", "audio"]
+    )
+    (audio,) = result.outputs
+    path = await asyncio.to_thread(audio.save, log_dir)
+    with wave.open(path) as reader:
+        seconds = reader.getnframes() / reader.getframerate()
+    print(f"> transcript:{one_line(result.text)}")
+    print(f"  {audio.mime_type}, {len(audio.data)} bytes, {seconds:.2f} s, written to {path}")
+
+
+async def sim_media_round_trip(log_dir: Path) -> None:
+    """SmolLM2 writes only text: the media round trip runs on a one-node simulated cluster,
+    started beside the vLLM one for the few seconds it takes."""
+    async with DistributedOrchestrator(model="sim", num_nodes=1, agent_args=SIM_LATENCY) as sim:
+        print("\n(SmolLM2 writes text only: a one-node simulated cluster answers with audio.)")
+        await media_round_trip(sim, log_dir)
+
+
 async def timed_generate(
     orchestrator: DistributedOrchestrator, prompt: str
 ) -> tuple[GenerationResult, float]:
@@ -198,6 +221,8 @@ async def run(args: argparse.Namespace, phases: Phases) -> None:
             await example_prompts(orchestrator)
         with phases.phase("(b) live streams"):
             await live_streams(orchestrator)
+        with phases.phase("(b') media round trip"):
+            await media_round_trip(orchestrator, orchestrator.cluster.log_dir or Path.cwd())
         with phases.phase(f"(c) burst of {BURST_SIZE}"):
             await burst(orchestrator, BURST_SIZE)
         with phases.phase("(d) statistics"):
@@ -494,6 +519,8 @@ async def run_vllm(args: argparse.Namespace, phases: Phases) -> None:
             await vllm_example_prompts(orchestrator)
         with phases.phase("(b) live streams"):
             await vllm_live_streams(orchestrator)
+        with phases.phase("(b') media round trip"):
+            await sim_media_round_trip(cluster.log_dir or Path.cwd())
         if nodes >= 2:
             with phases.phase("(c) failover"):
                 await failover(orchestrator, cluster)

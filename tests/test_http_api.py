@@ -260,7 +260,7 @@ async def test_errors_have_openai_shape_and_status(
                     }
                 ],
             )
-        assert "image_url parts are not supported yet" in bad.value.message
+        assert "only data: URLs are supported" in bad.value.message
         with pytest.raises(openai.NotFoundError) as missing:
             await client.completions.create(model="nope", prompt="x")
         assert "model 'nope' is not served here; served: sim" in missing.value.message

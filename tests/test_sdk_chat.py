@@ -62,8 +62,8 @@ async def test_chat_and_stream_chat_on_a_cluster_the_sdk_started() -> None:
         assert info.value.code == grpc.StatusCode.NOT_FOUND
         # Malformed messages fail before any traffic.
         sent = orch.get_stats()["requests_total"]
-        with pytest.raises(ValueError, match="image_url parts are not supported yet"):
-            await orch.chat([{"role": "user", "content": [{"type": "image_url"}]}])
+        with pytest.raises(ValueError, match="file parts are not supported"):
+            await orch.chat([{"role": "user", "content": [{"type": "file"}]}])
         with pytest.raises(TypeError, match="messages must be a list"):
             orch.stream_chat("Hi")  # type: ignore[arg-type]
         assert orch.get_stats()["requests_total"] == sent

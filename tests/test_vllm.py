@@ -9,12 +9,14 @@ from ``--dtype auto`` on CPU: they are not given a dtype).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from node_agent.cpus import parse_cpu_list
 from node_agent.models import prepare
 from omni_rpc import DistributedOrchestrator, GenerationError
 from omni_rpc.launchers.local import LocalCluster
-from omni_rpc.v1 import coordinator_pb2_grpc, generate_pb2
+from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
 from tests.conftest import agent_load, async_wait_until, node_address, wait_healthy, wait_until
 
 pytestmark = [pytest.mark.timeout(1200)]
@@ -295,6 +297,38 @@ async def test_the_official_openai_client_gets_what_the_grpc_path_gets(
         assert "".join(pieces) == reference["chat_text"]
     finally:
         await client.close()
+
+
+def one_second_of_silence() -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(16000)
+        writer.writeframes(b"\0\0" * 16000)
+    return buffer.getvalue()
+
+
+async def test_a_text_only_model_refuses_audio_naming_the_modality_and_the_model(
+    cluster: LocalCluster,
+) -> None:
+    """SmolLM2 takes no audio: its agents advertise no input modality, and an audio input is
+    refused (never dropped, never answered as if it had been heard)."""
+    request = generate_pb2.GenerateRequest(
+        prompt="What do you hear?",
+        inputs=[generate_pb2.Media(mime_type="audio/wav", data=one_second_of_silence())],
+        sampling=generate_pb2.SamplingParams(max_tokens=4),
+    )
+    async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        nodes = await stub.ListNodes(coordinator_pb2.ListNodesRequest())
+        assert [list(n.input_modalities) for n in nodes.nodes] == [[], []]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Generate(request, timeout=60):
+                pass
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details() or ""
+    assert "audio" in details and MODEL in details, details
 
 
 def test_each_agent_binds_vllms_threads_to_its_own_cores(cluster: LocalCluster) -> None:

@@ -235,15 +235,17 @@ class OpenAIApp:
         ended = False
         try:
             while response is not None:
+                audio = chunks.audio(response) if response.outputs else b""
                 if response.finish_reason:
                     # The last one: its chunk, the usage, and the end, in one write.
-                    body = chunks.delta(response.text, response.finish_reason)
+                    body = audio + chunks.delta(response.text, response.finish_reason)
                     if call.include_usage:
                         body += chunks.usage(response)
                     await send_body(send, body + openai_api.DONE, more=False)
                     ended = True
-                elif response.text or chunks.needs_role:
-                    await send_body(send, chunks.delta(response.text))
+                elif response.text or chunks.needs_role or audio:
+                    body = chunks.delta(response.text) if response.text or not audio else b""
+                    await send_body(send, body + audio)
                 # Read on to the stream's own end (right after the finish): the dispatcher
                 # counts the call as served only then, not as cancelled.
                 response = await anext(responses, None)

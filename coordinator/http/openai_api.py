@@ -12,6 +12,7 @@ naming it, and an unknown parameter is a 400 too (as OpenAI answers).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -165,10 +166,6 @@ def _text_format(value: object) -> bool:
     return value is None or value == {"type": "text"}
 
 
-def _text_only(value: object) -> bool:
-    return value is None or value == ["text"]
-
-
 def _anything(value: object) -> bool:
     return True
 
@@ -190,8 +187,6 @@ NEUTRAL: Mapping[str, Callable[[object], bool]] = {
     "function_call": _no_tool_choice,
     "parallel_tool_calls": _anything,  # only means something with tools, refused above
     "response_format": _text_format,
-    "modalities": _text_only,
-    "audio": _empty,
     "prediction": _empty,
     "reasoning_effort": _empty,
     "store": _false,
@@ -222,7 +217,7 @@ COMMON = frozenset(
     }
 )
 COMPLETION_FIELDS = COMMON | {"prompt"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "modalities", "audio"}
 CHAT_ONLY_NEUTRAL = frozenset(
     {
         "top_logprobs",
@@ -232,8 +227,6 @@ CHAT_ONLY_NEUTRAL = frozenset(
         "function_call",
         "parallel_tool_calls",
         "response_format",
-        "modalities",
-        "audio",
         "prediction",
         "reasoning_effort",
         "store",
@@ -403,14 +396,83 @@ def completion_call(body: object) -> Call:
 MEDIA_PARTS = frozenset(
     {"image_url", "input_audio", "audio_url", "video_url", "image", "audio", "video", "file"}
 )
+_DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL)
+_AUDIO_FORMAT = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,31}$")
+
+
+def _base64(where: str, text: str) -> bytes:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise invalid(where, "is not valid base64") from None
+    if not data:
+        raise invalid(where, "must not be empty")
+    return data
+
+
+def _fields(where: str, value: object, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise invalid(where, f"must be an object, got {value!r}")
+    extra = sorted(set(value) - set(allowed))
+    if extra:
+        raise invalid(f"{where}.{extra[0]}", "is not supported")
+    return value
+
+
+def _image_url(where: str, part: Mapping[str, Any]) -> generate_pb2.Media:
+    """An ``image_url`` part: a ``data:`` URL (base64), never a URL to fetch."""
+    image = _fields(f"{where}.image_url", part.get("image_url"), ("url", "detail"))
+    if image.get("detail", "auto") != "auto":
+        raise invalid(f"{where}.image_url.detail", "only 'auto' is supported")
+    url = image.get("url")
+    if not isinstance(url, str):
+        raise invalid(f"{where}.image_url.url", f"must be a string, got {url!r}")
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise invalid(
+            f"{where}.image_url.url",
+            "only data: URLs are supported (data:image/...;base64,...): the server never "
+            "fetches a URL",
+        )
+    mime, params, payload = match.groups()
+    if "base64" not in params.split(";"):
+        raise invalid(f"{where}.image_url.url", "only base64 data: URLs are supported")
+    if not mime.lower().startswith("image/"):
+        raise invalid(f"{where}.image_url.url", f"must be an image/* data: URL, got {mime!r}")
+    return generate_pb2.Media(mime_type=mime, data=_base64(f"{where}.image_url.url", payload))
+
+
+def _input_audio(where: str, part: Mapping[str, Any]) -> generate_pb2.Media:
+    """An ``input_audio`` part: base64 data and its format (wav: audio/wav, else audio/FORMAT)."""
+    audio = _fields(f"{where}.input_audio", part.get("input_audio"), ("data", "format"))
+    fmt = audio.get("format")
+    if not isinstance(fmt, str) or not _AUDIO_FORMAT.match(fmt):
+        raise invalid(
+            f"{where}.input_audio.format", f"must be an audio format (wav, mp3), got {fmt!r}"
+        )
+    data = audio.get("data")
+    if not isinstance(data, str):
+        raise invalid(f"{where}.input_audio.data", f"must be a base64 string, got {data!r}")
+    return generate_pb2.Media(
+        mime_type=f"audio/{fmt}", data=_base64(f"{where}.input_audio.data", data)
+    )
 
 
 def _part(where: str, part: object) -> generate_pb2.ContentPart:
     if not isinstance(part, dict):
         raise invalid(where, f"a content part must be an object, got {part!r}")
     kind = part.get("type")
+    if kind in ("image_url", "input_audio"):
+        extra = sorted(set(part) - {"type", kind})
+        if extra:
+            raise invalid(f"{where}.{extra[0]}", "is not supported")
+        media = _image_url(where, part) if kind == "image_url" else _input_audio(where, part)
+        return generate_pb2.ContentPart(media=media)
     if kind in MEDIA_PARTS:
-        raise invalid(where, f"{kind} parts are not supported yet (text parts only)")
+        raise invalid(
+            where,
+            f"{kind} parts are not supported (image_url with a data: URL and input_audio are)",
+        )
     if kind != "text":
         raise invalid(where, f"unknown content part type {kind!r}")
     text = part.get("text")
@@ -451,7 +513,72 @@ def chat_call(body: object) -> Call:
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "must be a non-empty list of messages")
     call.request.messages.extend(_message(i, m) for i, m in enumerate(messages))
+    call.request.modalities.extend(_modalities(fields))
     return call
+
+
+# Output modalities the chat endpoint answers in OpenAI's shape. "image" is not an output of
+# OpenAI's chat API: it is refused here (400) rather than returned in a field of our own; the
+# gRPC API and the SDK return images (GenerateResponse.outputs).
+HTTP_MODALITIES = ("text", "audio")
+
+
+def _modalities(fields: Mapping[str, Any]) -> list[str]:
+    """``modalities`` (["text"] or ["text", "audio"]) and its ``audio`` options: format "wav"
+    (the only one produced); ``voice`` is accepted and has no effect (the model's own)."""
+    value = fields.get("modalities")
+    audio = fields.get("audio")
+    if value is None:
+        value = ["text"]
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise invalid("modalities", f"must be a list of strings, got {value!r}")
+    for modality in value:
+        if modality == "image":
+            raise invalid(
+                "modalities",
+                "image output is not part of the chat completions API; use the gRPC API or the "
+                'SDK (modalities=["text", "image"]) for images',
+            )
+        if modality not in HTTP_MODALITIES:
+            raise invalid(
+                "modalities", f"unknown modality {modality!r} (known: {', '.join(HTTP_MODALITIES)})"
+            )
+    if audio is not None:
+        if not isinstance(audio, dict):
+            raise invalid("audio", f"must be an object, got {audio!r}")
+        if "audio" not in value:
+            raise invalid("audio", 'is only allowed with modalities ["text", "audio"]')
+        if audio.get("format", "wav") != "wav":
+            raise invalid("audio.format", f"only 'wav' is produced, got {audio.get('format')!r}")
+    return [] if value == ["text"] else list(value)
+
+
+class MediaItems:
+    """Assembles the media items of a response stream from their pieces (the coordinator
+    relays an item only whole, possibly over several messages)."""
+
+    def __init__(self) -> None:
+        self._partial: dict[int, list[bytes]] = {}
+
+    def add(self, response: generate_pb2.GenerateResponse) -> list[tuple[int, str, bytes]]:
+        """The items ``response`` completes: (index, mime type, bytes)."""
+        done: list[tuple[int, str, bytes]] = []
+        for piece in response.outputs:
+            pieces = self._partial.setdefault(piece.index, [])
+            pieces.append(piece.data)
+            if piece.last_chunk:
+                del self._partial[piece.index]
+                done.append((piece.index, piece.mime_type, b"".join(pieces)))
+        return done
+
+
+# How long OpenAI says an audio output can be referred to in later turns; ours are not kept,
+# the field is filled for the clients that read it.
+AUDIO_EXPIRES_S = 3600
+
+
+def audio_id(call: Call, index: int) -> str:
+    return f"audio_{call.request.request_id}_{index}"
 
 
 # -- answers ---------------------------------------------------------------------------------
@@ -481,10 +608,15 @@ class Answer:
     model: str
     text: list[str] = field(default_factory=list)
     last: generate_pb2.GenerateResponse | None = None
+    media: MediaItems = field(default_factory=MediaItems)
+    audio: list[tuple[int, bytes]] = field(default_factory=list)
 
     def add(self, response: generate_pb2.GenerateResponse) -> None:
         self.text.append(response.text)
         self.last = response
+        for index, mime, data in self.media.add(response):
+            if mime.startswith("audio/"):
+                self.audio.append((index, data))
 
     def payload(self) -> dict[str, Any]:
         last = self.last or generate_pb2.GenerateResponse()
@@ -492,6 +624,19 @@ class Answer:
         choice: dict[str, Any] = {"index": 0}
         if self.call.chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if self.audio:
+                # As OpenAI: the spoken reply in message.audio, its text as the transcript.
+                index, data = self.audio[0]
+                choice["message"] = {
+                    "role": "assistant",
+                    "content": None,
+                    "audio": {
+                        "id": audio_id(self.call, index),
+                        "data": base64.b64encode(data).decode("ascii"),
+                        "expires_at": self.created + AUDIO_EXPIRES_S,
+                        "transcript": text,
+                    },
+                }
         else:
             choice["text"] = text
         choice["logprobs"] = None
@@ -524,6 +669,8 @@ class ChunkEncoder:
 
     def __init__(self, call: Call, created: int, model: str) -> None:
         self.chat = call.chat
+        self._call = call
+        self.media = MediaItems()
         obj = "chat.completion.chunk" if call.chat else "text_completion"
         head = (b'data: {"id":' + dumps(response_id(call)) + b',"object":' + dumps(obj)) + (
             b',"created":%d,"model":' % created + dumps(model)
@@ -551,6 +698,20 @@ class ChunkEncoder:
             self._role_sent = True
             body = b'"delta":{"role":"assistant","content":' + dumps(text) + b"}"
         return self._head + body + b',"logprobs":null,"finish_reason":' + finish + self._tail
+
+    def audio(self, response: generate_pb2.GenerateResponse) -> bytes:
+        """The chunks of the audio items ``response`` completes (``delta.audio``: id, data in
+        base64), as OpenAI streams them; empty when it completes none."""
+        out = b""
+        for index, mime, data in self.media.add(response):
+            if not mime.startswith("audio/"):
+                continue
+            audio = {"id": audio_id(self._call, index), "data": base64.b64encode(data).decode()}
+            role = b"" if self._role_sent else b'"role":"assistant",'
+            self._role_sent = True
+            body = b'"delta":{' + role + b'"audio":' + dumps(audio) + b"}"
+            out += self._head + body + b',"logprobs":null,"finish_reason":null' + self._tail
+        return out
 
     def usage(self, response: generate_pb2.GenerateResponse) -> bytes:
         """The last chunk with include_usage: no choices, the whole call's usage."""

@@ -8,6 +8,15 @@ Output is a pure function, so a test can compute what any request must return:
   template (``render_chat``): ``<|ROLE|>`` + newline + the content + newline for each turn, in
   order, then ``<|assistant|>`` + newline (the assistant's turn opened). From there on it is
   that prompt: same output, same ``prompt_tokens``.
+* Media inputs (images, audio, video: the request's ``inputs``, then the media parts of its
+  chat's turns, in order; ``request_media``) are part of the prompt: each is digested as
+  ``blake2b(mime_type (UTF-8) + b"\\0" + data, digest_size=16)`` and those digests, in order,
+  are appended to the key before it is digested (``_prompt_digest``), so the output (text and
+  media outputs) depends on every input's mime type and bytes. They add no ``prompt_tokens``,
+  and a request without media gets the same output as before media existed. The simulated
+  model takes the input modalities of ``--sim-input-modalities`` (default image, audio, video)
+  and produces those of ``--sim-output-modalities`` (default audio, image); the agent refuses
+  others (INVALID_ARGUMENT) and the coordinator routes media only to nodes that take it.
 * The token at position ``i`` (0-based, counting generated tokens) is
   ``int.from_bytes(blake2b(blake2b(key).digest() + seed(8 bytes, signed big-endian)
   + i(8 bytes big-endian), digest_size=8).digest()) % VOCAB_SIZE``.
@@ -33,6 +42,25 @@ step, so the requests' outputs come out together, once per step, as vLLM's do (a
 sends them in one message). At most ``max_concurrency`` requests run; the rest wait in FIFO
 order.
 
+Media outputs: a request whose ``modalities`` include "audio" and/or "image" gets, after its
+text (and before its finish), one media item per requested modality, in the order audio, image
+(indices 0, 1, ...). Both are functions of the media digest ``media_digest(prompt key, seed)`` =
+``blake2b(blake2b(key).digest() + seed(8 bytes, signed big-endian), digest_size=8)``:
+
+* audio (``sim_wav``): a WAV, 16 kHz mono 16-bit PCM, ``seconds`` long (``--sim-media-seconds``,
+  default ``DEFAULT_MEDIA_SECONDS``): ``round(seconds * 16000)`` samples of a sine tone of
+  ``200 + int.from_bytes(digest[0:2], "big") % 800`` Hz, amplitude 8000, sample ``n`` being
+  ``round(8000 * sin(2 pi f n / 16000))``; written by the stdlib ``wave`` module.
+* image (``sim_png``): a PNG, ``size`` x ``size`` pixels (``--sim-image-size``, default
+  ``DEFAULT_IMAGE_SIZE``), 8-bit RGB, pixel (x, y) = ``((digest[0] + x) % 256,
+  (digest[1] + y) % 256, digest[2])``, its IDAT stored uncompressed (zlib level 0, so its size
+  is about 3 * size**2 bytes); chunks IHDR, IDAT, IEND.
+
+An item travels in pieces of ``MEDIA_CHUNK_BYTES`` (the last piece sets ``last_chunk``), one
+piece per engine step, paced like tokens, so a failover can hit the middle of an item. A resumed
+request (``media_items_delivered`` = n) produces its remaining text, then only the items with
+index >= n, each whole from its start.
+
 Fault injection (``set_fault``, or ``--sim-fault`` and SIGUSR1/SIGUSR2 in the agent):
 ``dead`` stops the engine (health turns false, running requests fail at their next token,
 new ones are refused) until the mode is set back to ``none``; ``fail_requests`` keeps the
@@ -43,6 +71,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import math
+import struct
+import sys
+import wave
+import zlib
+from array import array
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +90,8 @@ from node_agent.engine import (
     EngineLoad,
     EngineOverloaded,
     EngineRequest,
+    MediaInput,
+    MediaPiece,
     context_budget,
 )
 
@@ -83,9 +120,125 @@ def request_prompt(request: EngineRequest) -> str:
     return render_chat(request.messages) if request.messages else request.prompt
 
 
-def _prompt_digest(prompt: str, prompt_token_ids: Sequence[int]) -> bytes:
+def request_media(request: EngineRequest) -> tuple[MediaInput, ...]:
+    """The media inputs of ``request`` in the order they enter the prompt key: its
+    ``inputs``, then the media parts of its chat's turns."""
+    return (*request.inputs, *(m for turn in request.messages for m in turn.media))
+
+
+def media_key(media: MediaInput) -> bytes:
+    """What one media input adds to the prompt key (see the module docstring)."""
+    return hashlib.blake2b(media.mime_type.encode() + b"\0" + media.data, digest_size=16).digest()
+
+
+def _prompt_digest(
+    prompt: str, prompt_token_ids: Sequence[int], media: Sequence[MediaInput] = ()
+) -> bytes:
     key = prompt.encode() if prompt else ",".join(map(str, prompt_token_ids)).encode()
-    return hashlib.blake2b(key).digest()
+    return hashlib.blake2b(key + b"".join(media_key(m) for m in media)).digest()
+
+
+# Media outputs (see the module docstring).
+MEDIA_CHUNK_BYTES = 16 * 1024
+DEFAULT_MEDIA_SECONDS = 0.5
+DEFAULT_IMAGE_SIZE = 32
+WAV_RATE = 16_000
+WAV_AMPLITUDE = 8000
+# The media modalities the simulated model produces, in the order of its items.
+MEDIA_MODALITIES = ("audio", "image")
+
+
+def media_digest(
+    prompt: str = "",
+    prompt_token_ids: Sequence[int] = (),
+    *,
+    seed: int | None = None,
+    messages: Sequence[ChatTurn] = (),
+    inputs: Sequence[MediaInput] = (),
+) -> bytes:
+    """The 8 bytes the simulated media outputs of a request are a function of (``inputs``:
+    its media inputs, ``request_media``)."""
+    if messages:
+        prompt = render_chat(messages)
+    material = _prompt_digest(prompt, prompt_token_ids, inputs) + (seed or 0).to_bytes(
+        8, "big", signed=True
+    )
+    return hashlib.blake2b(material, digest_size=8).digest()
+
+
+def wav_bytes(digest: bytes, seconds: float = DEFAULT_MEDIA_SECONDS) -> bytes:
+    """The simulated audio for ``digest``: a sine tone as a 16 kHz mono 16-bit WAV."""
+    frequency = 200 + int.from_bytes(digest[0:2], "big") % 800
+    step = 2 * math.pi * frequency / WAV_RATE
+    samples = array(
+        "h", (round(WAV_AMPLITUDE * math.sin(step * n)) for n in range(round(seconds * WAV_RATE)))
+    )
+    if samples.itemsize != 2:  # pragma: no cover - array("h") is 16-bit on every CPython
+        raise RuntimeError("16-bit samples expected")
+    if sys.byteorder == "big":  # pragma: no cover
+        samples.byteswap()
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(WAV_RATE)
+        writer.writeframes(samples.tobytes())
+    return out.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(digest: bytes, size: int = DEFAULT_IMAGE_SIZE) -> bytes:
+    """The simulated image for ``digest``: ``size`` x ``size`` RGB, stored uncompressed."""
+    rows = bytearray()
+    for y in range(size):
+        rows.append(0)  # filter type: none
+        for x in range(size):
+            rows += bytes(((digest[0] + x) % 256, (digest[1] + y) % 256, digest[2]))
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(bytes(rows), 0))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def sim_wav(
+    prompt: str = "",
+    prompt_token_ids: Sequence[int] = (),
+    *,
+    seed: int | None = None,
+    messages: Sequence[ChatTurn] = (),
+    seconds: float = DEFAULT_MEDIA_SECONDS,
+) -> bytes:
+    """The audio item the simulated engine produces for a request (see the docstring)."""
+    digest = media_digest(prompt, prompt_token_ids, seed=seed, messages=messages)
+    return wav_bytes(digest, seconds)
+
+
+def sim_png(
+    prompt: str = "",
+    prompt_token_ids: Sequence[int] = (),
+    *,
+    seed: int | None = None,
+    messages: Sequence[ChatTurn] = (),
+    size: int = DEFAULT_IMAGE_SIZE,
+) -> bytes:
+    """The image item the simulated engine produces for a request (see the docstring)."""
+    digest = media_digest(prompt, prompt_token_ids, seed=seed, messages=messages)
+    return png_bytes(digest, size)
+
+
+def media_pieces(index: int, mime_type: str, data: bytes) -> list[MediaPiece]:
+    """``data`` as the pieces of item ``index`` (MEDIA_CHUNK_BYTES each, the last shorter)."""
+    starts = range(0, max(1, len(data)), MEDIA_CHUNK_BYTES)
+    return [
+        MediaPiece(index, mime_type, data[at : at + MEDIA_CHUNK_BYTES], at == starts[-1])
+        for at in starts
+    ]
 
 
 def token_at(digest: bytes, seed: int, position: int) -> int:
@@ -119,11 +272,13 @@ def simulate(
     seed: int | None = None,
     stop: Sequence[str] = (),
     messages: Sequence[ChatTurn] = (),
+    inputs: Sequence[MediaInput] = (),
 ) -> Completion:
-    """The complete output the simulated engine produces for a request (a chat: ``messages``)."""
+    """The complete output the simulated engine produces for a request (a chat: ``messages``;
+    ``inputs``: its media inputs in ``request_media`` order, chat parts included)."""
     if messages:
         prompt = render_chat(messages)
-    digest = _prompt_digest(prompt, prompt_token_ids)
+    digest = _prompt_digest(prompt, prompt_token_ids, inputs)
     text, ids = "", []
     for position in range(max_tokens):
         token = token_at(digest, seed or 0, position)
@@ -147,6 +302,12 @@ class SimConfig:
     model: str = "sim"
     # prompt_tokens + max_tokens of a request may not exceed this (None: no limit).
     max_model_len: int | None = DEFAULT_MAX_MODEL_LEN
+    # The media modalities the simulated model takes and produces, besides text.
+    input_modalities: tuple[str, ...] = ("image", "audio", "video")
+    output_modalities: tuple[str, ...] = ("audio", "image")
+    # Media outputs (see the module docstring): audio length and image side.
+    media_seconds: float = DEFAULT_MEDIA_SECONDS
+    image_size: int = DEFAULT_IMAGE_SIZE
 
 
 FAULTS = ("none", "dead", "fail_requests")
@@ -167,6 +328,8 @@ class SimEngine(Engine):
         super().__init__()
         self.cfg = cfg or SimConfig()
         self.model = self.cfg.model
+        self.input_modalities = self.cfg.input_modalities
+        self.output_modalities = self.cfg.output_modalities
         self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
         self._running = 0
         self._waiting = 0
@@ -300,7 +463,7 @@ class SimEngine(Engine):
         self, request: EngineRequest, prompt: str, max_tokens: int, aborted: _Aborted
     ) -> AsyncIterator[Delta]:
         s = request.sampling
-        digest = _prompt_digest(prompt, request.prompt_token_ids)
+        digest = _prompt_digest(prompt, request.prompt_token_ids, request_media(request))
         prompt_tokens = prompt_token_count(prompt, request.prompt_token_ids)
         # Text that could still turn out to be the start of a stop string is held back, as
         # vLLM does, so the streamed text always adds up to the final text.
@@ -309,10 +472,19 @@ class SimEngine(Engine):
         text = "".join(word(t) for t in request.resume_token_ids)
         emitted = len(request.resume_text)
         await asyncio.sleep(self.cfg.ttft_ms / 1000.0)
-        if start >= max_tokens:  # the previous node died just before saying it was done
+        cut = _find_stop(text, s.stop) if s.stop and start else -1
+        if start >= max_tokens or cut >= 0:
+            # The previous node died just before saying it was done (or in its media).
+            end = cut if cut >= 0 else len(text)
             yield Delta(
-                text=text[emitted:],
-                finish_reason="length",
+                text=text[emitted:end], prompt_tokens=prompt_tokens, completion_tokens=start
+            )
+            async for delta in self._media(request, prompt, start, prompt_tokens, aborted):
+                yield delta
+                if delta.finish_reason:
+                    return
+            yield Delta(
+                finish_reason="stop" if cut >= 0 else "length",
                 prompt_tokens=prompt_tokens,
                 completion_tokens=start,
             )
@@ -341,6 +513,65 @@ class SimEngine(Engine):
                 end, delta.finish_reason = len(text), "length"
             if end > emitted:
                 delta.text, emitted = text[emitted:end], end
-            yield delta
-            if delta.finish_reason:
+            finish = delta.finish_reason
+            if finish and any(m in request.modalities for m in MEDIA_MODALITIES):
+                # The media items come after the text, before the finish.
+                delta.finish_reason = None
+                yield delta
+                async for media in self._media(
+                    request, prompt, position + 1, prompt_tokens, aborted
+                ):
+                    yield media
+                    if media.finish_reason:
+                        return
+                yield Delta(
+                    finish_reason=finish,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=position + 1,
+                )
                 return
+            yield delta
+            if finish:
+                return
+
+    async def _media(
+        self,
+        request: EngineRequest,
+        prompt: str,
+        completion_tokens: int,
+        prompt_tokens: int,
+        aborted: _Aborted,
+    ) -> AsyncIterator[Delta]:
+        """The media items of ``request`` after those already delivered, a piece per step."""
+        wanted = [m for m in MEDIA_MODALITIES if m in request.modalities]
+        if not wanted:
+            return
+        digest = media_digest(
+            prompt,
+            request.prompt_token_ids,
+            seed=request.sampling.seed,
+            inputs=request_media(request),
+        )
+        for index, modality in enumerate(wanted):
+            if index < request.media_items_delivered:
+                continue
+            if modality == "audio":
+                mime, data = "audio/wav", wav_bytes(digest, self.cfg.media_seconds)
+            else:
+                mime, data = "image/png", png_bytes(digest, self.cfg.image_size)
+            for piece in media_pieces(index, mime, data):
+                await self._next_step()
+                if aborted.set:
+                    yield Delta(
+                        finish_reason="abort",
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=completion_tokens,
+                    )
+                    return
+                if not self._healthy:
+                    raise EngineDead("simulated engine stopped mid-request")
+                yield Delta(
+                    outputs=[piece],
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                )

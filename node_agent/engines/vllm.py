@@ -16,6 +16,18 @@ The agent tokenizes before vLLM sees the request so that it can refuse one whose
 max_tokens exceed the model's context (``context_budget``: INVALID_ARGUMENT in the words of
 vLLM's server) instead of letting vLLM clamp max_tokens silently.
 
+Media inputs (``EngineRequest.inputs`` and chat turns' media) go to vLLM as
+``multi_modal_data`` beside the token-id prompt (see ``node_agent.media`` and
+docs/multimodal.md): WAV audio decoded to float32 mono at the model's sampling rate, images as
+PIL images. The prompt holds the model's placeholders unexpanded (``<|audio_bos|><|AUDIO|>
+<|audio_eos|>`` for Qwen2-Audio): vLLM expands them to the item's tokens. A text or token-id
+prompt without any gets the model's placeholder (``get_placeholder_str``) per item in front, as
+vLLM's chat path does; a chat renders its media parts through the model's chat template. A
+resumed attempt sends the same media with the same unexpanded prompt ids followed by the
+delivered tokens (ids with the placeholders already expanded would be expanded again). The
+modalities the model takes (``input_modalities``: those its vLLM class has a placeholder for)
+are advertised when the agent joins; other media is refused (INVALID_ARGUMENT).
+
 ``--dtype auto`` means float32 on a host without CUDA (``resolve_dtype``): vLLM's own ``auto``
 picks bfloat16 there, in which small models such as SmolLM2 answer with nonsense on CPU.
 """
@@ -29,11 +41,12 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node_agent import media
 from node_agent.cpus import format_cpu_list
 from node_agent.engine import (
     ChatTurn,
@@ -43,10 +56,11 @@ from node_agent.engine import (
     EngineError,
     EngineLoad,
     EngineRequest,
+    MediaInput,
     context_budget,
 )
 from omni_rpc.logging import get_logger
-from omni_rpc.validation import InvalidRequest
+from omni_rpc.validation import InvalidRequest, modality
 
 log = get_logger("node_agent.engines.vllm")
 
@@ -54,6 +68,9 @@ log = get_logger("node_agent.engines.vllm")
 HEALTH_POLL_S = 1.0
 # KV cache reserved on CPU hosts, where vLLM cannot size it from a GPU's memory.
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
+# The sampling rate audio is decoded to when the model's processor does not say (Whisper's).
+DEFAULT_AUDIO_RATE = 16000
+MEDIA_MODALITIES = ("image", "audio", "video")
 
 
 @dataclass(frozen=True)
@@ -176,6 +193,9 @@ class VllmEngine(Engine):
         self._aborting: set[str] = set()
         # The model's context length (vLLM's max_model_len), known once the engine started.
         self.max_model_len: int | None = None
+        # Per modality the model takes: its placeholder text for item i (1-based).
+        self._placeholders: dict[str, Callable[[str, int], Any]] = {}
+        self._audio_rate = DEFAULT_AUDIO_RATE
 
     @property
     def capacity(self) -> int:
@@ -226,6 +246,7 @@ class VllmEngine(Engine):
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStatsTap])
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        self._find_modalities(self._llm.model_config)
         log.info(
             "vLLM engine started",
             dtype=str(self._llm.model_config.dtype),
@@ -233,6 +254,38 @@ class VllmEngine(Engine):
         )
         self._set_healthy(True)
         self._health_task = asyncio.create_task(self._watch_health())
+
+    def _find_modalities(self, model_config: Any) -> None:
+        """The media the model takes: those its vLLM class has a placeholder for (none for a
+        text-only model), and the sampling rate of its audio feature extractor."""
+        if not getattr(model_config, "is_multimodal_model", False):
+            return
+        from vllm.model_executor.models import ModelRegistry
+
+        cls, _ = ModelRegistry.resolve_model_cls(
+            model_config.architectures, model_config=model_config
+        )
+        for kind in MEDIA_MODALITIES:
+            try:
+                text = cls.get_placeholder_str(kind, 1)
+            except Exception:  # the class says it does not take it
+                continue
+            if text:
+                self._placeholders[kind] = cls.get_placeholder_str
+        self.input_modalities = tuple(self._placeholders)
+        if "audio" in self._placeholders:
+            try:
+                from transformers import AutoFeatureExtractor
+
+                extractor = AutoFeatureExtractor.from_pretrained(self.cfg.model)
+                self._audio_rate = int(getattr(extractor, "sampling_rate", DEFAULT_AUDIO_RATE))
+            except Exception as exc:
+                log.warning(
+                    "no audio feature extractor: decoding audio at the default rate",
+                    rate=DEFAULT_AUDIO_RATE,
+                    error=repr(exc),
+                )
+        log.info("model takes media", modalities=self.input_modalities, audio_rate=self._audio_rate)
 
     def _set_healthy(self, healthy: bool) -> None:
         if healthy != self._healthy:
@@ -313,7 +366,7 @@ class VllmEngine(Engine):
                 "messages",
                 f"model {self.model!r} has no chat template: send a prompt instead of messages",
             )
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        conversation = [_chat_message(m) for m in messages]
         try:
             text = tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=True
@@ -325,13 +378,63 @@ class VllmEngine(Engine):
         return list(tokenizer.encode(text, add_special_tokens=False))
 
     def prompt_ids(self, request: EngineRequest) -> list[int]:
-        """The token ids of the request's original prompt (text, ids or chat)."""
+        """The token ids of the request's original prompt (text, ids or chat), with the
+        model's placeholders for its media unexpanded."""
         if request.messages:
+            if request.inputs:  # inputs with a chat: parts of its first turn, in front
+                first, *rest = request.messages
+                moved = ChatTurn(first.role, first.content, (*request.inputs, *first.media))
+                return self.render_chat((moved, *rest))
             return self.render_chat(request.messages)
         if request.prompt_token_ids:
-            return list(request.prompt_token_ids)
-        # As vLLM's completion path tokenizes a text prompt: special tokens added.
-        return list(self._tokenizer.encode(request.prompt))
+            ids = list(request.prompt_token_ids)
+        else:
+            # As vLLM's completion path tokenizes a text prompt: special tokens added.
+            ids = list(self._tokenizer.encode(request.prompt))
+        return self._with_placeholders(ids, request.inputs)
+
+    def _with_placeholders(self, ids: list[int], inputs: tuple[MediaInput, ...]) -> list[int]:
+        """``ids`` with the model's placeholder for each item of ``inputs`` in front, unless
+        the prompt holds one of the placeholders' special tokens (then it places them)."""
+        if not inputs:
+            return ids
+        counts: dict[str, int] = {}
+        placeholders: list[list[int]] = []
+        markers: set[int] = set()
+        special = set(getattr(self._tokenizer, "all_special_ids", ()))
+        added: dict[str, int] = getattr(self._tokenizer, "get_added_vocab", dict)()
+        special.update(int(v) for v in added.values())
+        for item in inputs:
+            kind = modality(item.mime_type)
+            place = self._placeholders.get(kind)
+            if place is None:
+                continue  # refused by _media
+            counts[kind] = counts.get(kind, 0) + 1
+            text = f"{place(kind, counts[kind])}\n"
+            placeholder = list(self._tokenizer.encode(text, add_special_tokens=False))
+            markers.update(t for t in placeholder if t in special)
+            placeholders.append(placeholder)
+        return media.with_placeholders(ids, placeholders, sorted(markers))
+
+    def _media(self, request: EngineRequest) -> dict[str, list[Any]]:
+        """The request's media as vLLM's ``multi_modal_data`` (in prompt order), or
+        InvalidRequest naming the input that the model cannot take or that does not decode."""
+        items: list[tuple[str, MediaInput]] = [
+            (f"inputs[{i}]", m) for i, m in enumerate(request.inputs)
+        ]
+        for t, turn in enumerate(request.messages):
+            items += [(f"messages[{t}].media[{i}]", m) for i, m in enumerate(turn.media)]
+        data: dict[str, list[Any]] = {}
+        for where, item in items:
+            kind = modality(item.mime_type)
+            if kind not in self._placeholders:
+                takes = ", ".join(("text", *self.input_modalities))
+                raise InvalidRequest(
+                    where, f"model {self.model!r} does not take {kind} input (it takes: {takes})"
+                )
+            decoded_kind, value = media.decode(item.mime_type, item.data, where, self._audio_rate)
+            data.setdefault(decoded_kind, []).append(value)
+        return data
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
         if self._llm is None or not self._healthy:
@@ -341,6 +444,7 @@ class VllmEngine(Engine):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         # Before vLLM sees it: a request beyond the context is refused, not clamped.
+        mm_data = self._media(request)
         ids = self.prompt_ids(request)
         prompt_len = len(ids)
         max_tokens = context_budget(request, prompt_len, self.max_model_len)
@@ -355,7 +459,10 @@ class VllmEngine(Engine):
                     finish_reason="length", prompt_tokens=prompt_len, completion_tokens=resumed
                 )
                 return
+            # A media request resumes with the same media and the same unexpanded prompt ids.
             prompt = TokensPrompt(prompt_token_ids=ids + list(request.resume_token_ids))
+            if mm_data:
+                prompt["multi_modal_data"] = mm_data
             params = self._sampling_params(request, remaining)
             completion = resumed
             try:
@@ -366,7 +473,9 @@ class VllmEngine(Engine):
                     delta = Delta(text=piece.text, token_ids=list(piece.token_ids))
                     if output.finished:
                         delta.finish_reason = _finish_reason(piece.finish_reason)
-                        delta.prompt_tokens = prompt_len
+                        # With media, vLLM's count: the placeholders expanded.
+                        expanded = len(output.prompt_token_ids or ()) - resumed
+                        delta.prompt_tokens = expanded if mm_data and expanded > 0 else prompt_len
                         delta.completion_tokens = completion
                         outcome = "finished"
                     yield delta
@@ -389,6 +498,17 @@ class VllmEngine(Engine):
                 self._failed += 1
             elif outcome == "aborted":
                 self._aborted += 1
+
+
+def _chat_message(turn: ChatTurn) -> dict[str, Any]:
+    """A turn as the chat template takes it: text content, or (with media) OpenAI-style parts,
+    the media first (``{"type": "audio"}``, ...), then the text."""
+    if not turn.media:
+        return {"role": turn.role, "content": turn.content}
+    parts: list[dict[str, Any]] = [{"type": modality(m.mime_type)} for m in turn.media]
+    if turn.content:
+        parts.append({"type": "text", "text": turn.content})
+    return {"role": turn.role, "content": parts}
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -710,7 +710,8 @@ def format_status(stats: dict[str, Any], now: float | None = None) -> str:
 
 
 def format_models(stats: dict[str, Any]) -> str:
-    """Each model the nodes serve, with its healthy nodes out of all (and its aliases)."""
+    """Each model the nodes serve, with its healthy nodes out of all (and its aliases, and the
+    modalities its nodes take and produce when any takes or produces media)."""
     models: dict[str, list[dict[str, Any]]] = {}
     for node in stats["health_stats"].values():
         models.setdefault(node.get("model", ""), []).append(node)
@@ -719,7 +720,14 @@ def format_models(stats: dict[str, Any]) -> str:
         healthy = sum(1 for n in nodes if n["state"] == "healthy")
         aliases = sorted({a for n in nodes for a in n.get("model_aliases", [])} - {model})
         also = f" (also {', '.join(aliases)})" if aliases else ""
-        parts.append(f"{model or '-'}{also} {healthy}/{len(nodes)} healthy")
+        takes = sorted({m for n in nodes for m in n.get("input_modalities", [])})
+        makes = sorted({m for n in nodes for m in n.get("output_modalities", [])})
+        media = (
+            f" [in: {', '.join(['text', *takes])}; out: {', '.join(['text', *makes])}]"
+            if takes or makes
+            else ""
+        )
+        parts.append(f"{model or '-'}{also}{media} {healthy}/{len(nodes)} healthy")
     return "models: " + ("; ".join(parts) if parts else "none")
 
 

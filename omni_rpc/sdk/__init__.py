@@ -6,6 +6,7 @@ the cluster's load and health (see the README for the whole API).
 
 from __future__ import annotations
 
+from omni_rpc.sdk.chat import Media
 from omni_rpc.sdk.monitor import HealthMonitor, LoadBalancer
 from omni_rpc.sdk.orchestrator import DistributedOrchestrator, build_chat_request, build_request
 from omni_rpc.sdk.results import (
@@ -13,6 +14,7 @@ from omni_rpc.sdk.results import (
     GenerationDelta,
     GenerationError,
     GenerationResult,
+    MediaOutput,
     Prompt,
 )
 
@@ -24,6 +26,8 @@ __all__ = [
     "GenerationResult",
     "HealthMonitor",
     "LoadBalancer",
+    "Media",
+    "MediaOutput",
     "Prompt",
     "build_chat_request",
     "build_request",

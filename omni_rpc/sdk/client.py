@@ -48,6 +48,8 @@ def node_dict(node: coordinator_pb2.NodeInfo) -> dict[str, Any]:
         "address": node.address,
         "model": node.model,
         "model_aliases": list(node.model_aliases),
+        "input_modalities": list(node.input_modalities),
+        "output_modalities": list(node.output_modalities),
         "engine": node.engine,
         "state": state_name(node.state),
         "state_reason": node.state_reason,

@@ -22,7 +22,7 @@ import grpc
 from coordinator.strategies import STRATEGIES
 from omni_rpc import config
 from omni_rpc.backoff import Backoff
-from omni_rpc.sdk.chat import ChatMessages, chat_messages
+from omni_rpc.sdk.chat import ChatMessages, chat_messages, media_inputs
 from omni_rpc.sdk.client import CoordinatorClient, node_dict, stats_dict
 from omni_rpc.sdk.monitor import HealthMonitor, LoadBalancer, remember_coordinator
 from omni_rpc.sdk.results import (
@@ -30,6 +30,7 @@ from omni_rpc.sdk.results import (
     GenerationDelta,
     GenerationError,
     GenerationResult,
+    MediaOutput,
     Prompt,
 )
 from omni_rpc.security import ChannelSecurity, TlsFiles
@@ -48,13 +49,21 @@ def _new_request(max_retries: int | None, sampling: dict[str, Any]) -> generate_
     sampling = dict(sampling)
     # Not a sampling parameter: the model to route to (GenerateRequest.model).
     model = sampling.pop("model", None)
+    # Nor this: the output modalities, e.g. ["text", "audio"] (GenerateRequest.modalities).
+    modalities = sampling.pop("modalities", None)
+    # Nor this: media inputs, Media(mime_type, data) or (mime_type, data) tuples.
+    inputs = sampling.pop("inputs", None)
     unknown = set(sampling) - set(SAMPLING_KEYS)
     if unknown:
         raise TypeError(
             f"unknown sampling argument(s) {', '.join(sorted(unknown))}; "
-            f"known: model, {', '.join(SAMPLING_KEYS)}"
+            f"known: model, {', '.join(SAMPLING_KEYS)}, modalities, inputs"
         )
     request = generate_pb2.GenerateRequest(model=model or "")
+    if inputs is not None:
+        request.inputs.extend(media_inputs(inputs))
+    if modalities:
+        request.modalities.extend([modalities] if isinstance(modalities, str) else modalities)
     if max_retries is not None:
         request.max_retries = max_retries
     params = request.sampling
@@ -95,11 +104,13 @@ async def _collect(deltas: AsyncGenerator[GenerationDelta, None]) -> GenerationR
     texts: list[str] = []
     token_ids: list[int] = []
     nodes: list[str] = []
+    outputs: list[MediaOutput] = []
     last: GenerationDelta | None = None
     async with contextlib.aclosing(deltas):
         async for delta in deltas:
             texts.append(delta.text)
             token_ids.extend(delta.token_ids)
+            outputs.extend(delta.outputs)
             if not nodes or nodes[-1] != delta.node_id:
                 nodes.append(delta.node_id)
             last = delta
@@ -113,7 +124,23 @@ async def _collect(deltas: AsyncGenerator[GenerationDelta, None]) -> GenerationR
         usage=last.usage,
         request_id=last.request_id,
         nodes=nodes,
+        outputs=sorted(outputs, key=lambda item: item.index),
     )
+
+
+def _media_items(
+    response: generate_pb2.GenerateResponse, partial: dict[int, list[bytes]]
+) -> list[MediaOutput]:
+    """The media items ``response`` completes, assembled from their pieces (``partial`` holds
+    the pieces of those still in progress)."""
+    items: list[MediaOutput] = []
+    for piece in response.outputs:
+        pieces = partial.setdefault(piece.index, [])
+        pieces.append(piece.data)
+        if piece.last_chunk:
+            del partial[piece.index]
+            items.append(MediaOutput(piece.index, piece.mime_type, b"".join(pieces)))
+    return items
 
 
 def _usage(response: generate_pb2.GenerateResponse) -> dict[str, int]:
@@ -375,6 +402,12 @@ class DistributedOrchestrator:
 
         ``stream_interval``: the fewest tokens per delta (the last may have fewer); None takes
         the coordinator's default (``--stream-interval``, 1 unless set otherwise).
+        ``inputs``: media inputs (any call takes it), ``Media(mime_type, data)`` or
+        ``(mime_type, data)`` tuples, e.g. ``[("audio/wav", wav_bytes)]``: routed only to nodes
+        whose model takes them (INVALID_ARGUMENT when none does).
+        ``modalities``: the outputs asked for, e.g. ``["text", "audio"]`` (any call takes it):
+        media items arrive whole, once each even across a failover, in
+        ``GenerationDelta.outputs`` and ``GenerationResult.outputs`` (``MediaOutput``).
 
         While the coordinator is unreachable (restarting, say), a call that has received
         nothing yet waits and is retried with backoff until its deadline; failover between
@@ -395,9 +428,10 @@ class DistributedOrchestrator:
     ) -> AsyncGenerator[GenerationDelta, None]:
         """Stream the assistant's reply to a chat as deltas; ``messages`` in OpenAI's shape,
         ``[{"role": "user", "content": "Hi"}]`` (content may be a list of text parts). The
-        serving node renders the chat with its model's chat template. Options as
-        ``stream()``; TypeError or ValueError for malformed messages (media parts: not
-        supported yet), before any traffic."""
+        serving node renders the chat with its model's chat template. Parts may be media
+        (``omni_rpc.sdk.chat``: image_url with a data: URL, input_audio, or raw audio/image/
+        video bytes). Options as ``stream()``; TypeError or ValueError for malformed messages,
+        before any traffic."""
         request = build_chat_request(messages, max_retries, sampling)
         return self._stream(request, timeout, stream_interval)
 
@@ -415,6 +449,9 @@ class DistributedOrchestrator:
         if not self._reached:
             await self._connect(min(self.connect_timeout, budget))
         backoff = Backoff(config.RETRY_BACKOFF_BASE_S, config.RETRY_BACKOFF_CAP_S)
+        # Media pieces of items not complete yet, by index (the coordinator relays an item's
+        # pieces only once it is whole, so a retried call never repeats a complete one).
+        partial: dict[int, list[bytes]] = {}
         while True:
             received = False
             call = self._stub().Generate(
@@ -423,7 +460,9 @@ class DistributedOrchestrator:
             try:
                 async for response in call:
                     received = True
+                    media = _media_items(response, partial)
                     yield GenerationDelta(
+                        outputs=media,
                         text=response.text,
                         token_ids=list(response.token_ids),
                         finish_reason=response.finish_reason or None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,46 @@ class CoordinatorUnreachableError(GenerationError, ConnectionError):
         self.waited_s = waited_s
 
 
+# File extensions ``MediaOutput.save`` picks for a folder, by mime type.
+EXTENSIONS = {
+    "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/wave": ".wav",
+    "audio/mpeg": ".mp3",
+    "audio/ogg": ".ogg",
+    "audio/flac": ".flac",
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "video/mp4": ".mp4",
+}
+
+
+@dataclass
+class MediaOutput:
+    """One media output item of a generation (audio, image), whole."""
+
+    index: int
+    mime_type: str
+    data: bytes
+
+    @property
+    def extension(self) -> str:
+        """The file extension for its mime type (".bin" for an unknown one)."""
+        return EXTENSIONS.get(self.mime_type, ".bin")
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the bytes to ``path``; a folder gets ``output-INDEX.EXT`` inside it, the
+        extension chosen from the mime type. Returns the path written."""
+        target = os.fspath(path)
+        if os.path.isdir(target):
+            target = os.path.join(target, f"output-{self.index}{self.extension}")
+        with open(target, "wb") as f:
+            f.write(self.data)
+        return target
+
+
 @dataclass
 class GenerationDelta:
     """One streamed message: new text and token ids since the previous delta."""
@@ -50,6 +91,8 @@ class GenerationDelta:
     request_id: str
     # Set on the last delta: token counts of the whole generation.
     usage: dict[str, int] | None = None
+    # Media output items that completed with this delta (each item once, whole).
+    outputs: list[MediaOutput] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +106,8 @@ class GenerationResult:
     usage: dict[str, int]
     request_id: str = ""
     nodes: list[str] = field(default_factory=list)
+    # Media outputs (requests with modalities such as ["text", "audio"]), by index.
+    outputs: list[MediaOutput] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.text

@@ -275,14 +275,19 @@ async def test_the_agents_own_token_cap_applies(service: NodeAgentService) -> No
     assert len(tokens(responses)) == CAP
 
 
-async def test_media_inputs_are_refused(service: NodeAgentService, engine: SpyEngine) -> None:
+async def test_media_the_engine_does_not_take_is_refused(
+    service: NodeAgentService, engine: SpyEngine
+) -> None:
+    engine.input_modalities = ("audio",)
     message = first_message()
     message.generate.inputs.add(mime_type="image/png", data=b"\x89PNG")
     responses, aborted = await run(service, message)
     assert responses == []
     assert aborted is not None
     assert aborted.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert aborted.details.startswith("inputs: media inputs are not supported")
+    assert aborted.details == (
+        f"inputs: model {engine.model!r} does not take image input (it takes: text, audio)"
+    )
     assert engine.load().started == 0
 
 

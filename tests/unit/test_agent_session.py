@@ -452,7 +452,7 @@ async def test_an_invalid_request_fails_alone(
 ) -> None:
     no_generate = node_agent_pb2.SessionStart(stream_id=3, request=node_agent_pb2.AgentRequest())
     media = start(5)
-    media.request.generate.inputs.add(mime_type="image/png", data=b"\x89PNG")
+    media.request.generate.inputs.add(mime_type="text/plain", data=b"hello")
     await session.start(
         start(1), start(2, top_p=0.0), no_generate, start(4, max_tokens=CAP + 1), media, start(6)
     )
@@ -463,7 +463,7 @@ async def test_an_invalid_request_fails_alone(
     assert not session.tokens(2)
     assert session.last(3).error_message == "SessionStart.request must carry `generate`"
     assert session.last(4).error_message.startswith("sampling.max_tokens: must be <= 1000")
-    assert session.last(5).error_message.startswith("inputs: media inputs are not supported")
+    assert session.last(5).error_message.startswith("inputs[0].mime_type: must be image/*")
     assert {session.last(i).error_code for i in (2, 3, 4, 5)} == {invalid}
     expected = simulate(PROMPT, max_tokens=12).token_ids
     assert session.tokens(1) == session.tokens(6) == expected

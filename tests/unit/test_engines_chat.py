@@ -277,7 +277,7 @@ def test_an_unknown_name_fails_at_once_naming_the_known_ones(no_hub: None) -> No
         models.resolve("smollm2")
     assert str(bare.value) == (
         "unknown model 'smollm2': not a model folder, not a known name (known: "
-        "smollm2-135m-instruct) and not a hub id (ORG/NAME)"
+        f"{', '.join(sorted(models.KNOWN))}) and not a hub id (ORG/NAME)"
     )
     with pytest.raises(models.ModelError) as hub_id:
         models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct")

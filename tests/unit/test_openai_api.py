@@ -154,13 +154,18 @@ def test_chat_messages_and_parts() -> None:
         ({"messages": [{"content": "x"}]}, "messages[0].role", "must be a string"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-            "messages[0].content[0]",
-            "image_url parts are not supported yet",
+            "messages[0].content[0].image_url.url",
+            "must be a string",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "messages[0].content[0].input_audio",
+            "must be an object",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video_url"}]}]},
             "messages[0].content[0]",
-            "input_audio parts are not supported yet",
+            "video_url parts are not supported",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "weird"}]}]},

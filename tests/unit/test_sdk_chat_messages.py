@@ -72,7 +72,7 @@ def test_chat_request_shares_the_prompt_request_building() -> None:
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
             ValueError,
-            "image_url parts are not supported yet",
+            "only base64 data: URLs are supported",
         ),
         (
             [
@@ -80,7 +80,7 @@ def test_chat_request_shares_the_prompt_request_building() -> None:
                 {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
             ],
             ValueError,
-            r"messages\[1\]\.content\[0\]: input_audio parts are not supported yet",
+            r"messages\[1\]\.content\[0\]\.input_audio\.format: an audio format",
         ),
         (
             [{"role": "user", "content": "x"}] * (config.MAX_CHAT_MESSAGES + 1),
