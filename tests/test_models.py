@@ -62,4 +62,9 @@ async def test_two_models_in_one_cluster(make_cluster: MakeCluster) -> None:
     for node_id, model in (("node-0", "sim-a"), ("node-2", "sim-b")):
         assert stats["health_stats"][node_id]["model"] == model
     assert stats["health_stats"]["node-3"]["model_aliases"] == ["b"]
-    assert format_models(stats) == "models: sim-a 2/2 healthy; sim-b (also b) 2/2 healthy"
+    # The simulated agents take and produce media by default (--sim-input-modalities,
+    # --sim-output-modalities): listed with each model.
+    media = "[in: text, audio, image, video; out: text, audio, image]"
+    assert format_models(stats) == (
+        f"models: sim-a {media} 2/2 healthy; sim-b (also b) {media} 2/2 healthy"
+    )
