@@ -177,7 +177,9 @@ class Dispatcher:
         counters.requests_total += 1
         counters.in_flight += 1
         backoff = Backoff(config.RETRY_BACKOFF_BASE_S, config.RETRY_BACKOFF_CAP_S)
-        delivered = Delivered()
+        delivered = _client_resume_point(request)
+        # Tokens the client brought (it received them through another coordinator).
+        brought = len(delivered.token_ids)
         tried: list[str] = []
         errors: list[str] = []
         ok = False
@@ -254,10 +256,12 @@ class Dispatcher:
             duration = clock.now() - started
             metrics.requests.labels(status).inc()
             metrics.request_duration.observe(duration)
-            metrics.generated_tokens.inc(len(delivered.token_ids))
-            extra = {"prompt": request.prompt} if self.log_prompts else {}
+            metrics.generated_tokens.inc(len(delivered.token_ids) - brought)
+            extra: dict[str, object] = {"prompt": request.prompt} if self.log_prompts else {}
             if error:
                 extra["error"] = error
+            if brought:
+                extra["resumed_from_client_tokens"] = brought
             bound.info(
                 "request finished",
                 node_id=tried[-1] if tried else "",
@@ -521,6 +525,22 @@ class Dispatcher:
                 f"{(typical[node_id] or 0) * 1000:.1f} ms per output token, its peers' median "
                 f"{_median(peers) * 1000:.1f} ms",
             )
+
+
+def _client_resume_point(request: generate_pb2.GenerateRequest) -> Delivered:
+    """What the client says it already received (GenerateRequest.resume: its coordinator went
+    away mid-stream), taken out of the request: the first attempt resumes from it exactly as
+    a failover would, and the nodes get it as AgentRequest.resume."""
+    if not request.HasField("resume"):
+        return Delivered()
+    resume = request.resume
+    delivered = Delivered(
+        token_ids=list(resume.token_ids),
+        text=[resume.text] if resume.text else [],
+        media_items=resume.media_items_delivered,
+    )
+    request.ClearField("resume")
+    return delivered
 
 
 def _with_media(

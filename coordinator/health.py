@@ -126,7 +126,7 @@ class HealthMonitor:
         node.health_check_latency_ms = elapsed * 1000.0
         if self.observe_probe is not None:
             self.observe_probe(elapsed)
-        node.load = load
+        node.record_load(load)
         self.registry.report_probe(
             node, status == SERVING, load.draining, f"health check: {status}"
         )

@@ -85,6 +85,11 @@ class NodeClient(Protocol):
         """The node's own load report."""
         ...
 
+    def report_load(self, listener: Callable[[node_pb2.NodeLoad], None]) -> None:
+        """Call ``listener`` with every load report the node sends unasked (on its session,
+        kept open for it from now on)."""
+        ...
+
     async def close(self) -> None:
         """Release the connection; calls still open on it fail."""
         ...

@@ -3,7 +3,7 @@ the node's multiplexed data-plane session (``coordinator.session``) and its heal
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -89,6 +89,10 @@ class GrpcNodeClient:
         except grpc.aio.AioRpcError as exc:
             raise _node_error(exc) from None
         return report
+
+    def report_load(self, listener: Callable[[node_pb2.NodeLoad], None]) -> None:
+        self._session.on_load = listener
+        self._session.keep_open()
 
     async def close(self) -> None:
         await self._session.close()

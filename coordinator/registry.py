@@ -60,6 +60,11 @@ class Node:
     failures: int = 0
     last_error: str = ""
     load: node_pb2.NodeLoad | None = None
+    # This process's in-flight requests on the node when ``load`` arrived: the report's
+    # ``requests`` less these are the other coordinators' (and workers') requests there.
+    in_flight_at_report: int = 0
+    # ``load`` came on the node's session (frequent) rather than with a health check.
+    load_via_session: bool = False
     last_health_check_at: float = 0.0
     health_check_latency_ms: float = 0.0
     # Set when dispatch saw a node-level failure: the health monitor probes at once.
@@ -115,6 +120,19 @@ class Node:
     @property
     def kv_cache_usage(self) -> float:
         return self.load.kv_cache_usage if self.load is not None else 0.0
+
+    @property
+    def others_in_flight(self) -> int:
+        """Requests others (other coordinators, other workers) had on the node at its last
+        load report: what least-loaded balancing adds to this process's own."""
+        if self.load is None:
+            return 0
+        return max(0, self.load.requests - self.in_flight_at_report)
+
+    def record_load(self, load: node_pb2.NodeLoad, via_session: bool = False) -> None:
+        self.load = load
+        self.in_flight_at_report = self.in_flight
+        self.load_via_session = self.load_via_session or via_session
 
     @property
     def state(self) -> int:
@@ -203,6 +221,8 @@ class Registry:
         self._serving: dict[str, tuple[Node, ...]] = {}
         self.capacity = 0
         self.on_added: list[NodeListener] = []
+        # Every node reports its load on its session (what other coordinators put on it).
+        self.on_added.append(_listen_for_load)
         self.on_removed: list[NodeListener] = []
         self.on_ejected: list[NodeListener] = []
         # Any change of what a node is (joined, refreshed with new facts, state changed,
@@ -558,3 +578,7 @@ def same_process(known: registry_pb2.JoinRequest, joining: registry_pb2.JoinRequ
     """Whether a join comes from the process already registered: same address, and the same
     incarnation (an agent that restarted at the same address is a new process)."""
     return known.address == joining.address and known.incarnation == joining.incarnation
+
+
+def _listen_for_load(node: Node) -> None:
+    node.client.report_load(lambda load: node.record_load(load, via_session=True))

@@ -71,7 +71,9 @@ class ReplicaRegistry(Registry):
             elif node.info != pushed.info:
                 node.info = pushed.info
                 self._refresh()
-            node.load = pushed.load if pushed.HasField("load") else None
+            if pushed.HasField("load") and not node.load_via_session:
+                # The node's own reports on this worker's session are fresher.
+                node.record_load(pushed.load)
             verdict = pushed.verdict
             if verdict == HEALTHY and node.node_id in self._held:
                 verdict = UNHEALTHY

@@ -29,7 +29,7 @@ import grpc
 
 from coordinator.node_client import NodeCallError, OutputOverflow
 from omni_rpc import config
-from omni_rpc.v1 import generate_pb2, node_agent_pb2
+from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_pb2
 
 # Opens the Session call on the node's channel.
 OpenSession = Callable[[], Any]
@@ -250,6 +250,9 @@ class AgentSession:
         self._wake_writer = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Load reports that arrive on the session (see keep_open).
+        self.on_load: Callable[[node_pb2.NodeLoad], None] | None = None
+        self._keep_open = False
 
     @property
     def open_streams(self) -> int:
@@ -283,6 +286,16 @@ class AgentSession:
     def forget(self, stream_id: int) -> None:
         """The attempt ended on the agent's side: nothing to cancel any more."""
         self._streams.pop(stream_id, None)
+
+    def keep_open(self) -> None:
+        """Open the session now, and again SESSION_REOPEN_S after it breaks, requests or not:
+        the agent reports its load on it (other coordinators' requests included)."""
+        self._keep_open = True
+        self._reopen()
+
+    def _reopen(self) -> None:
+        if self._call is None and not self._closed:
+            self._open()
 
     def _open(self) -> None:
         call = self._open_call()
@@ -323,6 +336,8 @@ class AgentSession:
                     attempt = streams.get(output.stream_id)
                     if attempt is not None:
                         attempt.push(output)
+                if self.on_load is not None and frame.HasField("load"):
+                    self.on_load(frame.load)
         except grpc.aio.AioRpcError as exc:
             error = session_error(exc)
         self._broken(call, error)
@@ -341,6 +356,8 @@ class AgentSession:
             if task is not current:
                 task.cancel()
         self._tasks = []
+        if self._keep_open and not self._closed:
+            asyncio.get_running_loop().call_later(config.SESSION_REOPEN_S, self._reopen)
 
     async def close(self) -> None:
         self._closed = True

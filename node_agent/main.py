@@ -15,16 +15,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from node_agent import cpus
+from node_agent.coordinators import DEFAULT_RESOLVE_INTERVAL_S, Coordinators
 from node_agent.engine import Engine
 from node_agent.engines.sim import DEFAULT_MAX_MODEL_LEN, FAULTS, SimConfig, SimEngine
 from node_agent.gpu import own_gpu
 from node_agent.identity import IdentityGuard, default_node_id, new_incarnation
-from node_agent.membership import Membership
 from node_agent.models import KNOWN as KNOWN_MODELS
 from node_agent.models import ModelError
 from node_agent.models import resolve as resolve_model
 from node_agent.service import NodeAgentService
-from omni_rpc import __version__, argtypes, config, security, servers, settings
+from omni_rpc import __version__, argtypes, config, security, servers, settings, targets
 from omni_rpc.logging import configure_logging, get_logger
 from omni_rpc.metrics import EngineCollector, serve_metrics
 from omni_rpc.v1 import node_agent_pb2_grpc, node_pb2, registry_pb2
@@ -38,7 +38,20 @@ K8S_LABEL_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "k8s_node": "N
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni-agent", description=__doc__)
-    p.add_argument("--coordinator", help="coordinator HOST:PORT to join (required)")
+    p.add_argument(
+        "--coordinator",
+        help="the coordinators to join (required): HOST:PORT, a comma-separated list of them, "
+        "or dns:///NAME:PORT for every address NAME resolves to (a Kubernetes headless "
+        "Service); the agent joins and serves each",
+    )
+    p.add_argument(
+        "--coordinator-resolve-interval",
+        type=argtypes.positive_float,
+        default=DEFAULT_RESOLVE_INTERVAL_S,
+        metavar="S",
+        help="resolve a dns:/// coordinator name again every S seconds: coordinators that "
+        "appear are joined, those gone are let go",
+    )
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: any)")
     p.add_argument("--advertise", help="HOST:PORT the coordinator dials (default: listen address)")
     p.add_argument(
@@ -384,7 +397,7 @@ async def serve(
     if on_serving is not None:
         on_serving(address)
 
-    membership = Membership(
+    coordinators = Coordinators(
         args.coordinator,
         registry_pb2.JoinRequest(
             node_id=node_id,
@@ -401,8 +414,9 @@ async def serve(
             output_modalities=engine.output_modalities,
         ),
         guard.outgoing,
+        args.coordinator_resolve_interval,
     )
-    join_task = asyncio.create_task(membership.run())
+    join_task = asyncio.create_task(coordinators.run())
     await stop.wait()
 
     # Drain: refuse new work, let in-flight requests finish, then leave and stop.
@@ -413,12 +427,12 @@ async def serve(
     if not idle:
         log.warning("grace period over, aborting in-flight requests", in_flight=service.in_flight)
     join_task.cancel()
-    await membership.leave("agent shutting down")
+    await coordinators.leave("agent shutting down")
     await server.stop(grace=1.0)
     if health_only is not None:
         await health_only.stop(grace=None)
     await engine.stop()
-    await membership.close()
+    await coordinators.close()
     log.info("agent stopped")
     return 0
 
@@ -433,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             f"the coordinator address is required: --coordinator, {variable}"
             " or coordinator in the [agent] table of --config"
         )
+    try:
+        targets.parse_targets(args.coordinator)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.print_config:
         settings.print_config(args, sources)
         return 0

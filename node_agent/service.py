@@ -202,6 +202,10 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
         request: node_agent_pb2.GetLoadRequest,
         context: grpc.aio.ServicerContext[node_agent_pb2.GetLoadRequest, node_pb2.NodeLoad],
     ) -> node_pb2.NodeLoad:
+        return self.load_report()
+
+    def load_report(self) -> node_pb2.NodeLoad:
+        """The node's load now, as GetLoad answers and sessions report it."""
         load = self.engine.load()
         return node_pb2.NodeLoad(
             node_id=self.node_id,
@@ -217,6 +221,7 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             draining=self.draining,
             generated_tokens=load.generated_tokens,
             rejected=load.rejected,
+            requests=self.in_flight,
         )
 
 

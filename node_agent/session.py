@@ -99,6 +99,9 @@ def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> Engi
         check_modalities(request, engine.input_modalities, engine.output_modalities, engine.model)
     except InvalidRequest as exc:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    # A resume point in the request itself (a client calling the agent directly, as it would
+    # a coordinator) counts as the attempt's own; a coordinator clears it and sets the attempt's.
+    resume = message.resume if message.HasField("resume") else request.resume
     return EngineRequest(
         request_id=engine_request_id(request.request_id, message.attempt or 1),
         sampling=sampling,
@@ -106,11 +109,11 @@ def admit(agent: NodeAgentService, message: node_agent_pb2.AgentRequest) -> Engi
         prompt_token_ids=tuple(request.prompt_token_ids),
         inputs=media_inputs(request.inputs),
         messages=chat_turns(request.messages),
-        resume_token_ids=tuple(message.resume.token_ids),
-        resume_text=message.resume.text,
+        resume_token_ids=tuple(resume.token_ids),
+        resume_text=resume.text,
         default_max_tokens=not request.sampling.HasField("max_tokens"),
         modalities=tuple(request.modalities),
-        media_items_delivered=message.resume.media_items_delivered,
+        media_items_delivered=resume.media_items_delivered,
     )
 
 
@@ -168,12 +171,16 @@ class CoordinatorSession:
         self._wake = asyncio.Event()
         self._closed = False
         self._expiries: set[asyncio.Task[None]] = set()
+        # A load report goes with the next message (see _watch_load).
+        self._load_due = True
 
     async def serve(self, requests: AsyncIterator[node_agent_pb2.SessionRequest]) -> None:
         reader = asyncio.create_task(self._read(requests))
+        load_watch = asyncio.create_task(self._watch_load())
         try:
             await self._write_loop()
         finally:
+            load_watch.cancel()
             reader.cancel()
             # Shielded: a cancelled call can end the reader first and cancel this handler
             # only then, in the middle of the clean-up, which must still run to its end.
@@ -365,6 +372,22 @@ class CoordinatorSession:
             stream_id=stream.stream_id,
         )
 
+    # -- load reports ------------------------------------------------------------------------
+
+    async def _watch_load(self) -> None:
+        """Report the node's load on this session when it changed, at most every
+        LOAD_REPORT_INTERVAL_S: every coordinator learns what the others put on the node (each
+        knows only its own requests), soon enough to balance by it."""
+        agent = self._agent
+        reported: tuple[int, bool] | None = None
+        while True:
+            now = (agent.in_flight, agent.draining)
+            if now != reported:
+                reported = now
+                self._load_due = True
+                self._wake.set()
+            await asyncio.sleep(config.LOAD_REPORT_INTERVAL_S)
+
     # -- writing ---------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
@@ -376,7 +399,7 @@ class CoordinatorSession:
             if self._closed:
                 return
             response, finals = self._take()
-            if response.outputs:
+            if response.outputs or response.HasField("load"):
                 await self._context.write(response)
             for stream in finals:
                 self._end(stream)
@@ -408,6 +431,9 @@ class CoordinatorSession:
                 )
                 finals.append(stream)
         self._ready.clear()
+        if self._load_due:
+            self._load_due = False
+            response.load.CopyFrom(self._agent.load_report())
         return response, finals
 
     # -- the end ---------------------------------------------------------------------------

@@ -80,6 +80,13 @@ RETRY_BACKOFF_CAP_S = 2.0
 NO_NODE_BACKOFF_BASE_S = 0.05
 NO_NODE_BACKOFF_CAP_S = 1.0
 
+# How often, at most, an agent reports its load on each coordinator's session (when it
+# changed): several coordinators (or workers) share a node, each knowing only its own requests.
+LOAD_REPORT_INTERVAL_S = 0.05
+# A coordinator keeps a session open to every node for those reports: opened again this long
+# after it breaks (a node that is down costs a failed call per interval).
+SESSION_REOPEN_S = 1.0
+
 # Agent membership: how often an agent refreshes its registration, and its re-join backoff.
 # The refresh is a safety net: an agent watches the coordinator's health and re-joins at once
 # when it is lost; each refresh costs the coordinator a Join and a new health stream per node.

@@ -480,11 +480,14 @@ class ChannelSecurity:
             )
         return grpc.aio.insecure_channel(address, options, interceptors=interceptors)
 
-    def sync_channel(self, address: str) -> grpc.Channel:
+    def sync_channel(
+        self, address: str, extra_options: Sequence[tuple[str, Any]] = ()
+    ) -> grpc.Channel:
+        options = [*self.options(), *extra_options]
         channel = (
-            grpc.secure_channel(address, channel_credentials(self.tls), self.options())
+            grpc.secure_channel(address, channel_credentials(self.tls), options)
             if self.tls.enabled
-            else grpc.insecure_channel(address, self.options())
+            else grpc.insecure_channel(address, options)
         )
         if self.token:
             channel = grpc.intercept_channel(channel, _SyncBearer(self.token))

@@ -243,6 +243,39 @@ def validate_request(
                 "modalities",
                 f"must be {', '.join(map(repr, OUTPUT_MODALITIES))}, got {wanted!r}",
             )
-    return resolve_sampling(
+    sampling = resolve_sampling(
         request.sampling, default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap
     )
+    if request.HasField("resume"):
+        validate_resume(request, sampling.max_tokens)
+    return sampling
+
+
+def validate_resume(request: generate_pb2.GenerateRequest, max_tokens: int) -> None:
+    """A client's resume point must be one the stream could have reached: token ids >= 0,
+    fewer than max_tokens (a stream that delivered all of them had finished), text only with
+    the tokens it was decoded from, media items only for requests that asked for media."""
+    resume = request.resume
+    if any(t < 0 for t in resume.token_ids):
+        raise InvalidRequest("resume.token_ids", "token ids must be >= 0")
+    if resume.text and not resume.token_ids:
+        raise InvalidRequest(
+            "resume.text", "the text received comes with the token ids received: give both"
+        )
+    # With media outputs, every token may be out while media items are still to come.
+    room = max_tokens if output_modalities(request) else max_tokens - 1
+    if len(resume.token_ids) > room:
+        raise InvalidRequest(
+            "resume.token_ids",
+            f"{len(resume.token_ids)} tokens received, max_tokens is {max_tokens}: nothing "
+            "is left to generate (the message with the last token also ends the stream)",
+        )
+    if resume.media_items_delivered < 0:
+        raise InvalidRequest(
+            "resume.media_items_delivered", f"must be >= 0, got {resume.media_items_delivered}"
+        )
+    if resume.media_items_delivered and not output_modalities(request):
+        raise InvalidRequest(
+            "resume.media_items_delivered",
+            "the request asks for no media output (modalities)",
+        )

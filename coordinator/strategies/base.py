@@ -23,6 +23,12 @@ class Candidate(Protocol):
         ...
 
     @property
+    def others_in_flight(self) -> int:
+        """Requests others (other coordinators, other worker processes) have on the node, as
+        its last load report showed them."""
+        ...
+
+    @property
     def capacity(self) -> int:
         """Concurrency limit of the node's engine (0: unknown)."""
         ...

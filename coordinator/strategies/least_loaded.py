@@ -1,7 +1,9 @@
 """Least loaded: the node with the lowest share of its capacity in use.
 
-Load is the coordinator's own in-flight count (exact and current, unlike a polled report),
-relative to the node's capacity so a bigger node takes more. Between equally busy nodes the
+Load is the coordinator's own in-flight count (exact and current, unlike a polled report) plus
+what others (other coordinators, other worker processes) had on the node at its last load
+report (the agents report on every session within LOAD_REPORT_INTERVAL_S of a change), relative
+to the node's capacity so a bigger node takes more. Between equally busy nodes the
 one whose engine reported less KV cache in use wins (long prompts weigh more than short ones);
 remaining ties rotate, so an idle cluster is filled evenly rather than from the first node.
 """
@@ -14,7 +16,7 @@ from coordinator.strategies.base import Candidate, Strategy
 
 
 def utilization(c: Candidate) -> float:
-    return c.in_flight / max(1, c.capacity)
+    return (c.in_flight + c.others_in_flight) / max(1, c.capacity)
 
 
 class LeastLoaded(Strategy):

@@ -1,6 +1,8 @@
 """omni: run a local cluster, look at it, and send it prompts.
 
 omni up --nodes 3                 coordinator + 3 agents in the foreground (Ctrl-C stops)
+omni up --nodes 3 --coordinators 2
+                                  2 coordinators, each of the 3 agents joins both
 omni status [--json]              node table and request totals
 omni top [--interval S]           live view of nodes, load and tokens/s
 omni nodes [--json]               node table only
@@ -182,14 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         type=argtypes.host_port,
         default=DEFAULT_COORDINATOR,
-        help="coordinator HOST:PORT (default: %(default)s)",
+        help="coordinator HOST:PORT (default: %(default)s); with --coordinators N on a fixed "
+        "port P, coordinator i listens on P+i",
+    )
+    up.add_argument(
+        "--coordinators",
+        type=argtypes.positive_int,
+        default=1,
+        metavar="N",
+        help="start N coordinators, each with its own registry; every agent joins all of them "
+        "and clients may use any (default: %(default)s)",
     )
     up.add_argument(
         "--http-listen",
         type=argtypes.host_port,
         metavar="HOST:PORT",
         help="serve the coordinator's HTTP front door (OpenAI-compatible, /v1) here too "
-        "(port 0: any free port; default: none)",
+        "(port 0: any free port; with --coordinators N on a fixed port P, coordinator i's is "
+        "on P+i; default: none)",
     )
     up.add_argument(
         "--log-dir",
@@ -384,8 +396,14 @@ def _resources(text: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in value.items()}
 
 
+def _coordinators(cluster: LocalCluster) -> list[Any]:
+    if cluster.coordinators:
+        return list(cluster.coordinators)
+    return [cluster.coordinator] if cluster.coordinator is not None else []
+
+
 def _children(cluster: LocalCluster) -> list[Any]:
-    return [c for c in (cluster.coordinator, *cluster.agents) if c is not None]
+    return [*_coordinators(cluster), *cluster.agents]
 
 
 def _say(text: str) -> None:
@@ -393,10 +411,15 @@ def _say(text: str) -> None:
 
 
 def _print_coordinator(cluster: LocalCluster) -> None:
-    """What `omni up` says as soon as the coordinator listens, before any node is ready."""
-    _say(f"coordinator  {cluster.coordinator_address} (gRPC)")
-    if cluster.http_url:
-        _say(f"http         {cluster.http_url} (OpenAI-compatible; base_url for openai clients)")
+    """What `omni up` says as soon as the coordinators listen, before any node is ready."""
+    for address in cluster.coordinator_addresses or [cluster.coordinator_address]:
+        _say(f"coordinator  {address} (gRPC)")
+    if len(cluster.coordinator_addresses) > 1:
+        target = cluster.coordinator_target
+        _say(f"clients      omni --coordinator {target} ... (or OMNI_COORDINATOR={target})")
+    for url in [u for u in cluster.http_urls if u] or [cluster.http_url]:
+        if url:
+            _say(f"http         {url} (OpenAI-compatible; base_url for openai clients)")
     _say(f"logs         {cluster.log_dir}")
     if cluster.tokens:
         files = ", ".join(f"{r} {cluster.token_file(r)}" for r in sorted(cluster.tokens))
@@ -445,19 +468,35 @@ class _Progress:
             _say(f"{agent.name}: still loading after {elapsed:.0f} s ({state}): {last[:100]}")
 
 
+def _merged_states(per_coordinator: Sequence[dict[str, str]]) -> dict[str, str]:
+    """Each node's state across the coordinators: healthy where every coordinator says so,
+    else what the first that does not says ("not joined yet" where one does not know it)."""
+    merged: dict[str, str] = {}
+    for node_id in sorted({n for states in per_coordinator for n in states}):
+        other = [s.get(node_id, "not joined yet") for s in per_coordinator]
+        merged[node_id] = next((state for state in other if state != "healthy"), "healthy")
+    return merged
+
+
 def _wait_healthy(cluster: LocalCluster, progress: _Progress, timeout_s: float) -> None:
-    """Until ``progress.count`` nodes are healthy, saying what each does meanwhile."""
-    client = CoordinatorClient(
-        cluster.coordinator_address, timeout_s=2.0, security=cluster.client_security()
-    )
+    """Until ``progress.count`` nodes are healthy (at every coordinator), saying what each
+    does meanwhile."""
+    clients = [
+        CoordinatorClient(address, timeout_s=2.0, security=cluster.client_security())
+        for address in cluster.coordinator_addresses or [cluster.coordinator_address]
+    ]
     deadline = time.monotonic() + timeout_s
     try:
         while True:
             cluster.check_alive()
-            try:
-                states = {n.node_id: state_name(n.state) for n in client.nodes()}
-            except CoordinatorUnreachable:
-                states = {}  # just started; the next poll will tell
+            per_coordinator: list[dict[str, str]] = []
+            for client in clients:
+                try:
+                    nodes = client.nodes()
+                except CoordinatorUnreachable:
+                    nodes = []  # just started; the next poll will tell
+                per_coordinator.append({n.node_id: state_name(n.state) for n in nodes})
+            states = _merged_states(per_coordinator)
             progress.update(states)
             if len(progress.ready) >= progress.count:
                 return
@@ -468,7 +507,8 @@ def _wait_healthy(cluster: LocalCluster, progress: _Progress, timeout_s: float) 
                 )
             time.sleep(UP_POLL_INTERVAL_S)
     finally:
-        client.close()
+        for client in clients:
+            client.close()
 
 
 def _print_cluster(cluster: LocalCluster) -> None:
@@ -484,7 +524,9 @@ def _print_cluster(cluster: LocalCluster) -> None:
             (str(c.process.pid) for c in cluster.agents if c.name == node_id), "?"
         )
         print(f"  {node_id:<12} {node.address:<22} {where['launcher']:<6} {gpu:<8} pid {pid}")
-    _say(f"{len(nodes)} nodes healthy. Press Ctrl-C to stop.")
+    count = len(cluster.coordinator_addresses)
+    at = f" at each of {count} coordinators" if count > 1 else ""
+    _say(f"{len(nodes)} nodes healthy{at}. Press Ctrl-C to stop.")
 
 
 def _watch(cluster: LocalCluster) -> int:
@@ -502,7 +544,8 @@ def _watch(cluster: LocalCluster) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            if child is cluster.coordinator:
+            coordinators = _coordinators(cluster)
+            if child in coordinators and not any(c.alive for c in coordinators):
                 return 1  # nothing left to serve requests
 
 
@@ -553,6 +596,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         agent_args=_agent_engine_args(args),
         coordinator_args=["--workers", args.workers],
         listen=args.listen,
+        coordinators=args.coordinators,
         http_listen=args.http_listen,
         cpu_cores=args.cpu_cores,
         log_dir=args.log_dir,

@@ -74,6 +74,9 @@ class ClusterPlan:
     # Where the coordinator listens. Ray agents may run on other machines, so with Ray it
     # listens on every interface (on this port).
     listen: str = "127.0.0.1:0"
+    # How many coordinators (each its own registry; the agents join every one). On a fixed
+    # port P, coordinator i listens on P + i (port 0: each its own free port).
+    coordinators: int = 1
     # Where the coordinator serves its HTTP front door (None: none). Local clients use it.
     http_listen: str | None = None
     # CPU vLLM agents: "auto" (each its own share of the cores) or "none" (see cpus.py).
@@ -96,12 +99,13 @@ class Cluster:
 
     processes: LocalCluster
     ray_agents: ray_actors.RayAgents | None = None
-    # Where this process reaches the coordinator, once started.
+    # Where this process reaches the coordinators, once started: their addresses,
+    # comma-joined (with one coordinator, its address).
     coordinator: str = ""
 
     @property
     def reachable_at(self) -> str:
-        """Where the agents reach the coordinator."""
+        """Where the agents reach the coordinators (comma-joined, like ``coordinator``)."""
         if self.ray_agents is not None:
             return self.ray_agents.coordinator_address
         return self.coordinator
@@ -111,8 +115,8 @@ class Cluster:
         startup_timeout_s: float,
         on_coordinator: Callable[[LocalCluster], None] | None = None,
     ) -> str:
-        """Start everything; return the coordinator's address for local clients.
-        ``on_coordinator`` is called once the coordinator listens, before agents start."""
+        """Start everything; return the coordinators' addresses for local clients
+        (comma-joined). ``on_coordinator`` is called once they listen, before agents start."""
         if self.ray_agents is not None:
             self.coordinator = ray_actors.start(
                 self.processes, self.ray_agents, startup_timeout_s, on_coordinator
@@ -135,6 +139,8 @@ def plan_cluster(plan: ClusterPlan) -> Cluster:
         known = ", ".join(config.LAUNCHERS)
         raise ValueError(f"unknown launcher {plan.launcher!r} (known: {known})")
     on_ray = plan.launcher == "ray"
+    if plan.coordinators < 1:
+        raise ValueError(f"coordinators must be at least 1, got {plan.coordinators}")
     if plan.cpu_cores not in cpu_placement.CPU_MODES:
         known = ", ".join(cpu_placement.CPU_MODES)
         raise ValueError(f"cpu_cores must be one of {known}, got {plan.cpu_cores!r}")
@@ -149,6 +155,7 @@ def plan_cluster(plan: ClusterPlan) -> Cluster:
         engine=plan.engine,
         model=plan.model,
         coordinator_listen=f"0.0.0.0:{port}" if on_ray else plan.listen,
+        num_coordinators=plan.coordinators,
         http_listen=plan.http_listen,
         cpu_cores=plan.cpu_cores,
         agent_args=plan.agent_args,

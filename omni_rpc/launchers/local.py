@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from omni_rpc import config
 from omni_rpc.launchers import cpus
@@ -30,6 +31,9 @@ from omni_rpc.security import ROLES, ChannelSecurity
 VLLM_LOG_PREFIX = re.compile(
     r"^(\([\w:-]+ pid=\d+\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\] "
 )
+
+
+T = TypeVar("T")
 
 
 class LaunchError(RuntimeError):
@@ -97,7 +101,13 @@ def http_url(host_port: str) -> str:
 
 @dataclass
 class LocalCluster:
-    """A coordinator plus ``num_nodes`` agents, all local child processes."""
+    """``num_coordinators`` coordinators (one by default) plus ``num_nodes`` agents, all local
+    child processes. The agents join every coordinator (``coordinator_target``).
+
+    ``coordinator``, ``coordinator_address``, ``http_address`` and ``http_url`` are the first
+    coordinator's; ``coordinators``, ``coordinator_addresses``, ``http_addresses`` and
+    ``http_urls`` list every coordinator's, by index. Coordinator ``i`` logs to
+    ``coordinator.log`` (``i == 0``) or ``coordinator-{i}.log``."""
 
     num_nodes: int = config.DEFAULT_NUM_NODES
     strategy: str = config.DEFAULT_STRATEGY
@@ -131,6 +141,16 @@ class LocalCluster:
     agents: list[Child] = field(default_factory=list)
     # Each agent's --cpu-cores, by index (empty: no binding); decided at start.
     agent_cores: list[str] = field(default_factory=list)
+    # How many coordinators to start, each with its own registry (nothing shared); the agents
+    # join every one. Each listens on coordinator_listen's host: port 0 gives each its own free
+    # port, a fixed port P gives coordinator i the port P + i (http_listen likewise).
+    num_coordinators: int = 1
+    # Every coordinator, by index (the first is also ``coordinator`` and so on above).
+    coordinators: list[Child] = field(default_factory=list)
+    coordinator_addresses: list[str] = field(default_factory=list)
+    # Each coordinator's HTTP front door (HOST:PORT and base URL), by index; empty without one.
+    http_addresses: list[str] = field(default_factory=list)
+    http_urls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.auth and not self.tokens:
@@ -138,6 +158,24 @@ class LocalCluster:
         if self.cpu_cores not in cpus.CPU_MODES:
             known = ", ".join(cpus.CPU_MODES)
             raise ValueError(f"cpu_cores must be one of {known}, got {self.cpu_cores!r}")
+        if self.num_coordinators < 1:
+            raise ValueError(f"num_coordinators must be at least 1, got {self.num_coordinators}")
+
+    @property
+    def coordinator_target(self) -> str:
+        """What the agents get as ``--coordinator``, and what a client of every coordinator
+        dials: each coordinator's address, comma-joined (with one, its address)."""
+        if self.coordinator_addresses:
+            return ",".join(self.coordinator_addresses)
+        return self.coordinator_address
+
+    def coordinator_listen_for(self, index: int) -> str:
+        """Where coordinator ``index`` listens (see ``num_coordinators``)."""
+        return _nth_listen(self.coordinator_listen, index)
+
+    def http_listen_for(self, index: int) -> str | None:
+        """Where coordinator ``index`` serves its HTTP front door (None: none)."""
+        return None if self.http_listen is None else _nth_listen(self.http_listen, index)
 
     def plan_cpu_cores(self) -> list[str]:
         """Each agent's --cpu-cores: CPU vLLM agents split this process's cores, unless
@@ -160,8 +198,9 @@ class LocalCluster:
         startup_timeout_s: float = 30.0,
         on_coordinator: Callable[[LocalCluster], None] | None = None,
     ) -> str:
-        """Start every process; return the coordinator's address once it listens.
-        ``on_coordinator`` is called once the coordinator listens, before the agents start."""
+        """Start every process; return ``coordinator_target`` once every coordinator listens
+        (with one coordinator, its address). ``on_coordinator`` is called once they listen,
+        before the agents start."""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="omni-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -169,11 +208,17 @@ class LocalCluster:
             path = self.token_file(role)
             path.touch(mode=0o600)
             path.write_text(token + "\n")
-        self.start_coordinator(self.coordinator_listen, startup_timeout_s)
+        for index in range(self.num_coordinators):
+            self.start_coordinator(
+                self.coordinator_listen_for(index),
+                startup_timeout_s,
+                self.http_listen_for(index),
+                index=index,
+            )
         if on_coordinator is not None:
             on_coordinator(self)
         self.start_agents()
-        return self.coordinator_address
+        return self.coordinator_target
 
     def start_agents(self) -> None:
         """Start every agent (the coordinator must be listening)."""
@@ -182,23 +227,34 @@ class LocalCluster:
             self.start_agent(index)
 
     def start_coordinator(
-        self, listen: str, startup_timeout_s: float, http_listen: str | None = None
+        self,
+        listen: str,
+        startup_timeout_s: float,
+        http_listen: str | None = None,
+        index: int = 0,
     ) -> None:
-        """Start the coordinator on ``listen`` (and its HTTP front door on ``http_listen``,
-        default ``self.http_listen``); return once both listen."""
+        """Start coordinator ``index`` on ``listen`` (and its HTTP front door on
+        ``http_listen``, default ``self.http_listen``); return once both listen. It replaces
+        any coordinator ``index`` had (``index`` at most the number started so far)."""
         assert self.log_dir is not None
+        if not 0 <= index <= len(self.coordinators):
+            raise ValueError(
+                f"coordinator index {index}: {len(self.coordinators)} started so far, "
+                "start them in order"
+            )
         http_listen = http_listen or self.http_listen
-        port_file = self.log_dir / "coordinator.port"
+        name = coordinator_name(index)
+        port_file = self.log_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
-        http_port_file = self.log_dir / "coordinator.http.port"
+        http_port_file = self.log_dir / f"{name}.http.port"
         http_port_file.unlink(missing_ok=True)
         http_args = (
             ["--http-listen", http_listen, "--http-port-file", str(http_port_file)]
             if http_listen
             else []
         )
-        self.coordinator = self._spawn(
-            "coordinator",
+        child = self._spawn(
+            name,
             [
                 "-m",
                 "coordinator",
@@ -217,14 +273,27 @@ class LocalCluster:
                 *self.coordinator_args,
             ],
         )
+        _put(self.coordinators, index, child)
+        if index == 0:
+            self.coordinator = child
         deadline = time.monotonic() + startup_timeout_s
-        port = self._wait_for_port(self.coordinator, port_file, startup_timeout_s)
-        self.coordinator_address = f"{listen.rsplit(':', 1)[0]}:{port}"
+        port = self._wait_for_port(child, port_file, startup_timeout_s)
+        address = f"{listen.rsplit(':', 1)[0]}:{port}"
+        _put(self.coordinator_addresses, index, address)
+        if index == 0:
+            self.coordinator_address = address
         if http_listen:
             left = max(1.0, deadline - time.monotonic())
-            http_port = self._wait_for_port(self.coordinator, http_port_file, left)
-            self.http_address = f"{http_listen.rsplit(':', 1)[0]}:{http_port}"
-            self.http_url = http_url(self.http_address)
+            http_port = self._wait_for_port(child, http_port_file, left)
+            http_address = f"{http_listen.rsplit(':', 1)[0]}:{http_port}"
+            _put(self.http_addresses, index, http_address, fill="")
+            _put(self.http_urls, index, http_url(http_address), fill="")
+            if index == 0:
+                self.http_address = http_address
+                self.http_url = http_url(http_address)
+        elif index < len(self.http_addresses):
+            self.http_addresses[index] = ""
+            self.http_urls[index] = ""
 
     def token_file(self, role: str) -> Path:
         assert self.log_dir is not None
@@ -239,46 +308,56 @@ class LocalCluster:
         """How a client of this cluster authenticates (no token when auth is off)."""
         return ChannelSecurity(token=self.tokens.get(role))
 
-    def restart_coordinator(self, startup_timeout_s: float = 30.0) -> None:
-        """Stop the coordinator and start a new one on the same address; agents untouched."""
-        assert self.coordinator is not None
-        self._stop_child(self.coordinator)
+    def restart_coordinator(self, startup_timeout_s: float = 30.0, index: int = 0) -> None:
+        """Stop coordinator ``index`` (if it still runs) and start a new one on the same
+        address (and HTTP address); the agents are untouched and join it again."""
+        child = self.coordinators[index]
+        self._stop_child(child)
+        http = self.http_addresses[index] if index < len(self.http_addresses) else ""
         self.start_coordinator(
-            self.coordinator_address, startup_timeout_s, self.http_address or None
+            self.coordinator_addresses[index], startup_timeout_s, http or None, index=index
         )
+
+    def kill_coordinator(self, index: int, sig: int = signal.SIGKILL) -> Child:
+        """Send ``sig`` to coordinator ``index`` (for chaos tests); for SIGKILL, return once
+        it is gone. ``restart_coordinator(index=index)`` brings it back on its address."""
+        child = self.coordinators[index]
+        if child.alive:
+            child.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                child.process.wait(15)
+        return child
+
+    def agent_argv(self, index: int, extra: Sequence[str] = ()) -> list[str]:
+        """Agent ``index``'s arguments to the Python interpreter (``--log-format`` is added
+        at spawn): it joins every coordinator (``coordinator_target``)."""
+        name = f"node-{index}"
+        return [
+            "-m",
+            "node_agent",
+            "--coordinator",
+            self.coordinator_target,
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            name,
+            "--engine",
+            self.engine,
+            "--model",
+            self.model,
+            "--launcher",
+            "local",
+            *self._auth_args(["node"]),
+            *(["--gpu", str(self.gpus[index])] if self.gpus else []),
+            *(["--cpu-cores", self.agent_cores[index]] if index < len(self.agent_cores) else []),
+            *self.agent_args,
+            *self.per_agent_args.get(index, ()),
+            *extra,
+        ]
 
     def start_agent(self, index: int, extra: Sequence[str] = ()) -> Child:
         assert self.log_dir is not None
-        name = f"node-{index}"
-        child = self._spawn(
-            name,
-            [
-                "-m",
-                "node_agent",
-                "--coordinator",
-                self.coordinator_address,
-                "--listen",
-                "127.0.0.1:0",
-                "--node-id",
-                name,
-                "--engine",
-                self.engine,
-                "--model",
-                self.model,
-                "--launcher",
-                "local",
-                *self._auth_args(["node"]),
-                *(["--gpu", str(self.gpus[index])] if self.gpus else []),
-                *(
-                    ["--cpu-cores", self.agent_cores[index]]
-                    if index < len(self.agent_cores)
-                    else []
-                ),
-                *self.agent_args,
-                *self.per_agent_args.get(index, ()),
-                *extra,
-            ],
-        )
+        child = self._spawn(f"node-{index}", self.agent_argv(index, extra))
         if index < len(self.agents):
             self.agents[index] = child
         else:
@@ -329,13 +408,19 @@ class LocalCluster:
                 child.process.wait()
 
     def check_alive(self) -> None:
-        """Raise LaunchError naming any child that has exited."""
-        for child in [c for c in (self.coordinator, *self.agents) if c is not None]:
+        """Raise LaunchError naming any child (a coordinator or an agent) that has exited."""
+        for child in self._coordinator_children() + self.agents:
             if not child.alive:
                 raise LaunchError(
                     f"{child.name} exited with code {child.process.returncode}:\n"
                     + child.log_tail()
                 )
+
+    def _coordinator_children(self) -> list[Child]:
+        """Every coordinator started (``coordinator`` alone where the list was not kept)."""
+        if self.coordinators:
+            return list(self.coordinators)
+        return [self.coordinator] if self.coordinator is not None else []
 
     def stop(self) -> None:
         """SIGTERM every child (agents first, so they leave cleanly), then wait."""
@@ -344,5 +429,33 @@ class LocalCluster:
                 child.process.send_signal(signal.SIGTERM)
         for child in self.agents:
             self._stop_child(child)
-        if self.coordinator is not None:
-            self._stop_child(self.coordinator)
+        coordinators = self._coordinator_children()
+        for child in coordinators:
+            if child.alive:
+                child.process.send_signal(signal.SIGTERM)
+        for child in coordinators:
+            self._stop_child(child)
+
+
+def coordinator_name(index: int) -> str:
+    """Coordinator ``index``'s name: its log is ``{name}.log``, its port file ``{name}.port``."""
+    return "coordinator" if index == 0 else f"coordinator-{index}"
+
+
+def _nth_listen(listen: str, index: int) -> str:
+    """``listen`` for the ``index``-th of several servers: port 0 stays 0 (each its own free
+    port), a fixed port P becomes P + index."""
+    host, port = listen.rsplit(":", 1)
+    if index == 0 or int(port) == 0:
+        return listen
+    return f"{host}:{int(port) + index}"
+
+
+def _put(items: list[T], index: int, value: T, fill: T | None = None) -> None:
+    """``items[index] = value``, appending where ``index`` is the next (``fill`` pads gaps)."""
+    while len(items) < index and fill is not None:
+        items.append(fill)
+    if index < len(items):
+        items[index] = value
+    else:
+        items.append(value)

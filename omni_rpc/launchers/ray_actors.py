@@ -24,6 +24,7 @@ from typing import Any
 from omni_rpc import config
 from omni_rpc.launchers.gpus import PlacementError
 from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.targets import join_host_port
 
 # Per agent, unless the caller says otherwise: a GPU and a CPU core to drive it.
 DEFAULT_RESOURCES: Mapping[str, float] = {"GPU": 1.0, "CPU": 1.0}
@@ -118,6 +119,7 @@ class RayAgents:
     """``num_nodes`` agent actors on the Ray cluster at ``address`` (None: a local instance)."""
 
     num_nodes: int
+    # The coordinators the agents join (their --coordinator): HOST:PORT, comma-joined.
     coordinator_address: str
     engine: str = "sim"
     model: str = "sim"
@@ -278,24 +280,28 @@ def start(
     startup_timeout_s: float,
     on_coordinator: Callable[[LocalCluster], None] | None = None,
 ) -> str:
-    """Check Ray's capacity, start the coordinator, place the agents.
+    """Check Ray's capacity, start the coordinators, place the agents.
 
-    ``cluster`` runs only the coordinator (no local agents), listening on every interface so
-    actors on other machines can join; agents dial it at the IP Ray knows this machine by.
+    ``cluster`` runs only the coordinators (no local agents), listening on every interface so
+    actors on other machines can join; agents dial each at the IP Ray knows this machine by
+    (``agents.coordinator_address``: every coordinator, comma-joined).
     Listening beyond loopback, the cluster should have ``auth=True``: the agents get the node
     token from it.
-    Returns the address local clients use (its HTTP front door, if ``cluster.http_listen``
-    asks for one, is ``cluster.http_url``). ``on_coordinator`` is called once the coordinator
-    listens, before the agents are placed. On failure nothing is left running.
+    Returns the addresses local clients use, comma-joined (the HTTP front door, if
+    ``cluster.http_listen`` asks for one, is ``cluster.http_url``). ``on_coordinator`` is
+    called once the coordinators listen, before the agents are placed. On failure nothing is
+    left running.
     """
     agents.connect()  # refuses a cluster too small before anything starts
     try:
-        port = cluster.start(startup_timeout_s, on_coordinator).rsplit(":", 1)[1]
+        cluster.start(startup_timeout_s, on_coordinator)
+        ports = [int(address.rsplit(":", 1)[1]) for address in cluster.coordinator_addresses]
         agents.node_token = cluster.tokens.get("node")
-        agents.coordinator_address = f"{import_ray().util.get_node_ip_address()}:{port}"
+        node_ip = import_ray().util.get_node_ip_address()
+        agents.coordinator_address = ",".join(join_host_port(node_ip, port) for port in ports)
         agents.place(startup_timeout_s)
     except BaseException:
         agents.close()
         cluster.stop()
         raise
-    return f"127.0.0.1:{port}"
+    return ",".join(f"127.0.0.1:{port}" for port in ports)

@@ -6,10 +6,12 @@ and the ``omni`` CLI.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
+from omni_rpc import targets
 from omni_rpc.security import ChannelSecurity
 from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, node_pb2
 
@@ -106,13 +108,16 @@ class CoordinatorClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         security: ChannelSecurity | None = None,
     ) -> None:
-        self.address = address
+        """``address``: one coordinator, several (a list or ``a:1,b:2``: each call goes to one
+        of those that answer), or ``dns:///NAME:PORT`` (see ``omni_rpc.targets``)."""
+        self.address = targets.describe(address)
         self.timeout_s = timeout_s
-        self._channel = (security or ChannelSecurity()).sync_channel(address)
+        target, options = targets.client_channel_target(address)
+        self._channel = (security or ChannelSecurity()).sync_channel(target, options)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     def _call(self, method: Any, request: Any) -> Any:

@@ -35,6 +35,8 @@ class _Planned:
     in_flight: int
     capacity: int
     kv_cache_usage: float = 0.0
+    # A plan counts only the requests it places.
+    others_in_flight: int = 0
 
 
 class LoadBalancer:

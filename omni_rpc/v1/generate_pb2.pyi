@@ -201,6 +201,7 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     MODALITIES_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Filled in by the coordinator when empty; echoed on every response."""
     prompt: _builtins.str
@@ -247,6 +248,16 @@ class GenerateRequest(_message.Message):
         media outputs arrive in GenerateResponse.outputs.
         """
 
+    @_builtins.property
+    def resume(self) -> Global___Resume:
+        """Continue a stream a client already received part of (its coordinator went away mid-stream):
+        the token ids and text it received, and the media items it received whole. Any
+        coordinator serves it as a failover: the node continues after these tokens and streams
+        only what comes next, so with the same request (and seed) the client's whole output is
+        that of an undisturbed run, each token once. usage and max_tokens count the whole
+        generation. Send the same request_id to keep the logs of both parts together.
+        """
+
     def __init__(
         self,
         *,
@@ -261,10 +272,11 @@ class GenerateRequest(_message.Message):
         model: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         modalities: _abc.Iterable[_builtins.str] | None = ...,
+        resume: Global___Resume | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "max_retries", b"max_retries", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "max_retries", b"max_retries", "resume", b"resume", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "messages", b"messages", "modalities", b"modalities", "model", b"model", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "_stream_interval", b"_stream_interval", "affinity_key", b"affinity_key", "inputs", b"inputs", "max_retries", b"max_retries", "messages", b"messages", "modalities", b"modalities", "model", b"model", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "resume", b"resume", "sampling", b"sampling", "stream_interval", b"stream_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
@@ -276,6 +288,43 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_interval) -> _WhichOneofReturnType__stream_interval | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class Resume(_message.Message):
+    """What a client already received of a request: the point a continuation starts from
+    (GenerateRequest.resume from a client, AgentRequest.resume from the coordinator). The engine
+    continues after these tokens (the prompt followed by them), emits only what comes next, and
+    counts max_tokens and usage over the whole generation, so the client sees each token exactly
+    once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    MEDIA_ITEMS_DELIVERED_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text delivered so far (it may lag the tokens where a stop string was being matched)."""
+    media_items_delivered: _builtins.int
+    """Media output items already delivered whole (indices 0 .. n-1): the new node produces the
+    items after them (a partial item is produced again from its start).
+    """
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        text: _builtins.str = ...,
+        media_items_delivered: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["media_items_delivered", b"media_items_delivered", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resume: _TypeAlias = Resume  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):

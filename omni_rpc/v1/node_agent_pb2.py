@@ -26,7 +26,7 @@ from omni_rpc.v1 import generate_pb2 as omni_dot_v1_dot_generate__pb2
 from omni_rpc.v1 import node_pb2 as omni_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18omni/v1/node_agent.proto\x12\x07omni.v1\x1a\x16omni/v1/generate.proto\x1a\x12omni/v1/node.proto\"\x84\x01\n\x0c\x41gentRequest\x12,\n\x08generate\x18\x01 \x01(\x0b\x32\x18.omni.v1.GenerateRequestH\x00\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x1f\n\x06resume\x18\x04 \x01(\x0b\x32\x0f.omni.v1.ResumeB\x06\n\x04kindJ\x04\x08\x02\x10\x03R\x06\x63\x61ncel\"H\n\x06Resume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1d\n\x15media_items_delivered\x18\x03 \x01(\x05\"\x10\n\x0eGetLoadRequest\"H\n\x0eSessionRequest\x12%\n\x06starts\x18\x01 \x03(\x0b\x32\x15.omni.v1.SessionStart\x12\x0f\n\x07\x63\x61ncels\x18\x02 \x03(\x04\"\\\n\x0cSessionStart\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12&\n\x07request\x18\x02 \x01(\x0b\x32\x15.omni.v1.AgentRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"9\n\x0fSessionResponse\x12&\n\x07outputs\x18\x01 \x03(\x0b\x32\x15.omni.v1.StreamOutput\"\xc4\x01\n\x0cStreamOutput\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.omni.v1.Usage\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x1f\n\x07outputs\x18\x08 \x03(\x0b\x32\x0e.omni.v1.Media2\xc6\x01\n\tNodeAgent\x12@\n\x08Generate\x12\x15.omni.v1.AgentRequest\x1a\x19.omni.v1.GenerateResponse(\x01\x30\x01\x12\x35\n\x07GetLoad\x12\x17.omni.v1.GetLoadRequest\x1a\x11.omni.v1.NodeLoad\x12@\n\x07Session\x12\x17.omni.v1.SessionRequest\x1a\x18.omni.v1.SessionResponse(\x01\x30\x01\x42`\n\x0e\x64\x65v.omnirpc.v1B\x0eNodeAgentProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18omni/v1/node_agent.proto\x12\x07omni.v1\x1a\x16omni/v1/generate.proto\x1a\x12omni/v1/node.proto\"\x84\x01\n\x0c\x41gentRequest\x12,\n\x08generate\x18\x01 \x01(\x0b\x32\x18.omni.v1.GenerateRequestH\x00\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x1f\n\x06resume\x18\x04 \x01(\x0b\x32\x0f.omni.v1.ResumeB\x06\n\x04kindJ\x04\x08\x02\x10\x03R\x06\x63\x61ncel\"\x10\n\x0eGetLoadRequest\"H\n\x0eSessionRequest\x12%\n\x06starts\x18\x01 \x03(\x0b\x32\x15.omni.v1.SessionStart\x12\x0f\n\x07\x63\x61ncels\x18\x02 \x03(\x04\"\\\n\x0cSessionStart\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12&\n\x07request\x18\x02 \x01(\x0b\x32\x15.omni.v1.AgentRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"Z\n\x0fSessionResponse\x12&\n\x07outputs\x18\x01 \x03(\x0b\x32\x15.omni.v1.StreamOutput\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.omni.v1.NodeLoad\"\xc4\x01\n\x0cStreamOutput\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.omni.v1.Usage\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x1f\n\x07outputs\x18\x08 \x03(\x0b\x32\x0e.omni.v1.Media2\xc6\x01\n\tNodeAgent\x12@\n\x08Generate\x12\x15.omni.v1.AgentRequest\x1a\x19.omni.v1.GenerateResponse(\x01\x30\x01\x12\x35\n\x07GetLoad\x12\x17.omni.v1.GetLoadRequest\x1a\x11.omni.v1.NodeLoad\x12@\n\x07Session\x12\x17.omni.v1.SessionRequest\x1a\x18.omni.v1.SessionResponse(\x01\x30\x01\x42`\n\x0e\x64\x65v.omnirpc.v1B\x0eNodeAgentProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +36,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.omnirpc.v1B\016NodeAgentProtoP\001Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\252\002\007Omni.V1'
   _globals['_AGENTREQUEST']._serialized_start=82
   _globals['_AGENTREQUEST']._serialized_end=214
-  _globals['_RESUME']._serialized_start=216
-  _globals['_RESUME']._serialized_end=288
-  _globals['_GETLOADREQUEST']._serialized_start=290
-  _globals['_GETLOADREQUEST']._serialized_end=306
-  _globals['_SESSIONREQUEST']._serialized_start=308
-  _globals['_SESSIONREQUEST']._serialized_end=380
-  _globals['_SESSIONSTART']._serialized_start=382
-  _globals['_SESSIONSTART']._serialized_end=474
-  _globals['_SESSIONRESPONSE']._serialized_start=476
-  _globals['_SESSIONRESPONSE']._serialized_end=533
-  _globals['_STREAMOUTPUT']._serialized_start=536
-  _globals['_STREAMOUTPUT']._serialized_end=732
-  _globals['_NODEAGENT']._serialized_start=735
-  _globals['_NODEAGENT']._serialized_end=933
+  _globals['_GETLOADREQUEST']._serialized_start=216
+  _globals['_GETLOADREQUEST']._serialized_end=232
+  _globals['_SESSIONREQUEST']._serialized_start=234
+  _globals['_SESSIONREQUEST']._serialized_end=306
+  _globals['_SESSIONSTART']._serialized_start=308
+  _globals['_SESSIONSTART']._serialized_end=400
+  _globals['_SESSIONRESPONSE']._serialized_start=402
+  _globals['_SESSIONRESPONSE']._serialized_end=492
+  _globals['_STREAMOUTPUT']._serialized_start=495
+  _globals['_STREAMOUTPUT']._serialized_end=691
+  _globals['_NODEAGENT']._serialized_start=694
+  _globals['_NODEAGENT']._serialized_end=892
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from omni_rpc.v1 import generate_pb2 as _generate_pb2
+from omni_rpc.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -33,7 +34,7 @@ class AgentRequest(_message.Message):
     @_builtins.property
     def generate(self) -> _generate_pb2.GenerateRequest: ...
     @_builtins.property
-    def resume(self) -> Global___Resume:
+    def resume(self) -> _generate_pb2.Resume:
         """Set on the first message when this attempt continues a stream another node started."""
 
     def __init__(
@@ -41,7 +42,7 @@ class AgentRequest(_message.Message):
         *,
         generate: _generate_pb2.GenerateRequest | None = ...,
         attempt: _builtins.int = ...,
-        resume: Global___Resume | None = ...,
+        resume: _generate_pb2.Resume | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -52,41 +53,6 @@ class AgentRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AgentRequest: _TypeAlias = AgentRequest  # noqa: Y015
-
-@_typing.final
-class Resume(_message.Message):
-    """What the client already received of this request. The engine continues after these tokens
-    (the prompt followed by them), emits only what comes next, and counts max_tokens and usage
-    over the whole generation, so the client sees each token exactly once.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TOKEN_IDS_FIELD_NUMBER: _builtins.int
-    TEXT_FIELD_NUMBER: _builtins.int
-    MEDIA_ITEMS_DELIVERED_FIELD_NUMBER: _builtins.int
-    text: _builtins.str
-    """The text delivered so far (it may lag the tokens where a stop string was being matched)."""
-    media_items_delivered: _builtins.int
-    """Media output items already delivered whole (indices 0 .. n-1): the new node produces the
-    items after them (a partial item is produced again from its start).
-    """
-    @_builtins.property
-    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    def __init__(
-        self,
-        *,
-        token_ids: _abc.Iterable[_builtins.int] | None = ...,
-        text: _builtins.str = ...,
-        media_items_delivered: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["media_items_delivered", b"media_items_delivered", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Resume: _TypeAlias = Resume  # noqa: Y015
 
 @_typing.final
 class GetLoadRequest(_message.Message):
@@ -170,16 +136,26 @@ class SessionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamOutput]: ...
+    @_builtins.property
+    def load(self) -> _node_pb2.NodeLoad:
+        """The agent's load (all its coordinators' requests together), at most every
+        LOAD_REPORT_INTERVAL on a message that goes up anyway, and on its own when requests start
+        or end on an otherwise quiet session. Each coordinator sees only its own in-flight
+        requests; this is how it learns what the others put on the node.
+        """
+
     def __init__(
         self,
         *,
         outputs: _abc.Iterable[Global___StreamOutput] | None = ...,
+        load: _node_pb2.NodeLoad | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

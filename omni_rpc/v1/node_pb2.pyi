@@ -129,6 +129,7 @@ class NodeLoad(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     running: _builtins.int
     """Requests generating now and requests queued behind the concurrency limit."""
@@ -147,6 +148,11 @@ class NodeLoad(_message.Message):
     generated_tokens: _builtins.int
     rejected: _builtins.int
     """Requests refused because the engine was full (RESOURCE_EXHAUSTED)."""
+    requests: _builtins.int
+    """Requests the agent holds now (started, not ended), whoever sent them: every coordinator
+    (each knows only its own), direct callers. A coordinator counts the others' share of a
+    node by this, less its own.
+    """
     def __init__(
         self,
         *,
@@ -163,10 +169,11 @@ class NodeLoad(_message.Message):
         draining: _builtins.bool = ...,
         generated_tokens: _builtins.int = ...,
         rejected: _builtins.int = ...,
+        requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted", b"aborted", "capacity", b"capacity", "draining", b"draining", "engine_healthy", b"engine_healthy", "failed", b"failed", "finished", b"finished", "generated_tokens", b"generated_tokens", "kv_cache_usage", b"kv_cache_usage", "node_id", b"node_id", "rejected", b"rejected", "running", b"running", "started", b"started", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted", b"aborted", "capacity", b"capacity", "draining", b"draining", "engine_healthy", b"engine_healthy", "failed", b"failed", "finished", b"finished", "generated_tokens", b"generated_tokens", "kv_cache_usage", b"kv_cache_usage", "node_id", b"node_id", "rejected", b"rejected", "requests", b"requests", "running", b"running", "started", b"started", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -158,6 +158,8 @@ class FakeNode:
         self.active: set[FakeAttempt] = set()
         self.tokens_sent = 0
         self.checks = 0
+        # Where the registry wants load reports delivered (report_load).
+        self.load_listener: Callable[[node_pb2.NodeLoad], None] | None = None
         self.closed = False
         self._watchers: set[asyncio.Queue[str | NodeCallError]] = set()
 
@@ -232,6 +234,9 @@ class FakeNode:
             engine_healthy=self.status == SERVING,
             draining=self.draining,
         )
+
+    def report_load(self, listener: Callable[[node_pb2.NodeLoad], None]) -> None:
+        self.load_listener = listener
 
     async def close(self) -> None:
         self.closed = True

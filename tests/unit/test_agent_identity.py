@@ -188,7 +188,10 @@ async def call_each_kind(channel: grpc.aio.Channel, metadata: Metadata) -> dict[
         start = node_agent_pb2.SessionStart(stream_id=1, request=generate_request())
         await call.write(node_agent_pb2.SessionRequest(starts=[start]))
         try:
-            return await call.read()
+            while True:  # the first message with outputs (load reports may come first)
+                response = await call.read()
+                if not isinstance(response, node_agent_pb2.SessionResponse) or response.outputs:
+                    return response
         finally:
             call.cancel()
 

@@ -385,7 +385,7 @@ async def test_resume_of_a_token_id_prompt(service: NodeAgentService) -> None:
     full = simulate(prompt_token_ids=[5, 6, 7], max_tokens=8)
     message = node_agent_pb2.AgentRequest(
         generate=request,
-        resume=node_agent_pb2.Resume(
+        resume=generate_pb2.Resume(
             token_ids=full.token_ids[:3], text="".join(word(t) for t in full.token_ids[:3])
         ),
     )

@@ -21,7 +21,7 @@ from node_agent.engine import Delta, Engine, EngineLoad, EngineRequest
 from node_agent.engines.sim import SimConfig, simulate, word
 from node_agent.service import NodeAgentService
 from omni_rpc import servers
-from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc
+from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_agent_pb2_grpc, node_pb2
 from tests.unit.test_agent_service import SpyEngine
 
 NODE_ID = "node-a"
@@ -106,6 +106,7 @@ class SessionClient:
         self.call = call
         self.responses: list[node_agent_pb2.SessionResponse] = []
         self.outputs: dict[int, list[Output]] = defaultdict(list)
+        self.loads: list[node_pb2.NodeLoad] = []
 
     async def start(self, *starts: node_agent_pb2.SessionStart) -> None:
         await self.call.write(node_agent_pb2.SessionRequest(starts=starts))
@@ -114,11 +115,17 @@ class SessionClient:
         await self.call.write(node_agent_pb2.SessionRequest(cancels=stream_ids))
 
     async def read(self) -> node_agent_pb2.SessionResponse:
-        async with asyncio.timeout(TIMEOUT_S):
-            response = await self.call.read()
-        assert response is not grpc.aio.EOF, "the session ended"  # type: ignore[attr-defined]
-        assert isinstance(response, node_agent_pb2.SessionResponse)
-        assert response.outputs, "an empty SessionResponse"
+        """The next message with outputs (load reports alone are kept in ``loads``)."""
+        while True:
+            async with asyncio.timeout(TIMEOUT_S):
+                response = await self.call.read()
+            assert response is not grpc.aio.EOF, "the session ended"  # type: ignore[attr-defined]
+            assert isinstance(response, node_agent_pb2.SessionResponse)
+            if response.HasField("load"):
+                self.loads.append(response.load)
+            assert response.outputs or response.HasField("load"), "an empty SessionResponse"
+            if response.outputs:
+                break
         self.responses.append(response)
         for output in response.outputs:
             self.outputs[output.stream_id].append(output)
@@ -640,3 +647,38 @@ async def test_a_failing_abort_still_ends_the_request() -> None:
         await client.finish(2)
         assert client.last(2).finish_reason == "length"
         client.call.cancel()
+
+
+# -- load reports --------------------------------------------------------------------------------
+
+
+async def next_load(client: SessionClient) -> node_pb2.NodeLoad:
+    """The next load report on a session that carries no requests of its own."""
+    while True:
+        async with asyncio.timeout(TIMEOUT_S):
+            response = await client.call.read()
+        assert isinstance(response, node_agent_pb2.SessionResponse)
+        if response.HasField("load"):
+            return response.load
+
+
+async def test_every_session_hears_of_the_requests_of_the_others(
+    agent: NodeAgentService, channel: grpc.aio.Channel
+) -> None:
+    """Two coordinators: each knows only its own requests, the agent's reports give the rest."""
+    first, second = open_session(channel), open_session(channel)
+    try:
+        await second.call.write(node_agent_pb2.SessionRequest())
+        assert (await next_load(second)).requests == 0
+        await first.start(start(1, 200), start(2, 200))
+        load = await next_load(second)
+        while load.requests < 2:  # the two starts may be reported one at a time
+            load = await next_load(second)
+        assert load.requests == 2 and load.node_id == NODE_ID
+        await first.cancel(1, 2)
+        while load.requests:
+            load = await next_load(second)
+        await idle(agent)
+    finally:
+        first.call.cancel()
+        second.call.cancel()

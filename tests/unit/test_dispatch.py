@@ -114,6 +114,31 @@ async def test_a_broken_stream_resumes_on_another_node_token_for_token(
     assert second.served == 1 and first.in_flight == second.in_flight == 0
 
 
+@pytest.mark.parametrize("after", [1, 9])
+async def test_a_client_resume_point_continues_the_stream_on_any_coordinator(
+    registry: Registry, fleet: FakeFleet, after: int
+) -> None:
+    """GenerateRequest.resume (the client's coordinator died mid-stream): this coordinator
+    sends only what comes next, and breaks nothing if a node then fails too."""
+    healthy(registry, fleet, "n1", "n2")
+    whole = expected_tokens(PROMPT)
+    fleet.nodes["n1"].fail_next(Fault(after_tokens=3, code=grpc.StatusCode.UNAVAILABLE))
+    r = request()
+    r.resume.token_ids.extend(whole[:after])
+    r.resume.text = "".join(map(text_of, whole[:after]))
+    d = dispatcher(registry)
+    out = await collect(d.generate(r, None))
+
+    assert tokens(out) == whole[after:]  # the rest, each token once, across a node failure too
+    assert "".join(m.text for m in out) == "".join(map(text_of, whole[after:]))
+    assert out[-1].finish_reason == "length"
+    first, second = fleet.nodes["n1"].attempts[-1], fleet.nodes["n2"].attempts[-1]
+    assert list(first.resume.token_ids) == whole[:after]
+    assert list(second.resume.token_ids) == whole[: after + 3]
+    # The agents get the point as the attempt's resume, not inside the request.
+    assert not first.generate.HasField("resume") and not second.generate.HasField("resume")
+
+
 async def test_busy_nodes_are_skipped_without_blame(registry: Registry, fleet: FakeFleet) -> None:
     first, _ = healthy(registry, fleet, "n1", "n2")
     fleet.nodes["n1"].busy = True

@@ -41,6 +41,15 @@ class Node:
     in_flight: int = 0
     capacity: int = 4
     kv_cache_usage: float = 0.0
+    others_in_flight: int = 0
+
+
+def test_least_loaded_counts_what_other_coordinators_have_on_a_node() -> None:
+    """Each coordinator knows only its own requests; the agents' load reports add the others'."""
+    quiet_here = Node("a", in_flight=0, others_in_flight=3)
+    busy_here = Node("b", in_flight=1)
+    assert LeastLoaded().pick([quiet_here, busy_here]) is busy_here
+    assert PowerOfTwo().pick([quiet_here, busy_here]) is busy_here
 
 
 def test_round_robin_cycles_through_the_candidates_in_their_order() -> None:
