@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from omni_rpc import targets
+
 
 def _checked(value: float, ok: bool, rule: str, text: str) -> None:
     if not ok:  # NaN fails every comparison, so it lands here too
@@ -39,3 +41,11 @@ def host_port(text: str) -> str:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return text
+
+
+def coordinators(text: str) -> str:
+    """One coordinator HOST:PORT, several (``a:1,b:2``) or ``dns:///NAME:PORT``, as one line."""
+    try:
+        return targets.describe_checked(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

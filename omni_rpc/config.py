@@ -73,6 +73,27 @@ DEFAULT_HEALTH_CHECK_TIMEOUT_S = 2.0
 KEEPALIVE_TIME_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 
+# SDK clients ping their coordinator connection every CLIENT_KEEPALIVE_TIME_S while calls are
+# open and give it up when a ping is unanswered for CLIENT_KEEPALIVE_TIMEOUT_S: a stream on a
+# coordinator that froze (SIGSTOP, a hung host, a partition) continues on another coordinator
+# after at most about their sum (the coordinators accept pings that often: max_ping_strikes 0).
+CLIENT_KEEPALIVE_TIME_S = 10.0
+CLIENT_KEEPALIVE_TIMEOUT_S = 5.0
+
+
+def client_keepalive(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """Channel options for a client's keepalive (see CLIENT_KEEPALIVE_TIME_S)."""
+    return [
+        ("grpc.keepalive_time_ms", max(1, round(time_s * 1000))),
+        ("grpc.keepalive_timeout_ms", max(1, round(timeout_s * 1000))),
+        # A keepalive ping that finds another ping in flight waits for that one's answer under
+        # this timeout (gRPC's default: a minute), not under keepalive_timeout.
+        ("grpc.http2.ping_timeout_ms", max(1, round(timeout_s * 1000))),
+        # Keep pinging while no data flows (a frozen peer sends nothing).
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 # Backoff between attempts of one request (full jitter, capped).
 RETRY_BACKOFF_BASE_S = 0.05
 RETRY_BACKOFF_CAP_S = 2.0

@@ -143,6 +143,11 @@ def client_channel_target(given: str | Sequence[str]) -> tuple[str, list[tuple[s
     return f"{scheme}:" + ",".join(join_host_port(h, p) for h, p in hosts), ROUND_ROBIN_OPTIONS
 
 
+def describe_checked(given: str | Sequence[str]) -> str:
+    """``given`` as one line (``a:1,b:2`` or ``dns:///name:port``); ValueError if malformed."""
+    return ",".join(str(t) for t in parse_targets(given))
+
+
 def describe(given: str | Sequence[str]) -> str:
     """The coordinators as one line, for messages: ``a:1,b:2`` or ``dns:///name:port``."""
     try:

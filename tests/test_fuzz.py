@@ -215,11 +215,11 @@ def _plausible_agent_request() -> st.SearchStrategy[Message]:
         return first
 
     resume = message_strategy(
-        node_agent_pb2.Resume.DESCRIPTOR,
+        generate_pb2.Resume.DESCRIPTOR,
         {"omni.v1.Resume.token_ids": lists(integers(0, 4095), many=80)},
     )
     return st.builds(
-        combine, _plausible_generate(), st.just(node_agent_pb2.Resume()) | resume, integers(0, 5)
+        combine, _plausible_generate(), st.just(generate_pb2.Resume()) | resume, integers(0, 5)
     )
 
 

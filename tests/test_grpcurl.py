@@ -17,12 +17,17 @@ from omni_rpc.launchers.local import LocalCluster
 from tests.conftest import node_address
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(GRPCURL), "-plaintext", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def grpcurl(*args: str) -> str:
-    done = subprocess.run(
-        [str(GRPCURL), "-plaintext", *args], capture_output=True, text=True, timeout=30
-    )
+    done = run_grpcurl(*args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -119,3 +124,65 @@ def test_bad_json_request_is_invalid_argument(cluster: LocalCluster) -> None:
     )
     assert done.returncode != 0
     assert "InvalidArgument" in done.stderr and "sampling.max_tokens" in done.stderr
+
+
+def test_grpcurl_call_with_a_resume_point_continues_a_stream(cluster: LocalCluster) -> None:
+    """A client whose coordinator died mid-stream sends the same request again with what it
+    received as ``resume``: any coordinator sends only the rest, each token once, and the
+    final usage counts the whole generation."""
+    address = cluster.coordinator_address
+    prompt, max_tokens, seed, k = "Resume me from grpcurl", 10, 7, 4
+    request: dict[str, Any] = {
+        "request_id": "grpcurl-resume-1",
+        "prompt": prompt,
+        "sampling": {"max_tokens": max_tokens, "seed": seed},
+    }
+    # The undisturbed stream, one token per message (stream_interval unset): what a client
+    # has received after k tokens is the first k messages.
+    whole = json_objects(
+        grpcurl("-d", json.dumps(request), address, "omni.v1.Coordinator/Generate")
+    )
+    expected = simulate(prompt, max_tokens=max_tokens, seed=seed)
+    assert [t for m in whole for t in m.get("token_ids", [])] == expected.token_ids
+    assert [len(m.get("token_ids", [])) for m in whole[:k]] == [1] * k
+    received_ids = [m["token_ids"][0] for m in whole[:k]]
+    received_text = "".join(m.get("text", "") for m in whole[:k])
+    assert received_text and expected.text.startswith(received_text)
+
+    resumed_request = {**request, "resume": {"token_ids": received_ids, "text": received_text}}
+    rest = json_objects(
+        grpcurl("-d", json.dumps(resumed_request), address, "omni.v1.Coordinator/Generate")
+    )
+    rest_ids = [t for m in rest for t in m.get("token_ids", [])]
+    rest_text = "".join(m.get("text", "") for m in rest)
+    # Only what comes next: not a restart from the beginning, no token twice.
+    assert rest_ids == expected.token_ids[k:], "the resumed stream must continue after k tokens"
+    assert received_text + rest_text == expected.text
+    assert rest_text == expected.text[len(received_text) :]
+    assert rest[-1]["finish_reason"] == "length"
+    # usage counts the whole generation (both parts), the prompt as before.
+    assert rest[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": max_tokens}
+    assert whole[-1]["usage"] == rest[-1]["usage"]
+    # examples/README.md documents this very call, with these literal values.
+    documented = json.dumps({"resume": {"token_ids": received_ids, "text": received_text}})
+    documented = documented[1:-1]  # '"resume": {...}', as it appears inside the request
+    assert documented in (ROOT / "examples" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "resume",
+    [
+        pytest.param({"token_ids": [5, -1], "text": " a b"}, id="negative-token-id"),
+        pytest.param({"text": " already received"}, id="text-without-token-ids"),
+    ],
+)
+def test_bad_resume_point_is_invalid_argument(
+    cluster: LocalCluster, resume: dict[str, Any]
+) -> None:
+    request = {"prompt": "x", "sampling": {"max_tokens": 8}, "resume": resume}
+    done = run_grpcurl(
+        "-d", json.dumps(request), cluster.coordinator_address, "omni.v1.Coordinator/Generate"
+    )
+    assert done.returncode != 0
+    assert "InvalidArgument" in done.stderr and "resume" in done.stderr, done.stderr
+    assert '"token_ids"' not in done.stdout, "a refused request streams nothing"

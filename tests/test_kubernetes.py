@@ -5,10 +5,13 @@ schemas that kubernetes-validate ships; the RayCluster (a KubeRay CRD, not in th
 gets its own structural check with its pod templates validated as core PodTemplates. Then the
 workloads are read as the kubelet would and checked against the servers: every OMNI_* variable
 is an option of the server it configures and parses to a valid value, the probes ask the health
-services the servers register on the ports they listen on, agents advertise their pod IP and
-join the coordinator's Service, and the GPU DaemonSets give every GPU node exactly one agent
-layout. A last test starts a coordinator and an agent with the manifests' environment and runs
-the probes against them.
+services the servers register on the ports they listen on, and the GPU DaemonSets give every
+GPU node exactly one agent layout. Two coordinators run at once, each with its own registry:
+a rollout or a drain never stops both, the scheduler is asked to put them on different nodes,
+clients keep the Service omni-coordinator, and agents advertise their pod IP and join every
+coordinator through the headless Service omni-coordinator-peers; each of those checks is also
+shown to fail on a broken copy. A last test starts a coordinator and an agent with the
+manifests' environment and runs the probes against them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from node_agent.main import K8S_LABEL_ENV
 from node_agent.main import build_parser as agent_parser
 from omni_rpc import config, security, settings
 from omni_rpc.sdk.client import CoordinatorClient
+from omni_rpc.targets import CoordinatorTarget, parse_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -493,28 +497,6 @@ def coordinator_service() -> tuple[Doc, Doc]:
     return deployments[0], services[0]
 
 
-def test_coordinator_deployment_service_and_budget() -> None:
-    deployment, service = coordinator_service()
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate", "never two registries at once"
-    pod = deployment["spec"]["template"]
-    selector = service["spec"]["selector"]
-    assert selector.items() <= pod["metadata"]["labels"].items(), "Service selects no pod"
-    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
-    (container,) = pod["spec"]["containers"]
-    ports = ports_by_name(container)
-    targets = {p["name"]: ports[p["targetPort"]] for p in service["spec"]["ports"]}
-    args = parsed("coordinator", container_env(container, "coordinator"))
-    assert targets == {
-        "grpc": port_of(args.listen),
-        "http": port_of(args.http_listen),  # the OpenAI-compatible front door
-        "metrics": args.metrics_port,
-    }
-    (budget,) = docs_of("PodDisruptionBudget")
-    assert budget["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    assert "minAvailable" not in budget["spec"], "minAvailable with 1 replica blocks drains"
-
-
 def agent_workloads() -> list[Doc]:
     return [
         w
@@ -526,29 +508,307 @@ def agent_workloads() -> list[Doc]:
     ]
 
 
-def test_agents_join_the_coordinator_service_and_advertise_their_pod_ip() -> None:
-    _, service = coordinator_service()
-    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
-    namespace = service["metadata"]["namespace"]
+# --- several coordinators -----------------------------------------------------------------
+#
+# Each coordinator keeps its own soft-state registry, filled by agents that join every
+# coordinator pod they find behind the headless Service. The checks take the objects as
+# arguments, so that test_coordinator_ha_regressions_are_caught can run them on broken copies.
+
+PEERS_SERVICE = "omni-coordinator-peers"
+CLUSTER_DOMAIN = "cluster.local"
+SPREAD_KEY = "kubernetes.io/hostname"
+
+
+def coordinator_objects() -> dict[str, Any]:
+    """The objects that make up the coordinators and how agents find them, by role."""
+    deployment, service = coordinator_service()
+    peers = [d for d in docs_of("Service") if d["metadata"]["name"] == PEERS_SERVICE]
+    assert len(peers) == 1, f"Service {PEERS_SERVICE} is not in deploy/kubernetes"
+    budgets = docs_of("PodDisruptionBudget")
+    assert len(budgets) == 1, "one PodDisruptionBudget, for the coordinators"
+    return {
+        "deployment": deployment,
+        "service": service,
+        "peers": peers[0],
+        "budget": budgets[0],
+        "agents": agent_workloads(),
+    }
+
+
+def coordinator_pod_labels(objects: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = objects["deployment"]["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects_exactly_the_coordinators(selector: dict[str, str], objects: dict[str, Any]) -> bool:
+    """Whether a label selector takes every coordinator pod and nothing the Deployment would
+    not count as its own (it is at least as narrow as the Deployment's selector)."""
+    deployment_selector = objects["deployment"]["spec"]["selector"]["matchLabels"]
+    return bool(selector) and (
+        selector.items() <= coordinator_pod_labels(objects).items()
+        and deployment_selector.items() <= selector.items()
+    )
+
+
+def check_replicas_and_rollout(objects: dict[str, Any]) -> None:
+    spec = objects["deployment"]["spec"]
+    assert spec["replicas"] == 2, "two coordinators, so that one may die"
+    strategy = spec.get("strategy", {"type": "RollingUpdate"})
+    assert strategy["type"] == "RollingUpdate", "Recreate takes every coordinator down at once"
+    rolling = strategy.get("rollingUpdate", {})
+    assert rolling.get("maxUnavailable") == 0, "a rollout must not stop a coordinator first"
+    assert rolling.get("maxSurge") == 1, "a rollout starts one new coordinator at a time"
+    # A new coordinator is counted available (and the next old one stopped) only once every
+    # agent has re-resolved the headless Service (--coordinator-resolve-interval) and joined it.
+    slowest = max(
+        float(parsed("agent", container_env(c, w["metadata"]["name"])).coordinator_resolve_interval)
+        for w in objects["agents"]
+        for c in w["spec"]["template"]["spec"]["containers"]
+    )
+    assert spec.get("minReadySeconds", 0) > slowest, (
+        f"minReadySeconds must exceed the agents' re-resolve interval ({slowest} s)"
+    )
+
+
+def check_spread(objects: dict[str, Any]) -> None:
+    affinity = objects["deployment"]["spec"]["template"]["spec"].get("affinity", {})
+    anti = affinity.get("podAntiAffinity", {})
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti, (
+        "required anti-affinity leaves a one-node cluster with a single coordinator"
+    )
+    spreading = [
+        term
+        for term in anti.get("preferredDuringSchedulingIgnoredDuringExecution", [])
+        if term["podAffinityTerm"]["topologyKey"] == SPREAD_KEY
+        and set(term["podAffinityTerm"]) == {"topologyKey", "labelSelector"}  # own namespace
+        and set(term["podAffinityTerm"]["labelSelector"]) == {"matchLabels"}
+        and selects_exactly_the_coordinators(
+            term["podAffinityTerm"]["labelSelector"]["matchLabels"], objects
+        )
+    ]
+    assert spreading, f"no preferred anti-affinity of the coordinator pods on {SPREAD_KEY}"
+    assert max(term["weight"] for term in spreading) == 100, "the strongest preference"
+
+
+def check_budget(objects: dict[str, Any]) -> None:
+    budget = objects["budget"]["spec"]
+    assert selects_exactly_the_coordinators(budget["selector"].get("matchLabels", {}), objects), (
+        "the budget does not select the coordinator pods"
+    )
+    assert set(budget["selector"]) == {"matchLabels"}
+    assert budget.get("minAvailable") == 1, (
+        "minAvailable: 1: drains evict one coordinator at a time, never the last"
+    )
+    assert "maxUnavailable" not in budget, "minAvailable and maxUnavailable exclude each other"
+    assert budget["minAvailable"] < objects["deployment"]["spec"]["replicas"], (
+        "minAvailable must leave one coordinator evictable, or drains block"
+    )
+
+
+def check_client_service(objects: dict[str, Any]) -> None:
+    service = objects["service"]["spec"]
+    assert service.get("type", "ClusterIP") == "ClusterIP"
+    assert service.get("clusterIP") != "None", "clients (HTTP, grpcurl) need the virtual IP"
+    assert selects_exactly_the_coordinators(service["selector"], objects), "selects no pod"
+    (container,) = objects["deployment"]["spec"]["template"]["spec"]["containers"]
+    ports = ports_by_name(container)
+    targets = {p["name"]: ports[p["targetPort"]] for p in service["ports"]}
+    args = parsed("coordinator", container_env(container, "coordinator"))
+    assert targets == {
+        "grpc": port_of(args.listen),
+        "http": port_of(args.http_listen),  # the OpenAI-compatible front door
+        "metrics": args.metrics_port,
+    }
+    assert {p["name"]: p["port"] for p in service["ports"]} == {
+        "grpc": 50051,
+        "http": 8000,
+        "metrics": 9090,
+    }, "the ports clients and docs use"
+
+
+def peers_grpc_port(objects: dict[str, Any]) -> int:
+    (port,) = [p for p in objects["peers"]["spec"]["ports"] if p["name"] == "grpc"]
+    number: int = port["port"]
+    return number
+
+
+def check_peers_service(objects: dict[str, Any]) -> None:
+    peers = objects["peers"]["spec"]
+    assert peers.get("clusterIP") == "None", f"{PEERS_SERVICE} must be headless"
+    assert peers.get("type", "ClusterIP") == "ClusterIP"
+    assert not peers.get("publishNotReadyAddresses", False), (
+        "agents would join coordinators that are starting or draining"
+    )
+    assert selects_exactly_the_coordinators(peers["selector"], objects), "selects no coordinator"
+    assert peers["selector"] == objects["service"]["spec"]["selector"], "the same pods"
+    (container,) = objects["deployment"]["spec"]["template"]["spec"]["containers"]
+    listen = port_of(parsed("coordinator", container_env(container, "coordinator")).listen)
+    port = peers_grpc_port(objects)
+    # No proxy in between: clients dial pod IP:port, so the port is the one the pods listen on.
+    assert port == listen, f"{PEERS_SERVICE} port {port}, coordinators listen on {listen}"
+    (spec,) = [p for p in peers["ports"] if p["name"] == "grpc"]
+    target = spec.get("targetPort", port)
+    assert ports_by_name(container).get(target, target) == listen
+
+
+def check_agents_join_every_coordinator(objects: dict[str, Any]) -> None:
+    namespace = objects["peers"]["metadata"]["namespace"]
+    # Every address of the headless Service's fully qualified name (the name coordinator
+    # certificates carry), on the port the coordinators listen on.
+    expected = CoordinatorTarget(
+        f"{PEERS_SERVICE}.{namespace}.svc.{CLUSTER_DOMAIN}",
+        peers_grpc_port(objects),
+        every_address=True,
+    )
     count = 0
-    for workload, container, component in omni_containers():
-        if component != "agent":
-            continue
-        count += 1
-        where = f"{workload['metadata']['name']}/{container['name']}"
-        args = parsed("agent", container_env(container, where))
-        host, port = args.coordinator.rsplit(":", 1)
-        labels = host.split(".")
-        assert labels[0] == service["metadata"]["name"], f"{where}: joins {host}"
-        assert int(port) == grpc_port, f"{where}: joins port {port}"
-        if len(labels) > 1:
-            assert labels[1] == namespace and labels[2:] in (
-                [],
-                ["svc"],
-                ["svc", "cluster", "local"],
+    for workload in objects["agents"]:
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            count += 1
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            args = parsed("agent", container_env(container, where))
+            targets = parse_targets(args.coordinator)
+            assert targets == [expected], (
+                f"{where}: joins {args.coordinator}, not every coordinator ({expected})"
             )
-        assert args.advertise == f"{POD_VALUES['POD_IP']}:{port_of(args.listen)}", where
+            assert args.advertise == f"{POD_VALUES['POD_IP']}:{port_of(args.listen)}", where
     assert count >= 2
+
+
+HA_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "replicas and rollout": check_replicas_and_rollout,
+    "spread over nodes": check_spread,
+    "disruption budget": check_budget,
+    "client Service": check_client_service,
+    "headless Service": check_peers_service,
+    "agents join every coordinator": check_agents_join_every_coordinator,
+}
+
+
+@pytest.mark.parametrize("check", sorted(HA_CHECKS))
+def test_coordinator_ha(check: str) -> None:
+    HA_CHECKS[check](coordinator_objects())
+
+
+def agent_env_item(objects: dict[str, Any], workload: int, index: int, name: str) -> Doc:
+    """An env entry of the index-th container of one agent workload."""
+    containers = objects["agents"][workload]["spec"]["template"]["spec"]["containers"]
+    item: Doc = next(e for e in containers[index]["env"] if e["name"] == name)
+    return item
+
+
+def anti_affinity_term(objects: dict[str, Any]) -> Doc:
+    spec = objects["deployment"]["spec"]["template"]["spec"]
+    term: Doc = spec["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ][0]
+    return term
+
+
+def budget_as_max_unavailable(objects: dict[str, Any]) -> None:
+    spec = objects["budget"]["spec"]
+    spec.pop("minAvailable")
+    spec["maxUnavailable"] = 1
+
+
+def make_required(objects: dict[str, Any]) -> None:
+    anti = objects["deployment"]["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    terms = anti.pop("preferredDuringSchedulingIgnoredDuringExecution")
+    anti["requiredDuringSchedulingIgnoredDuringExecution"] = [t["podAffinityTerm"] for t in terms]
+
+
+HA_REGRESSIONS: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
+    "one replica": (
+        "replicas and rollout",
+        lambda o: o["deployment"]["spec"].update(replicas=1),
+    ),
+    "Recreate": (
+        "replicas and rollout",
+        lambda o: o["deployment"]["spec"].update(strategy={"type": "Recreate"}),
+    ),
+    "rollout stops an old pod first": (
+        "replicas and rollout",
+        lambda o: o["deployment"]["spec"]["strategy"]["rollingUpdate"].update(maxUnavailable=1),
+    ),
+    "new pod available before the agents found it": (
+        "replicas and rollout",
+        lambda o: o["deployment"]["spec"].update(minReadySeconds=5),
+    ),
+    "agents re-resolve more slowly than a new pod becomes available": (
+        "replicas and rollout",
+        lambda o: first_container(o["agents"][0])["env"].append(
+            {"name": "OMNI_COORDINATOR_RESOLVE_INTERVAL", "value": "30"}
+        ),
+    ),
+    "no anti-affinity": (
+        "spread over nodes",
+        lambda o: o["deployment"]["spec"]["template"]["spec"].pop("affinity"),
+    ),
+    "required anti-affinity": ("spread over nodes", make_required),
+    "spread over zones only": (
+        "spread over nodes",
+        lambda o: anti_affinity_term(o)["podAffinityTerm"].update(
+            topologyKey="topology.kubernetes.io/zone"
+        ),
+    ),
+    "anti-affinity to other pods": (
+        "spread over nodes",
+        lambda o: anti_affinity_term(o)["podAffinityTerm"]["labelSelector"].update(
+            matchLabels={"app.kubernetes.io/name": "omni-agent"}
+        ),
+    ),
+    "budget as maxUnavailable": ("disruption budget", budget_as_max_unavailable),
+    "budget blocks every eviction": (
+        "disruption budget",
+        lambda o: o["budget"]["spec"].update(minAvailable=2),
+    ),
+    "budget on other pods": (
+        "disruption budget",
+        lambda o: o["budget"]["spec"]["selector"].update(
+            matchLabels={"app.kubernetes.io/name": "omni-agent"}
+        ),
+    ),
+    "client Service made headless": (
+        "client Service",
+        lambda o: o["service"]["spec"].update(clusterIP="None"),
+    ),
+    "peers Service with a virtual IP": (
+        "headless Service",
+        lambda o: o["peers"]["spec"].pop("clusterIP"),
+    ),
+    "peers Service publishes unready pods": (
+        "headless Service",
+        lambda o: o["peers"]["spec"].update(publishNotReadyAddresses=True),
+    ),
+    "peers Service selects other pods": (
+        "headless Service",
+        lambda o: o["peers"]["spec"].update(selector={"app.kubernetes.io/name": "omni-agent"}),
+    ),
+    "peers Service on another port": (
+        "headless Service",
+        lambda o: o["peers"]["spec"]["ports"][0].update(port=50052),
+    ),
+    "agents join the client Service": (
+        "agents join every coordinator",
+        lambda o: agent_env_item(o, 0, 0, "OMNI_COORDINATOR").update(
+            value="omni-coordinator.$(POD_NAMESPACE).svc:50051"
+        ),
+    ),
+    "the last 4-GPU agent resolves without dns:///": (
+        "agents join every coordinator",
+        lambda o: agent_env_item(o, 1, -1, "OMNI_COORDINATOR").update(
+            value="omni-coordinator-peers.$(POD_NAMESPACE).svc.cluster.local:50051"
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("what", sorted(HA_REGRESSIONS))
+def test_coordinator_ha_regressions_are_caught(what: str) -> None:
+    check, mutate = HA_REGRESSIONS[what]
+    objects = copy.deepcopy(coordinator_objects())
+    mutate(objects)
+    with pytest.raises(AssertionError):
+        HA_CHECKS[check](objects)
 
 
 def gpu_nodes_matched(workload: Doc, labels: dict[str, str]) -> bool:

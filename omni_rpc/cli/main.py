@@ -35,7 +35,7 @@ import grpc
 
 from coordinator.strategies import STRATEGIES
 from node_agent import models
-from omni_rpc import __version__, argtypes, config, launchers, security
+from omni_rpc import __version__, argtypes, config, launchers, security, targets
 from omni_rpc.cli.top import add_arguments as add_top_arguments
 from omni_rpc.launchers import ray_actors
 from omni_rpc.launchers.cpus import CPU_MODES
@@ -71,9 +71,10 @@ def _default_coordinator() -> str:
 def _add_coordinator_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--coordinator",
-        type=argtypes.host_port,
+        type=argtypes.coordinators,
         default=_default_coordinator(),
-        help="coordinator HOST:PORT (default: $OMNI_COORDINATOR or %(default)s)",
+        help="the coordinator: HOST:PORT, several (a:1,b:2: each call goes to one that "
+        "answers) or dns:///NAME:PORT (default: $OMNI_COORDINATOR or %(default)s)",
     )
     p.add_argument(
         "--token-file",
@@ -901,7 +902,8 @@ async def stream_request(
 ) -> int:
     """Send ``request`` and write its text to ``out`` as it streams (`omni generate` and
     `omni chat`); with ``-v``, node, attempt and usage on ``err`` at the end."""
-    async with client_security(args).aio_channel(args.coordinator) as channel:
+    target, options = targets.client_channel_target(args.coordinator)
+    async with client_security(args).aio_channel(target, options) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         wrote = False
         last = None

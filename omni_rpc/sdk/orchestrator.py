@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from coordinator.strategies import STRATEGIES
-from omni_rpc import config
+from omni_rpc import config, targets
 from omni_rpc.backoff import Backoff
 from omni_rpc.sdk.chat import ChatMessages, chat_messages, media_inputs
 from omni_rpc.sdk.client import CoordinatorClient, node_dict, stats_dict
@@ -143,6 +143,34 @@ def _media_items(
     return items
 
 
+class Received:
+    """What one call has received, across coordinators: the resume point of its next part."""
+
+    def __init__(self, request: generate_pb2.GenerateRequest) -> None:
+        self.request_id = request.request_id
+        self.token_ids: list[int] = list(request.resume.token_ids)
+        self.text: list[str] = [request.resume.text] if request.resume.text else []
+        self.media_items = request.resume.media_items_delivered
+        self.any = False
+
+    def add(self, response: generate_pb2.GenerateResponse) -> None:
+        self.any = True
+        # The coordinator names the request when the caller did not: a continuation must carry
+        # the same id.
+        self.request_id = self.request_id or response.request_id
+        self.token_ids.extend(response.token_ids)
+        if response.text:
+            self.text.append(response.text)
+        self.media_items += sum(1 for piece in response.outputs if piece.last_chunk)
+
+    def resume(self, request: generate_pb2.GenerateRequest) -> None:
+        """Make ``request`` continue after everything received."""
+        request.request_id = self.request_id
+        request.resume.token_ids[:] = self.token_ids
+        request.resume.text = "".join(self.text)
+        request.resume.media_items_delivered = self.media_items
+
+
 def _usage(response: generate_pb2.GenerateResponse) -> dict[str, int]:
     return {
         "prompt_tokens": response.usage.prompt_tokens,
@@ -194,7 +222,8 @@ class DistributedOrchestrator:
         ray_address: str | _Omitted | None = OMITTED,
         memory_buffer_gb: float | None = None,
         *,
-        coordinator: str | None = None,
+        coordinator: str | Sequence[str] | None = None,
+        num_coordinators: int = 1,
         engine: str | None = None,
         timeout: float = config.DEFAULT_REQUEST_TIMEOUT_S,
         connect_timeout: float = config.DEFAULT_CONNECT_TIMEOUT_S,
@@ -209,6 +238,8 @@ class DistributedOrchestrator:
         tls: TlsFiles | None = None,
         http_url: str | None = None,
         cpu_cores: str = "auto",
+        keepalive_time: float = config.CLIENT_KEEPALIVE_TIME_S,
+        keepalive_timeout: float = config.CLIENT_KEEPALIVE_TIMEOUT_S,
     ) -> None:
         """``launcher``: "local" (child processes) or "ray"; default "ray" when
         ``ray_address`` is passed, else "local". ``ray_address``: "auto",
@@ -229,7 +260,16 @@ class DistributedOrchestrator:
         ``token`` (default ``OMNI_TOKEN``) and ``tls`` (CA, and a client certificate for
         mutual TLS) secure the calls to a coordinator given by ``coordinator=``;
         ``http_url`` is its HTTP front door, if you want ``orch.http_url`` to say it (a
-        cluster started here serves one and sets it)."""
+        cluster started here serves one and sets it).
+        ``coordinator`` may name several coordinators: a list, ``"a:1,b:2"``, or
+        ``"dns:///NAME:PORT"`` (every address of the name). Calls are spread over those that
+        answer (gRPC's round_robin), and a stream whose coordinator dies continues on another
+        from the tokens received (``GenerateRequest.resume``): no token twice, none missing.
+        ``num_coordinators``: how many coordinators a cluster started here runs (the agents
+        join each). ``keepalive_time`` / ``keepalive_timeout``: while a call is open the
+        connection is pinged every ``keepalive_time`` seconds, and one unanswered for
+        ``keepalive_timeout`` is given up: a coordinator that froze (or whose host vanished)
+        costs a stream at most about their sum before it continues on another."""
         address = None if isinstance(ray_address, _Omitted) else ray_address
         launcher = launcher or ("local" if isinstance(ray_address, _Omitted) else "ray")
         if launcher not in config.LAUNCHERS:
@@ -250,6 +290,18 @@ class DistributedOrchestrator:
             raise ValueError(f"memory_buffer_gb must be >= 0, got {memory_buffer_gb!r}")
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be > 0, got {connect_timeout!r}")
+        if not isinstance(num_coordinators, int) or num_coordinators < 1:
+            raise ValueError(
+                f"num_coordinators must be a positive integer, got {num_coordinators!r}"
+            )
+        if not (keepalive_time > 0 and keepalive_timeout > 0):
+            raise ValueError(
+                f"keepalive_time and keepalive_timeout must be > 0, got {keepalive_time!r} "
+                f"and {keepalive_timeout!r}"
+            )
+        if coordinator is not None:
+            # Malformed addresses fail here, not at the first call.
+            coordinator = targets.describe_checked(coordinator)
         if coordinator is None:
             from omni_rpc import launchers
 
@@ -263,6 +315,8 @@ class DistributedOrchestrator:
         self.memory_buffer_gb = memory_buffer_gb
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.keepalive_time = keepalive_time
+        self.keepalive_timeout = keepalive_timeout
         self.startup_timeout = startup_timeout or config.STARTUP_TIMEOUT_S.get(engine or "", 60.0)
         self.security = ChannelSecurity(
             token=token or os.environ.get("OMNI_TOKEN") or None, tls=tls or TlsFiles()
@@ -293,6 +347,7 @@ class DistributedOrchestrator:
                     ray_max_restarts=ray_max_restarts,
                     http_listen=config.SDK_HTTP_LISTEN,
                     cpu_cores=cpu_cores,
+                    coordinators=num_coordinators,
                 ),
                 self.startup_timeout,
             )
@@ -373,7 +428,11 @@ class DistributedOrchestrator:
     ]:
         loop = asyncio.get_running_loop()
         if self._aio is None or self._aio[0] is not loop:
-            channel = self.security.aio_channel(self.coordinator)
+            target, options = targets.client_channel_target(self.coordinator)
+            channel = self.security.aio_channel(
+                target,
+                [*options, *config.client_keepalive(self.keepalive_time, self.keepalive_timeout)],
+            )
             self._aio = (loop, channel, coordinator_pb2_grpc.CoordinatorStub(channel))
         return self._aio
 
@@ -452,14 +511,15 @@ class DistributedOrchestrator:
         # Media pieces of items not complete yet, by index (the coordinator relays an item's
         # pieces only once it is whole, so a retried call never repeats a complete one).
         partial: dict[int, list[bytes]] = {}
+        # What this call has received: where a continuation on another coordinator starts.
+        received = Received(request)
         while True:
-            received = False
             call = self._stub().Generate(
                 request, timeout=max(0.0, deadline - time.monotonic()), wait_for_ready=True
             )
             try:
                 async for response in call:
-                    received = True
+                    received.add(response)
                     media = _media_items(response, partial)
                     yield GenerationDelta(
                         outputs=media,
@@ -473,11 +533,15 @@ class DistributedOrchestrator:
                     )
                 return
             except grpc.aio.AioRpcError as exc:
-                retry = not received and _coordinator_unreachable(exc)
-                if not retry or time.monotonic() >= deadline:
+                # The coordinator went away (not its verdict): any coordinator continues the
+                # stream from what was received, each token exactly once.
+                if not _coordinator_unreachable(exc) or time.monotonic() >= deadline:
                     raise GenerationError(
                         exc.code(), exc.details() or "", request.request_id
                     ) from None
+                if received.any:
+                    received.resume(request)
+                    partial.clear()  # an item cut short is produced again, whole
             finally:
                 call.cancel()
             await backoff.sleep(deadline - time.monotonic())
