@@ -42,7 +42,11 @@ def healthy_at(address: str) -> list[str]:
 
 def wait_every_coordinator(cluster: LocalCluster, count: int, timeout: float = 60.0) -> None:
     for address in cluster.coordinator_addresses:
-        wait_until(lambda a=address: len(healthy_at(a)) >= count, timeout, f"{count} at {address}")
+
+        def ready(at: str = address) -> bool:
+            return len(healthy_at(at)) >= count
+
+        wait_until(ready, timeout, f"{count} healthy at {address}")
 
 
 def stats_at(address: str) -> dict[str, int]:
