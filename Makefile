@@ -50,10 +50,12 @@ bench-peers: install
 	$(PY) scripts/bench_peers.py $(BENCH_PEERS_ARGS)
 
 # A long chaos run: make chaos SEED=7 REQUESTS=20000
-# Then 120 s outages: a coordinator killed and restarted, an agent frozen and thawed (~5 min;
+# Then the same with two coordinators, killed, frozen and restarted too (one at a time);
+# then 120 s outages: a coordinator killed and restarted, an agent frozen and thawed (~5 min;
 # make test skips tests/chaos/test_long_outages.py without OMNI_LONG_CHAOS=1).
 chaos: install
 	$(PY) -m tests.chaos.harness --seed $(SEED) --requests $(REQUESTS) --concurrency $(CONCURRENCY)
+	$(PY) -m tests.chaos.harness --seed $(SEED) --requests $(REQUESTS) --concurrency $(CONCURRENCY) --coordinators 2
 	OMNI_LONG_CHAOS=1 $(PY) -m pytest -q -p no:cacheprovider -s tests/chaos/test_long_outages.py
 
 # A long fuzz run against live servers (make test runs a short seeded one).

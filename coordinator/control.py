@@ -235,6 +235,9 @@ class ControlHub(control_pb2_grpc.ControlPlaneServicer):
         try:
             while (message := await link.outbox.get()) is not None:
                 yield message
+            failed = reader.exception() if reader.done() and not reader.cancelled() else None
+            if failed is not None:
+                raise failed  # a message that did not parse: the call ends INVALID_ARGUMENT
         finally:
             reader.cancel()
             if self.links.get(link.index) is link:

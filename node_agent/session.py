@@ -191,8 +191,9 @@ class CoordinatorSession:
                 await asyncio.wait([cleanup])
                 raise
         if not reader.cancelled():
-            # The reader's failure is the session's (DecodeGuard's abort of a message that
-            # does not parse must reach gRPC as the same exception).
+            # The reader's failure is the session's: a message that did not parse
+            # (servers.UndecodableRequest) ends the call INVALID_ARGUMENT, now that no write
+            # of this session is in flight.
             reader.result()
 
     # -- reading ---------------------------------------------------------------------------

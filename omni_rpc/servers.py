@@ -47,6 +47,13 @@ class _Undecodable:
         self.error = f"request message does not parse: {type(error).__name__}: {error}"
 
 
+class UndecodableRequest(Exception):
+    """A message of a request stream did not parse. Raised to the handler (its reader), and
+    turned into INVALID_ARGUMENT once the handler has returned: aborting from inside the
+    iterator could collide with a write the handler has in flight (gRPC refuses a second
+    operation of the same kind on a call), and the handler ends its own work first."""
+
+
 def _guarded(handler: Any) -> Any:
     """``handler`` with a deserializer that cannot raise: a malformed request is answered
     INVALID_ARGUMENT by the handler, where gRPC alone would say UNKNOWN and log a traceback."""
@@ -67,7 +74,7 @@ def _guarded(handler: Any) -> Any:
         async def check() -> Any:
             async for request in requests:
                 if isinstance(request, _Undecodable):
-                    await refuse(context, request)
+                    raise UndecodableRequest(request.error)
                 yield request
 
         return check()
@@ -90,13 +97,19 @@ def _guarded(handler: Any) -> Any:
         if inspect.isasyncgenfunction(behavior):
 
             async def checked_stream(request: Any, context: Any) -> Any:
-                async for response in checked(request, context):
-                    yield response
+                try:
+                    async for response in checked(request, context):
+                        yield response
+                except UndecodableRequest as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
             return checked_stream
 
         async def checked_call(request: Any, context: Any) -> Any:
-            return await checked(request, context)
+            try:
+                return await checked(request, context)
+            except UndecodableRequest as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
         return checked_call
 

@@ -164,3 +164,18 @@ async def resolve_every_address(target: CoordinatorTarget) -> list[str]:
     loop = asyncio.get_running_loop()
     found = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     return sorted({join_host_port(str(info[4][0]), target.port) for info in found})
+
+
+def every_coordinator(given: str | Sequence[str]) -> list[str]:
+    """HOST:PORT of each coordinator ``given`` stands for (``dns:///`` names resolved now): for
+    what must reach every coordinator, as a drain does (each has its own registry). OSError
+    when a name does not resolve."""
+    found: list[str] = []
+    for target in parse_targets(given):
+        if not target.every_address or _is_ip(target.host):
+            addresses = [target.address]
+        else:
+            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            addresses = sorted({join_host_port(str(i[4][0]), target.port) for i in infos})
+        found += [a for a in addresses if a not in found]
+    return found

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from node_agent.engines.sim import simulate
 from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.sdk import DistributedOrchestrator
-from omni_rpc.sdk.client import CoordinatorClient
+from omni_rpc.sdk.client import CoordinatorClient, node_dict
 from tests.conftest import agent_load, record, wait_until
+from tests.test_cli import omni
 
 MakeCluster = Callable[..., LocalCluster]
 
@@ -202,3 +203,28 @@ async def test_a_frozen_coordinator_is_left_within_the_keepalive_bound(
         for task in tasks:
             task.cancel()
     await orch.aclose()
+
+
+def node_states(address: str) -> dict[str, str]:
+    client = CoordinatorClient(address)
+    try:
+        return {n.node_id: node_dict(n)["state"] for n in client.nodes()}
+    finally:
+        client.close()
+
+
+def test_omni_drain_reaches_every_coordinator(make_cluster: MakeCluster) -> None:
+    """Each coordinator has its own registry: a drain (and an undrain) must reach all of them,
+    or the others keep sending the node new work."""
+    cluster = make_cluster(2, wait=False, num_coordinators=2)
+    wait_every_coordinator(cluster, 2)
+    both = cluster.coordinator_target
+    drained = omni("drain", "node-0", "--wait", "--timeout", "20", "--coordinator", both)
+    assert drained.returncode == 0, drained.stderr
+    for address in cluster.coordinator_addresses:
+        assert f"coordinator {address}:" in drained.stdout
+        assert node_states(address) == {"node-0": "draining", "node-1": "healthy"}
+    undrained = omni("undrain", "node-0", "--coordinator", both)
+    assert undrained.returncode == 0, undrained.stderr
+    for address in cluster.coordinator_addresses:
+        assert node_states(address) == {"node-0": "healthy", "node-1": "healthy"}

@@ -82,7 +82,18 @@ def test_moved_messages_keep_their_names_and_numbers() -> None:
         "visible_devices": 4,
     }
     assert fields(node_pb2.Placement) == {"launcher": 1, "host": 2, "labels": 3}
-    assert fields(node_pb2.NodeLoad)["rejected"] == 13 and len(fields(node_pb2.NodeLoad)) == 13
+    assert fields(node_pb2.NodeLoad)["rejected"] == 13 and len(fields(node_pb2.NodeLoad)) == 14
+    assert fields(node_pb2.NodeLoad)["requests"] == 14
+    # Resume moved to generate.proto (GenerateRequest.resume, public) within omni.v1: the same
+    # full name and numbers on the agents' AgentRequest.resume.
+    from omni_rpc.v1 import generate_pb2
+
+    assert generate_pb2.Resume.DESCRIPTOR.full_name == "omni.v1.Resume"
+    assert fields(generate_pb2.Resume) == {"token_ids": 1, "text": 2, "media_items_delivered": 3}
+    assert fields(generate_pb2.GenerateRequest)["resume"] == 12
+    resume_type = node_agent_pb2.AgentRequest.DESCRIPTOR.fields_by_name["resume"].message_type
+    assert resume_type is generate_pb2.Resume.DESCRIPTOR
+    assert fields(node_agent_pb2.SessionResponse) == {"outputs": 1, "load": 2}
     # The removed Cancel control message: its number and name stay reserved.
     assert fields(node_agent_pb2.AgentRequest) == {"generate": 1, "attempt": 3, "resume": 4}
     assert "Cancel" not in node_agent_pb2.DESCRIPTOR.message_types_by_name

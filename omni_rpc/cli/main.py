@@ -321,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--json", action="store_true", help="print the nodes as a JSON list")
     nodes.set_defaults(func=cmd_nodes)
 
-    drain = commands.add_parser("drain", help="stop new dispatch to a node")
+    drain = commands.add_parser(
+        "drain", help="stop new dispatch to a node (on every coordinator --coordinator names)"
+    )
     drain.add_argument("node", metavar="NODE", help="node id (see `omni nodes`)")
     _add_coordinator_option(drain)
     drain.add_argument(
@@ -336,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drain.set_defaults(func=cmd_drain)
 
-    undrain = commands.add_parser("undrain", help="re-admit a drained node")
+    undrain = commands.add_parser(
+        "undrain", help="re-admit a drained node (on every coordinator --coordinator names)"
+    )
     undrain.add_argument("node", metavar="NODE", help="node id (see `omni nodes`)")
     _add_coordinator_option(undrain)
     undrain.set_defaults(func=cmd_undrain)
@@ -842,29 +846,52 @@ def _wait_drained(client: CoordinatorClient, node_id: str, timeout_s: float) -> 
         time.sleep(DRAIN_POLL_INTERVAL_S)
 
 
-def cmd_drain(args: argparse.Namespace) -> int:
-    client = _client(args)
+def _each_coordinator(args: argparse.Namespace) -> list[tuple[str, CoordinatorClient]]:
+    """A client per coordinator: a drain must reach every one (each has its own registry)."""
+    security = client_security(args)
     try:
-        response = client.drain(args.node)
-        node = node_dict(response.node)
-        print(f"{_describe(node)}, {node['in_flight']} in flight", flush=True)
-        if response.drained:
-            print(f"{args.node}: drained, no requests in flight")
-            return 0
-        if not args.wait:
-            return 0
-        return _wait_drained(client, args.node, args.timeout)
+        addresses = targets.every_coordinator(args.coordinator)
+    except OSError as exc:
+        raise CoordinatorUnreachable(args.coordinator, f"does not resolve: {exc}") from None
+    return [(a, CoordinatorClient(a, security=security)) for a in addresses]
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    status = 0
+    clients = _each_coordinator(args)
+    try:
+        for address, client in clients:
+            if len(clients) > 1:
+                print(f"coordinator {address}:", flush=True)
+            status = max(status, _drain_at(client, args))
     finally:
-        client.close()
+        for _, client in clients:
+            client.close()
+    return status
+
+
+def _drain_at(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    response = client.drain(args.node)
+    node = node_dict(response.node)
+    print(f"{_describe(node)}, {node['in_flight']} in flight", flush=True)
+    if response.drained:
+        print(f"{args.node}: drained, no requests in flight")
+        return 0
+    if not args.wait:
+        return 0
+    return _wait_drained(client, args.node, args.timeout)
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    client = _client(args)
+    clients = _each_coordinator(args)
     try:
-        node = node_dict(client.drain(args.node, undrain=True).node)
+        for address, client in clients:
+            node = node_dict(client.drain(args.node, undrain=True).node)
+            prefix = f"coordinator {address}: " if len(clients) > 1 else ""
+            print(prefix + _describe(node))
     finally:
-        client.close()
-    print(_describe(node))
+        for _, client in clients:
+            client.close()
     return 0
 
 

@@ -1,0 +1,858 @@
+"""Two coordinators over four agents: how evenly each strategy spreads mixed-length requests.
+
+``make bench-ha`` (``.venv/bin/python scripts/bench_ha.py``) starts, on this machine, local
+clusters of four ``sim`` node agents (``LocalCluster``), each agent joined to every coordinator
+of its cluster:
+
+* ``least_loaded``, ``round_robin`` and ``power_of_two``: two coordinators each;
+* ``least_loaded`` behind one coordinator: the ideal, one router that sees every request.
+
+Every cluster gets the same workload: ``--requests`` (200) requests whose ``max_tokens`` are
+drawn from a seeded uniform distribution (10..200 tokens; ``--seed``), so that a balance by
+request count alone is not a balance of work. With two coordinators the requests are split
+exactly: the even-numbered ones go to the first coordinator, the odd-numbered ones to the
+second, each through its own gRPC client (``omni.v1.Coordinator/Generate``). The load is a
+closed loop of ``--concurrency`` (64) streams in flight, half on each coordinator: each stream
+sends its coordinator's next request as soon as its last one ends, until all are done.
+
+Every agent's ``NodeAgent.GetLoad`` is sampled every ~20 ms during the run (``requests``: what
+the agent holds, from every coordinator; addresses from the coordinator's ``ListNodes``), and
+its counters are read before and after: per agent, requests served, tokens generated, peak and
+time-averaged concurrent requests (sample-and-hold over the run, from the first request sent to
+the last one ended). The imbalance of each is max/mean over the four agents (1.00: perfectly
+even). Before each run, each coordinator sends a few 1-token requests (not counted) so that its
+sessions to the agents, and with them the agents' load reports, are up.
+
+All clusters are started at once and stay up; the runs go one setup after the other and the
+whole round is repeated ``--repeat`` times (3), so that the spread between runs can be seen.
+The claim (``TOLERANCE_*``) is judged on every run of ``least_loaded`` with two coordinators.
+
+The report goes into docs/benchmarks.md, section "Two coordinators: balance under
+``least_loaded``" (between ``<!-- bench:ha:start -->`` and ``<!-- bench:ha:end -->``; the rest
+of the file is kept); ``--out PATH`` writes another file, ``--no-doc`` none. ``--quick`` is a
+smoke run (40 requests of 5..40 tokens at 5 ms per token, 16 in flight, one round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from omni_rpc import config
+from omni_rpc.launchers.local import LocalCluster
+from omni_rpc.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    generate_pb2,
+    node_agent_pb2,
+    node_agent_pb2_grpc,
+    node_pb2,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC_PATH = ROOT / "docs" / "benchmarks.md"
+SECTION_START = "<!-- bench:ha:start -->"
+SECTION_END = "<!-- bench:ha:end -->"
+DATA_PREFIX = "<!-- bench:ha:data "
+SECTION_TITLE = "## Two coordinators: balance under `least_loaded`"
+
+NUM_NODES = 4
+STARTUP_TIMEOUT_S = 90.0
+REQUEST_TIMEOUT_S = 120.0
+SAMPLE_INTERVAL_S = 0.02
+# 1-token requests per agent each coordinator sends before a run (not measured).
+WARMUP_PER_NODE = 2
+NUM_PROMPTS = 32
+PROMPTS = [f"ha benchmark prompt {k}: route me to the least busy node" for k in range(NUM_PROMPTS)]
+
+# The claim, judged on every run of least_loaded with two coordinators: each agent's
+# time-averaged concurrent requests, and its tokens generated, within these fractions of the
+# mean over the agents (max/mean <= 1 + tolerance).
+TOLERANCE_MEAN_CONCURRENCY = 0.10
+TOLERANCE_TOKENS = 0.15
+CLAIMED_SETUP = "least_loaded"
+
+
+# --- what is run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int
+    # Streams in flight at a time over all coordinators (split evenly between them).
+    concurrency: int
+    min_tokens: int
+    max_tokens: int
+    ttft_ms: float
+    itl_ms: float
+    seed: int = 42
+
+    def lengths(self) -> list[int]:
+        """Each request's ``max_tokens``: log-uniform over min..max (many short requests, a
+        few long ones), from ``seed``."""
+        rng = random.Random(self.seed)
+        low, high = math.log(self.min_tokens), math.log(self.max_tokens)
+        if os.environ.get("HA_UNIFORM"):
+            return [rng.randint(self.min_tokens, self.max_tokens) for _ in range(self.requests)]
+        return [round(math.exp(rng.uniform(low, high))) for _ in range(self.requests)]
+
+    def agent_args(self) -> list[str]:
+        # No slow-down with load and no queueing: an agent's concurrency is what it was given.
+        return [
+            "--sim-ttft-ms", str(self.ttft_ms),
+            "--sim-itl-ms", str(self.itl_ms),
+            "--sim-itl-growth", "0",
+            "--sim-max-concurrency", "256",
+        ]  # fmt: skip
+
+    def describe(self) -> str:
+        return (
+            f"{self.requests} requests, max_tokens uniform {self.min_tokens}..{self.max_tokens} "
+            f"(seed {self.seed}), {self.concurrency} in flight; agents: TTFT {self.ttft_ms:g} ms, "
+            f"{self.itl_ms:g} ms per token"
+        )
+
+
+FULL = Workload(requests=200, concurrency=64, min_tokens=10, max_tokens=200, ttft_ms=20, itl_ms=20)
+QUICK = Workload(requests=40, concurrency=16, min_tokens=5, max_tokens=40, ttft_ms=5, itl_ms=5)
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    strategy: str
+    coordinators: int
+    label: str
+
+
+SETUPS = (
+    Setup("least_loaded", "least_loaded", 2, "least_loaded, 2 coordinators"),
+    Setup("round_robin", "round_robin", 2, "round_robin, 2 coordinators"),
+    Setup("power_of_two", "power_of_two", 2, "power_of_two, 2 coordinators"),
+    Setup("single", "least_loaded", 1, "least_loaded, 1 coordinator (ideal)"),
+)
+SETUP_NAMES = tuple(s.name for s in SETUPS)
+
+
+# --- what is measured --------------------------------------------------------------------------
+
+
+@dataclass
+class AgentStats:
+    node_id: str
+    # The agent's own counters over the run: requests finished, tokens generated.
+    served: int = 0
+    tokens: int = 0
+    # Sampled ``NodeLoad.requests``: the most at once; the time average while every stream
+    # was busy (until the first coordinator ran out of requests), and over the whole run
+    # (the final drain included).
+    peak: int = 0
+    mean: float = 0.0
+    mean_all: float = 0.0
+    # Requests whose responses named this node, by coordinator (index).
+    by_coordinator: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    setup: str
+    label: str
+    strategy: str
+    coordinators: int
+    round: int
+    requests: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    # From the first request sent until the first coordinator ran out of requests to send:
+    # every stream busy (the rest of wall_s is the drain).
+    full_s: float = 0.0
+    samples: int = 0
+    # The most requests any agent had waiting behind its concurrency limit (0: none queued).
+    max_waiting: int = 0
+    agents: list[AgentStats] = field(default_factory=list)
+
+    def imbalance(self, metric: str) -> float:
+        """max/mean over the agents of ``metric`` (an AgentStats field); NaN when all 0."""
+        values = [float(getattr(a, metric)) for a in self.agents]
+        average = sum(values) / len(values) if values else 0.0
+        return max(values) / average if average > 0 else float("nan")
+
+
+@dataclass
+class Results:
+    when: str = ""
+    command: str = ""
+    duration_s: float = 0.0
+    quick: bool = False
+    workload: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 1
+    runs: list[Run] = field(default_factory=list)
+    machine: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Results:
+        data = json.loads(text)
+        runs = [
+            Run(**{**r, "agents": [AgentStats(**a) for a in r["agents"]]})
+            for r in data.pop("runs", [])
+        ]
+        return cls(**data, runs=runs)
+
+    def of(self, setup: str) -> list[Run]:
+        return [r for r in self.runs if r.setup == setup]
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    return {
+        "cores": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": f"{platform.python_version()} ({platform.python_implementation()})",
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+        "load_before": load,
+    }
+
+
+# --- clusters ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    setup: Setup
+    cluster: LocalCluster
+    # node_id -> the agent's address, sorted by node_id.
+    agents: dict[str, str] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+def wait_healthy(cluster: LocalCluster) -> dict[str, str]:
+    """Every agent's address by node id, once every coordinator lists all as healthy."""
+    from omni_rpc.sdk.client import CoordinatorClient
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    agents: dict[str, str] = {}
+    for address in cluster.coordinator_addresses:
+        client = CoordinatorClient(address, timeout_s=5.0)
+        try:
+            while True:
+                cluster.check_alive()
+                try:
+                    nodes = client.nodes()
+                except ConnectionError:
+                    nodes = []
+                healthy = [n for n in nodes if n.state == coordinator_pb2.NODE_STATE_HEALTHY]
+                if len(healthy) >= NUM_NODES:
+                    agents = {n.node_id: n.address for n in sorted(healthy, key=lambda n: n.node_id)}
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{address}: only {len(healthy)} of {NUM_NODES} nodes healthy in time"
+                    )
+                time.sleep(0.1)
+        finally:
+            client.close()
+    return agents
+
+
+def start_clusters(setups: Sequence[Setup], workload: Workload, log_dir: Path) -> list[Cluster]:
+    """One cluster per setup, all started at once (each in a thread); every one is returned,
+    started or not, so that the caller stops them all."""
+    clusters = [
+        Cluster(
+            setup,
+            LocalCluster(
+                num_nodes=NUM_NODES,
+                num_coordinators=setup.coordinators,
+                strategy=setup.strategy,
+                agent_args=workload.agent_args(),
+                log_dir=Path(tempfile.mkdtemp(prefix=f"{setup.name}-", dir=log_dir)),
+            ),
+        )
+        for setup in setups
+    ]
+
+    def start(c: Cluster) -> None:
+        try:
+            c.cluster.start(startup_timeout_s=STARTUP_TIMEOUT_S)
+            c.agents = wait_healthy(c.cluster)
+        except BaseException as exc:  # re-raised in the main thread below
+            c.error = exc
+
+    threads = [threading.Thread(target=start, args=(c,), daemon=True) for c in clusters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in clusters:
+        if c.error is not None:
+            stop_clusters(clusters)
+            raise RuntimeError(f"{c.setup.label}: {c.error}") from c.error
+    return clusters
+
+
+def stop_clusters(clusters: Sequence[Cluster]) -> None:
+    for c in clusters:
+        c.cluster.stop()
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+async def get_loads(stubs: Sequence[Any]) -> list[node_pb2.NodeLoad]:
+    return list(
+        await asyncio.gather(
+            *(s.GetLoad(node_agent_pb2.GetLoadRequest(), timeout=5.0) for s in stubs)
+        )
+    )
+
+
+async def measure(c: Cluster, workload: Workload, round_: int) -> Run:
+    """Send the workload through ``c``'s coordinators while sampling its agents."""
+    setup = c.setup
+    node_ids = list(c.agents)
+    run = Run(setup.name, setup.label, setup.strategy, setup.coordinators, round_)
+    channels = [
+        grpc.aio.insecure_channel(a, options=config.GRPC_MESSAGE_OPTIONS)
+        for a in c.cluster.coordinator_addresses
+    ]
+    agent_channels = [grpc.aio.insecure_channel(a) for a in c.agents.values()]
+    try:
+        coordinators = [coordinator_pb2_grpc.CoordinatorStub(ch) for ch in channels]
+        agents = [node_agent_pb2_grpc.NodeAgentStub(ch) for ch in agent_channels]
+        tag = f"ha-{setup.name}-{round_}-{time.monotonic_ns()}"
+
+        async def call(coordinator: int, request_id: str, max_tokens: int, seed: int) -> str:
+            """One request to the end; the node that finished it."""
+            request = generate_pb2.GenerateRequest(
+                request_id=request_id,
+                prompt=PROMPTS[seed % NUM_PROMPTS],
+                sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, seed=seed),
+            )
+            stream = coordinators[coordinator].Generate(request, timeout=REQUEST_TIMEOUT_S)
+            tokens, node, finish = 0, "", ""
+            try:
+                async for response in stream:
+                    tokens += len(response.token_ids)
+                    node = response.node_id or node
+                    finish = response.finish_reason or finish
+            finally:
+                stream.cancel()
+            if finish != "length" or tokens != max_tokens:
+                raise RuntimeError(f"ended with {finish!r} after {tokens} of {max_tokens} tokens")
+            return node
+
+        # Sessions and load reports up before the run.
+        for k in range(len(coordinators)):
+            for w in range(WARMUP_PER_NODE * NUM_NODES):
+                await call(k, f"{tag}-warmup-{k}-{w}", 1, w)
+        await asyncio.sleep(2 * config.LOAD_REPORT_INTERVAL_S)
+
+        lengths = workload.lengths()
+        n = len(coordinators)
+        queues = [list(range(k, workload.requests, n))[::-1] for k in range(n)]
+        served = {node: [0] * n for node in node_ids}
+        done = asyncio.Event()
+        samples: list[tuple[float, list[node_pb2.NodeLoad]]] = []
+
+        # When each coordinator's queue ran out: until the first does, every stream is busy.
+        emptied: list[float] = []
+
+        async def client(k: int) -> None:
+            while queues[k]:
+                index = queues[k].pop()
+                if not queues[k]:
+                    emptied.append(time.perf_counter())
+                try:
+                    node = await call(k, f"{tag}-{index}", lengths[index], index)
+                except (grpc.aio.AioRpcError, RuntimeError) as exc:
+                    run.errors += 1
+                    if len(run.error_samples) < 5:
+                        detail = (
+                            f"{exc.code().name}: {exc.details()}"
+                            if isinstance(exc, grpc.aio.AioRpcError)
+                            else str(exc)
+                        )
+                        run.error_samples.append(detail[:300])
+                else:
+                    run.requests += 1
+                    if node in served:
+                        served[node][k] += 1
+
+        async def sample() -> None:
+            start = time.perf_counter()
+            tick = 0
+            while not done.is_set():
+                at = time.perf_counter()
+                samples.append((at, await get_loads(agents)))
+                tick += 1
+                delay = start + tick * SAMPLE_INTERVAL_S - time.perf_counter()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), max(0.0, delay))
+            samples.append((time.perf_counter(), await get_loads(agents)))
+
+        before = await get_loads(agents)
+        sampler = asyncio.create_task(sample())
+        await asyncio.sleep(0)  # the first sample goes before the first request
+        started = time.perf_counter()
+        per = [workload.concurrency // n + (1 if k < workload.concurrency % n else 0) for k in range(n)]
+        await asyncio.gather(*(client(k) for k in range(n) for _ in range(per[k])))
+        run.wall_s = time.perf_counter() - started
+        done.set()
+        await sampler
+        await asyncio.sleep(2 * config.LOAD_REPORT_INTERVAL_S)
+        after = await get_loads(agents)
+    finally:
+        for ch in (*channels, *agent_channels):
+            await ch.close(None)
+
+    run.samples = len(samples)
+    run.full_s = (min(emptied) if emptied else samples[-1][0]) - started
+    for i, node in enumerate(node_ids):
+        values = [loads[i].requests for _, loads in samples]
+        run.agents.append(
+            AgentStats(
+                node_id=node,
+                served=after[i].finished - before[i].finished,
+                tokens=after[i].generated_tokens - before[i].generated_tokens,
+                peak=max(values),
+                mean=time_average(samples, i, started, started + run.full_s),
+                mean_all=time_average(samples, i, started, samples[-1][0]),
+                by_coordinator=served[node],
+            )
+        )
+    run.max_waiting = max(loads[i].waiting for _, loads in samples for i in range(len(node_ids)))
+    return run
+
+
+def time_average(
+    samples: Sequence[tuple[float, Sequence[node_pb2.NodeLoad]]], agent: int, start: float, end: float
+) -> float:
+    """Agent ``agent``'s ``requests`` averaged over [start, end], each sample holding until the
+    next one."""
+    if end <= start:
+        return 0.0
+    total = 0.0
+    for (at, loads), (following, _) in zip(samples, samples[1:], strict=False):
+        overlap = min(following, end) - max(at, start)
+        if overlap > 0:
+            total += loads[agent].requests * overlap
+    return total / (end - start)
+
+
+def describe(run: Run) -> str:
+    per = " ".join(f"{a.served:>3}/{a.tokens:>5}/{a.peak:>2}/{a.mean:5.2f}" for a in run.agents)
+    return (
+        f"  round {run.round} {run.label:<36} n={run.requests} err={run.errors} "
+        f"{run.wall_s:5.2f} s (full {run.full_s:5.2f} s) | imbalance (max/mean) time-avg "
+        f"{fmt(run.imbalance('mean'))} with drain {fmt(run.imbalance('mean_all'))} "
+        f"peak {fmt(run.imbalance('peak'))} tokens {fmt(run.imbalance('tokens'))} "
+        f"served {fmt(run.imbalance('served'))} | per agent served/tokens/peak/avg: {per}"
+    )
+
+
+def run_all(args: argparse.Namespace) -> Results:
+    workload = QUICK if args.quick else FULL
+    workload = Workload(
+        requests=args.requests or workload.requests,
+        concurrency=args.concurrency or workload.concurrency,
+        min_tokens=workload.min_tokens,
+        max_tokens=workload.max_tokens,
+        ttft_ms=workload.ttft_ms,
+        itl_ms=workload.itl_ms,
+        seed=args.seed,
+    )
+    rounds = args.repeat or (1 if args.quick else 3)
+    setups = [s for s in SETUPS if s.name in (args.only or SETUP_NAMES)]
+    res = Results(
+        when=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        command=" ".join(shlex.quote(a) for a in ["scripts/bench_ha.py", *sys.argv[1:]]),
+        quick=args.quick,
+        workload=asdict(workload),
+        rounds=rounds,
+        machine=machine_info(),
+    )
+    log_dir = Path(tempfile.mkdtemp(prefix="omni-bench-ha-"))
+    print(f"bench-ha: {workload.describe()}; logs in {log_dir}", flush=True)
+    started = time.perf_counter()
+    clusters: list[Cluster] = []
+    try:
+        clusters = start_clusters(setups, workload, log_dir)
+        print(f"  {len(clusters)} clusters up in {time.perf_counter() - started:.1f} s", flush=True)
+        for round_ in range(1, rounds + 1):
+            for c in clusters:
+                run = asyncio.run(measure(c, workload, round_))
+                c.cluster.check_alive()
+                print(describe(run), flush=True)
+                res.runs.append(run)
+    except BaseException:
+        print(f"bench-ha: logs kept in {log_dir}", file=sys.stderr)
+        raise
+    finally:
+        stop_clusters(clusters)
+    res.duration_s = time.perf_counter() - started
+    if not any(r.errors for r in res.runs):
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return res
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return "-" if value != value else f"{value:.{digits}f}"  # NaN -> "-"
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+METRICS = (
+    ("mean", "time-avg concurrency"),
+    ("mean_all", "time-avg incl. drain"),
+    ("peak", "peak concurrency"),
+    ("tokens", "tokens"),
+    ("served", "requests served"),
+)
+
+
+def spread(values: Sequence[float]) -> str:
+    """min / median / max (one value: itself)."""
+    clean = [v for v in values if v == v]
+    if not clean:
+        return "-"
+    if len(clean) == 1:
+        return fmt(clean[0])
+    return f"{fmt(min(clean))} / {fmt(statistics.median(clean))} / {fmt(max(clean))}"
+
+
+def summary_table(res: Results) -> str:
+    """Each setup's imbalances over its runs (min / median / max)."""
+    headers = ["setup", "runs", "errors", *(f"{label} max/mean" for _, label in METRICS), "wall s"]
+    body = []
+    for setup in SETUPS:
+        runs = res.of(setup.name)
+        if not runs:
+            continue
+        body.append(
+            [
+                setup.label,
+                str(len(runs)),
+                str(sum(r.errors for r in runs)),
+                *(spread([r.imbalance(m) for r in runs]) for m, _ in METRICS),
+                spread([r.wall_s for r in runs]),
+            ]
+        )
+    return render_table(headers, body) if body else "_Not run._"
+
+
+def runs_table(res: Results) -> str:
+    """Every run, per agent (node-0 first): served, tokens, peak and time-averaged requests."""
+    headers = [
+        "round", "setup", "errors", "wall s", "served per agent", "tokens per agent",
+        "peak per agent", "time-avg per agent", "time-avg max/mean", "peak max/mean",
+        "tokens max/mean",
+    ]  # fmt: skip
+    body = [
+        [
+            str(r.round),
+            r.label,
+            str(r.errors),
+            fmt(r.wall_s),
+            " ".join(str(a.served) for a in r.agents),
+            " ".join(str(a.tokens) for a in r.agents),
+            " ".join(str(a.peak) for a in r.agents),
+            " ".join(fmt(a.mean, 1) for a in r.agents),
+            fmt(r.imbalance("mean")),
+            fmt(r.imbalance("peak")),
+            fmt(r.imbalance("tokens")),
+        ]
+        for r in sorted(res.runs, key=lambda r: (SETUP_NAMES.index(r.setup), r.round))
+    ]
+    return render_table(headers, body) if body else "_Not run._"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    what: str
+    measured: str
+    met: bool | None  # None: not judged
+
+
+def verdicts(res: Results) -> list[Verdict]:
+    """The claim, on every run of least_loaded with two coordinators (not judged --quick)."""
+    runs = res.of(CLAIMED_SETUP)
+    out = []
+    for metric, label, tolerance in (
+        ("mean", "time-averaged concurrency", TOLERANCE_MEAN_CONCURRENCY),
+        ("tokens", "tokens generated", TOLERANCE_TOKENS),
+    ):
+        values = [r.imbalance(metric) for r in runs]
+        worst = max((v for v in values if v == v), default=float("nan"))
+        met: bool | None = None
+        if runs and not res.quick:
+            met = worst == worst and worst <= 1.0 + tolerance and not any(r.errors for r in runs)
+        out.append(
+            Verdict(
+                f"{label} per agent within {tolerance:.0%} of the mean (max/mean <= "
+                f"{1.0 + tolerance:.2f})",
+                f"worst of {len(runs)} run(s): {fmt(worst)}" if runs else "-",
+                met,
+            )
+        )
+    return out
+
+
+def verdict_word(v: Verdict) -> str:
+    return "not judged" if v.met is None else ("met" if v.met else "NOT met")
+
+
+def render_section(res: Results) -> str:
+    w = Workload(**res.workload)
+    m = res.machine
+    n_runs = len(res.of(CLAIMED_SETUP))
+    judged = verdicts(res)
+    claim = (
+        f"**Claim: with two coordinators and `least_loaded`, {w.requests} mixed-length requests "
+        f"over {NUM_NODES} agents keep every agent's time-averaged concurrent requests within "
+        f"{TOLERANCE_MEAN_CONCURRENCY:.0%} of the mean (max/mean <= "
+        f"{1 + TOLERANCE_MEAN_CONCURRENCY:.2f}) and its tokens generated within "
+        f"{TOLERANCE_TOKENS:.0%} of the mean (max/mean <= {1 + TOLERANCE_TOKENS:.2f}), in every "
+        "run.**"
+    )
+    if res.quick:
+        claim += " This was a `--quick` run, too small to judge it."
+    elif judged and all(v.met for v in judged):
+        claim += f" Met in {n_runs} of {n_runs} runs here."
+    else:
+        claim += " **Not met in this run**: " + "; ".join(
+            f"{v.what}: {v.measured} ({verdict_word(v)})" for v in judged
+        )
+    parts = [
+        SECTION_TITLE,
+        "",
+        "Generated by `make bench-ha` (`.venv/bin/python scripts/bench_ha.py`); `--quick` for a "
+        "short smoke run, `--repeat N` for N rounds (default 3), `--render-only` to rewrite this "
+        "section from its stored results.",
+        "",
+        claim,
+        "",
+        "### What is measured",
+        "",
+        f"Local clusters of {NUM_NODES} `sim` node agents (`LocalCluster`, every process on this "
+        "machine), each agent joined to every coordinator of its cluster: `least_loaded`, "
+        "`round_robin` and `power_of_two` behind two coordinators, and `least_loaded` behind "
+        "one coordinator, the ideal (one router that sees every request). Each coordinator "
+        "knows only its own requests; the agents report their load (`NodeLoad.requests`: "
+        "everything they hold, from every coordinator) on each coordinator's session within "
+        f"{config.LOAD_REPORT_INTERVAL_S * 1000:g} ms of a change, and `least_loaded` and "
+        "`power_of_two` count the other coordinator's requests from those reports.",
+        "",
+        f"Workload, the same for every setup: {w.requests} requests whose `max_tokens` are "
+        f"drawn uniformly from {w.min_tokens}..{w.max_tokens} (seed {w.seed}: balancing by "
+        "request count alone does not balance the work). With two coordinators the requests "
+        "are split exactly, even-numbered ones to the first and odd-numbered ones to the "
+        "second, each driven by its own gRPC client (`omni.v1.Coordinator/Generate`). Closed "
+        f"loop, {w.concurrency} requests in flight ({w.concurrency // 2} per coordinator with "
+        "two): each stream sends its coordinator's next request when its last one ends, until "
+        f"all {w.requests} are done. The agents' engines: TTFT {w.ttft_ms:g} ms, "
+        f"{w.itl_ms:g} ms per token, no slow-down with load (`--sim-itl-growth 0`) and no "
+        "queueing (`--sim-max-concurrency 256`), so an agent's concurrency is exactly what it "
+        f"was given. Before each run every coordinator sends {WARMUP_PER_NODE} 1-token "
+        "requests per agent (not counted), so that its sessions, and the load reports on them, "
+        "are up.",
+        "",
+        f"During the run every agent's `NodeAgent.GetLoad` is sampled every "
+        f"{SAMPLE_INTERVAL_S * 1000:g} ms (`requests`, what the agent holds; addresses from "
+        "`ListNodes`), and its counters are read before and after. Per agent: requests served "
+        "(`finished`), tokens generated (`generated_tokens`), the peak of the sampled "
+        "concurrent requests, and their time average (sample and hold, from the first request "
+        "sent to the last one ended, the final drain included; the same window for every "
+        "agent of a run). **Imbalance** is max/mean over the agents: 1.00 is perfectly even, "
+        "1.25 means the busiest agent had 25% more than the average. All clusters are started "
+        "at once and stay up (the idle ones cost little); one round runs the setups one after "
+        f"the other, and there were {res.rounds} round(s).",
+        "",
+        f"- Date: {res.when}; took {res.duration_s:.0f} s{' (--quick)' if res.quick else ''}.",
+        f"- Command: `{res.command}`",
+        f"- Machine: {m.get('cores', '?')} cores ({m.get('cpu', '?')}), Python "
+        f"{m.get('python', '?')}, grpcio {m.get('grpcio', '?')}, {m.get('platform', '?')}; "
+        f"load average before: {m.get('load_before', '?')}.",
+        "",
+        "### Imbalance per setup",
+        "",
+        f"max/mean over the agents; min / median / max over the {res.rounds} round(s).",
+        "",
+        summary_table(res),
+        "",
+        "### Claim",
+        "",
+        render_table(
+            ["setup", "claim", "measured", "result"],
+            [[CLAIMED_SETUP + ", 2 coordinators", v.what, v.measured, verdict_word(v)] for v in judged],
+        ),
+        "",
+        "### Every run",
+        "",
+        "Per agent, node-0 to node-3.",
+        "",
+        runs_table(res),
+        "",
+        "Reading the numbers: `round_robin` gives every agent the same number of requests "
+        "from each coordinator, but not the same work: long requests pile up on some agents "
+        "while others sit nearly idle, which shows in the concurrency and token columns. "
+        "`least_loaded` sends each request to the agent with the fewest requests now, its own "
+        "counted exactly and the other coordinator's from the last load report (at most "
+        f"{config.LOAD_REPORT_INTERVAL_S * 1000:g} ms old), so two coordinators balance nearly "
+        "as well as one that sees everything; `power_of_two` picks the less busy of two random "
+        "agents, between the two. Requests served per agent are expected to differ under the "
+        "load-aware strategies: an agent that drew short requests takes more of them. With "
+        "every process sharing the same cores, the absolute times are this machine's; the "
+        "imbalance ratios are what carries over.",
+    ]
+    if any(r.errors for r in res.runs):
+        parts += ["", "### Errors", ""]
+        for r in res.runs:
+            if r.errors:
+                parts.append(f"- round {r.round}, {r.label}: {r.errors} ({'; '.join(r.error_samples)})")
+    return "\n".join(parts) + "\n"
+
+
+def previous_results(path: Path) -> Results | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    if DATA_PREFIX not in text:
+        return None
+    data = text.split(DATA_PREFIX, 1)[1].split(" -->", 1)[0]
+    try:
+        return Results.from_json(data)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def write_section(path: Path, res: Results) -> None:
+    """Put the section into ``path``, replacing its previous version; the rest is kept."""
+    body = f"{SECTION_START}\n{render_section(res)}{DATA_PREFIX}{res.to_json()} -->\n{SECTION_END}"
+    try:
+        text = path.read_text()
+    except OSError:
+        text = "# Benchmarks\n"
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        tail = rest.split(SECTION_END, 1)[1]
+        text = head + body + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def print_report(res: Results) -> None:
+    print("\nimbalance, max/mean over the agents (min / median / max over rounds):")
+    print(summary_table(res))
+    print("\nclaim:")
+    for v in verdicts(res):
+        print(f"  [{verdict_word(v):>10}] {CLAIMED_SETUP}, 2 coordinators: {v.what}: {v.measured}")
+
+
+def parse_only(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETUP_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown setup(s) {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(SETUP_NAMES)}"
+        )
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=DOC_PATH, help="Markdown report to update")
+    parser.add_argument("--no-doc", action="store_true", help="print only, write no report")
+    parser.add_argument(
+        "--quick", action="store_true", help="40 short requests, one round: a smoke run"
+    )
+    parser.add_argument("--repeat", type=int, help="rounds of every setup (default 3, quick 1)")
+    parser.add_argument("--requests", type=int, help="requests per run (default 200, quick 40)")
+    parser.add_argument(
+        "--concurrency", type=int, help="requests in flight over all coordinators (64, quick 16)"
+    )
+    parser.add_argument("--seed", type=int, default=42, help="seed of the requests' lengths")
+    parser.add_argument(
+        "--only",
+        type=parse_only,
+        help=f"comma-separated setups to run ({', '.join(SETUP_NAMES)}); default all",
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the section from the results stored in --out, running nothing",
+    )
+    args = parser.parse_args(argv)
+    if args.render_only:
+        stored = previous_results(args.out)
+        if stored is None:
+            print(f"no stored results in {args.out}", file=sys.stderr)
+            return 1
+        write_section(args.out, stored)
+        print_report(stored)
+        return 0
+    # SIGTERM: unwind through the finally blocks that stop every child.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        res = run_all(args)
+    except RuntimeError as exc:
+        print(f"bench-ha failed: {exc}", file=sys.stderr)
+        return 1
+    print_report(res)
+    if not args.no_doc:
+        write_section(args.out, res)
+        print(f"\nwrote {args.out} ({res.duration_s:.0f} s)")
+    return 1 if any(r.errors for r in res.runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
