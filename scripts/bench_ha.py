@@ -8,29 +8,33 @@ of its cluster:
 * ``least_loaded`` behind one coordinator: the ideal, one router that sees every request.
 
 Every cluster gets the same workload: ``--requests`` (200) requests whose ``max_tokens`` are
-drawn from a seeded uniform distribution (10..200 tokens; ``--seed``), so that a balance by
-request count alone is not a balance of work. With two coordinators the requests are split
-exactly: the even-numbered ones go to the first coordinator, the odd-numbered ones to the
-second, each through its own gRPC client (``omni.v1.Coordinator/Generate``). The load is a
-closed loop of ``--concurrency`` (64) streams in flight, half on each coordinator: each stream
-sends its coordinator's next request as soon as its last one ends, until all are done.
+drawn from a seeded log-uniform distribution over 10..200 tokens (many short requests, a few
+long ones; ``--seed``), so that a balance by request count alone is not a balance of work. With
+two coordinators the requests are split exactly: the even-numbered ones go to the first
+coordinator, the odd-numbered ones to the second, each through its own gRPC client
+(``omni.v1.Coordinator/Generate``). The load is a closed loop of ``--concurrency`` (64) streams
+in flight, half on each coordinator: each stream sends its coordinator's next request as soon as
+its last one ends, until all are done.
 
 Every agent's ``NodeAgent.GetLoad`` is sampled every ~20 ms during the run (``requests``: what
 the agent holds, from every coordinator; addresses from the coordinator's ``ListNodes``), and
-its counters are read before and after: per agent, requests served, tokens generated, peak and
-time-averaged concurrent requests (sample-and-hold over the run, from the first request sent to
-the last one ended). The imbalance of each is max/mean over the four agents (1.00: perfectly
-even). Before each run, each coordinator sends a few 1-token requests (not counted) so that its
+its counters are read before and after. Per agent: requests served, tokens generated, the peak
+of its concurrent requests and their time average (sample and hold) under full load, from the
+first request sent until the first coordinator has no request left to send (every stream busy
+until then; what follows is the drain, where no routing decision is left to make), and over the
+whole run. The imbalance of each is max/mean over the four agents (1.00: perfectly even).
+Before each run, each coordinator sends a few 1-token requests (not counted) so that its
 sessions to the agents, and with them the agents' load reports, are up.
 
-All clusters are started at once and stay up; the runs go one setup after the other and the
-whole round is repeated ``--repeat`` times (3), so that the spread between runs can be seen.
-The claim (``TOLERANCE_*``) is judged on every run of ``least_loaded`` with two coordinators.
+All clusters are started at once and stay up; a round runs the setups one after the other and
+the round is repeated ``--repeat`` times (3), so that the spread between runs shows. The claim
+(``TOLERANCE_*``) is judged on every run of ``least_loaded`` with two coordinators.
 
 The report goes into docs/benchmarks.md, section "Two coordinators: balance under
 ``least_loaded``" (between ``<!-- bench:ha:start -->`` and ``<!-- bench:ha:end -->``; the rest
 of the file is kept); ``--out PATH`` writes another file, ``--no-doc`` none. ``--quick`` is a
-smoke run (40 requests of 5..40 tokens at 5 ms per token, 16 in flight, one round).
+smoke run (40 requests of 5..40 tokens at 5 ms per token, 16 in flight, one round), too small
+for the claim to be judged.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -113,8 +118,6 @@ class Workload:
         few long ones), from ``seed``."""
         rng = random.Random(self.seed)
         low, high = math.log(self.min_tokens), math.log(self.max_tokens)
-        if os.environ.get("HA_UNIFORM"):
-            return [rng.randint(self.min_tokens, self.max_tokens) for _ in range(self.requests)]
         return [round(math.exp(rng.uniform(low, high))) for _ in range(self.requests)]
 
     def agent_args(self) -> list[str]:
@@ -128,7 +131,7 @@ class Workload:
 
     def describe(self) -> str:
         return (
-            f"{self.requests} requests, max_tokens uniform {self.min_tokens}..{self.max_tokens} "
+            f"{self.requests} requests, max_tokens log-uniform {self.min_tokens}..{self.max_tokens} "
             f"(seed {self.seed}), {self.concurrency} in flight; agents: TTFT {self.ttft_ms:g} ms, "
             f"{self.itl_ms:g} ms per token"
         )
@@ -277,7 +280,9 @@ def wait_healthy(cluster: LocalCluster) -> dict[str, str]:
                     nodes = []
                 healthy = [n for n in nodes if n.state == coordinator_pb2.NODE_STATE_HEALTHY]
                 if len(healthy) >= NUM_NODES:
-                    agents = {n.node_id: n.address for n in sorted(healthy, key=lambda n: n.node_id)}
+                    agents = {
+                        n.node_id: n.address for n in sorted(healthy, key=lambda n: n.node_id)
+                    }
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(
@@ -429,7 +434,9 @@ async def measure(c: Cluster, workload: Workload, round_: int) -> Run:
         sampler = asyncio.create_task(sample())
         await asyncio.sleep(0)  # the first sample goes before the first request
         started = time.perf_counter()
-        per = [workload.concurrency // n + (1 if k < workload.concurrency % n else 0) for k in range(n)]
+        per = [
+            workload.concurrency // n + (1 if k < workload.concurrency % n else 0) for k in range(n)
+        ]
         await asyncio.gather(*(client(k) for k in range(n) for _ in range(per[k])))
         run.wall_s = time.perf_counter() - started
         done.set()
@@ -460,14 +467,17 @@ async def measure(c: Cluster, workload: Workload, round_: int) -> Run:
 
 
 def time_average(
-    samples: Sequence[tuple[float, Sequence[node_pb2.NodeLoad]]], agent: int, start: float, end: float
+    samples: Sequence[tuple[float, Sequence[node_pb2.NodeLoad]]],
+    agent: int,
+    start: float,
+    end: float,
 ) -> float:
     """Agent ``agent``'s ``requests`` averaged over [start, end], each sample holding until the
     next one."""
     if end <= start:
         return 0.0
     total = 0.0
-    for (at, loads), (following, _) in zip(samples, samples[1:], strict=False):
+    for (at, loads), (following, _) in itertools.pairwise(samples):
         overlap = min(following, end) - max(at, start)
         if overlap > 0:
             total += loads[agent].requests * overlap
@@ -729,7 +739,10 @@ def render_section(res: Results) -> str:
         "",
         render_table(
             ["setup", "claim", "measured", "result"],
-            [[CLAIMED_SETUP + ", 2 coordinators", v.what, v.measured, verdict_word(v)] for v in judged],
+            [
+                [CLAIMED_SETUP + ", 2 coordinators", v.what, v.measured, verdict_word(v)]
+                for v in judged
+            ],
         ),
         "",
         "### Every run",
@@ -754,7 +767,9 @@ def render_section(res: Results) -> str:
         parts += ["", "### Errors", ""]
         for r in res.runs:
             if r.errors:
-                parts.append(f"- round {r.round}, {r.label}: {r.errors} ({'; '.join(r.error_samples)})")
+                parts.append(
+                    f"- round {r.round}, {r.label}: {r.errors} ({'; '.join(r.error_samples)})"
+                )
     return "\n".join(parts) + "\n"
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from omni_rpc import DistributedOrchestrator, HealthMonitor
 from omni_rpc.launchers.gpus import PlacementError
+from omni_rpc.sdk.client import CoordinatorClient
 from tests.conftest import wait_until
 from tests.test_cli import omni, omni_up_running, wait_healthy_nodes
 
@@ -283,6 +284,40 @@ def test_omni_up_places_cpu_only_agents_with_ray(ray_head: str, tmp_path: Path) 
         60,
         "the agents' CPUs released",
     )
+
+
+def test_the_sdk_starts_two_coordinators_for_ray_agents(ray_head: str) -> None:
+    """num_coordinators=2: every Ray agent joins both coordinators, and the orchestrator's
+    calls go on through one when the other is killed."""
+    orchestrator = DistributedOrchestrator(
+        num_nodes=2,
+        ray_address=ray_head,
+        ray_resources={"CPU": 1},
+        num_coordinators=2,
+        health_check_interval=0.5,
+        agent_args=["--sim-ttft-ms", "5", "--sim-itl-ms", "5"],
+    )
+    try:
+        orchestrator.wait_ready(90)
+        cluster = orchestrator.cluster
+        assert cluster is not None and len(cluster.coordinator_addresses) == 2
+        for address in cluster.coordinator_addresses:
+
+            def both_joined(at: str = address) -> bool:
+                client = CoordinatorClient(at, security=orchestrator.security)
+                try:
+                    return sorted(client.stats().healthy_nodes) == ["ray-node-0", "ray-node-1"]
+                finally:
+                    client.close()
+
+            wait_until(both_joined, 60, f"both Ray agents healthy at {address}")
+        prompts = [f"two coordinators {i}" for i in range(8)]
+        before = asyncio.run(orchestrator.generate(prompts, max_tokens=20))
+        cluster.kill_coordinator(0)
+        after = asyncio.run(orchestrator.generate(prompts, max_tokens=20))
+        assert [r.token_ids for r in after] == [r.token_ids for r in before]
+    finally:
+        orchestrator.close()
 
 
 def test_ray_actor_runs_a_real_vllm_engine(ray_head: str) -> None:

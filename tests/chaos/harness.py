@@ -1358,6 +1358,22 @@ async def _run_load(
     return records
 
 
+async def _final_stats(
+    client: CoordinatorClient, patience_s: float
+) -> coordinator_pb2.ClusterStats:
+    """The coordinator's stats; a coordinator restarted just before the end of the run may not
+    be dialed again yet (the channel's reconnect backoff, up to 1 s): asked again for up to
+    ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return await asyncio.to_thread(client.stats)
+        except CoordinatorUnreachable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 async def run_chaos_async(
     seed: int,
     requests: int,
@@ -1457,7 +1473,7 @@ async def run_chaos_async(
                         else f"{child.name} exited on its own (code {child.process.returncode})"
                     )
                 continue
-            stats = await asyncio.to_thread(clients[index].stats)
+            stats = await _final_stats(clients[index], 10.0 if cfg.coordinators > 1 else 0.0)
             counters = {
                 "requests_total": stats.requests_total,
                 "requests_succeeded": stats.requests_succeeded,
