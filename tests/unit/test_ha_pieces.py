@@ -8,12 +8,14 @@ import json
 
 import pytest
 
+from coordinator.registry import Registry
 from node_agent import coordinators as agent_coordinators
 from node_agent.coordinators import Coordinators
 from omni_rpc import targets
 from omni_rpc.sdk.orchestrator import Received
-from omni_rpc.v1 import generate_pb2, registry_pb2
+from omni_rpc.v1 import generate_pb2, node_pb2, registry_pb2
 from omni_rpc.validation import InvalidRequest, validate_request
+from tests.unit.fakes import FakeFleet, FakeNode, join_request
 
 # -- address forms -------------------------------------------------------------------------------
 
@@ -211,3 +213,25 @@ async def test_a_fixed_list_is_joined_once_each_without_resolving(
     finally:
         task.cancel()
         await agent.close()
+
+
+# -- what other coordinators put on a node -------------------------------------------------------
+
+
+async def test_a_node_counts_the_requests_others_had_at_its_last_report(
+    registry: Registry, fleet: FakeFleet
+) -> None:
+    fleet.add(FakeNode("n1"))
+    node, _ = registry.join(join_request("n1"))
+    listener = fleet.nodes["n1"].load_listener
+    assert listener is not None  # the registry asked for the node's load reports
+    assert node.others_in_flight == 0  # no report yet: nothing known of others
+    node.in_flight = 2
+    listener(node_pb2.NodeLoad(node_id="n1", requests=5))
+    assert node.others_in_flight == 3 and node.load_via_session
+    # Its own requests come and go; the others' share stays what the report said.
+    node.in_flight = 4
+    assert node.others_in_flight == 3
+    # A report that lags this coordinator's own starts never counts negative others.
+    listener(node_pb2.NodeLoad(node_id="n1", requests=1))
+    assert node.others_in_flight == 0
