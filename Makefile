@@ -7,7 +7,7 @@ SEED ?= 42
 REQUESTS ?= 5000
 CONCURRENCY ?= 64
 
-.PHONY: install proto proto-check lint go-toolchain netns-tools test demo bench bench-peers chaos fuzz buf-lint buf-breaking clean
+.PHONY: install proto proto-check lint go-toolchain netns-tools test demo bench bench-peers bench-ha chaos fuzz buf-lint buf-breaking clean
 
 install:
 	@bash scripts/install.sh
@@ -48,6 +48,13 @@ bench: install
 # A smoke run: make bench-peers BENCH_PEERS_ARGS=--quick
 bench-peers: install
 	$(PY) scripts/bench_peers.py $(BENCH_PEERS_ARGS)
+
+# Two coordinators over four simulated agents: how evenly least_loaded (and round_robin,
+# power_of_two, and least_loaded behind one coordinator) spreads 200 mixed-length requests,
+# 3 rounds; writes its section of docs/benchmarks.md (~2 minutes).
+# A smoke run: make bench-ha BENCH_HA_ARGS=--quick
+bench-ha: install
+	$(PY) scripts/bench_ha.py $(BENCH_HA_ARGS)
 
 # A long chaos run: make chaos SEED=7 REQUESTS=20000
 # Then the same with two coordinators, killed, frozen and restarted too (one at a time);

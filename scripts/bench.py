@@ -656,8 +656,10 @@ target (three agents, one coordinator) and a semaphore holding the concurrency.
 
 
 SECTIONS = ("sim", "vllm")
-# Written by scripts/bench_peers.py (`make bench-peers`); this script only keeps it.
+# Written by scripts/bench_peers.py (`make bench-peers`) and scripts/bench_ha.py (`make
+# bench-ha`); this script only keeps them.
 PEERS_SECTION = "peers"
+HA_SECTION = "ha"
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -686,11 +688,13 @@ def write_doc(path: Path, sections: dict[str, str], duration_s: float) -> None:
         start, end = _markers(name)
         parts.append(f"{start}\n{body.rstrip()}\n{end}")
     ran = " and ".join(f"`{n}`" for n in SECTIONS if n in sections)
-    # `make bench-peers` owns a section of its own (scripts/bench_peers.py): kept as it is.
-    peers = kept_section(path, PEERS_SECTION)
-    if peers is not None:
-        start, end = _markers(PEERS_SECTION)
-        parts.append(f"{start}\n{peers.rstrip()}\n{end}")
+    # `make bench-peers` and `make bench-ha` own sections of their own (scripts/bench_peers.py,
+    # scripts/bench_ha.py): kept as they are.
+    for owned in (PEERS_SECTION, HA_SECTION):
+        kept = kept_section(path, owned)
+        if kept is not None:
+            start, end = _markers(owned)
+            parts.append(f"{start}\n{kept.rstrip()}\n{end}")
     joined = "\n\n".join(parts)
     text = f"""# Benchmarks
 

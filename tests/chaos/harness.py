@@ -53,11 +53,12 @@ and for requests that failed over (a delta with ``attempt`` > 1) the latency add
 against the median latency of undisturbed requests of the same output length (buckets of 10
 tokens), grouped by the fault behind the first failed attempt (from the coordinator's log),
 and the stall: the longest wait for the first delta of a new attempt. Per coordinator fault
-kind: how many, the stall (of the streams in flight when the fault began, the longest wait for
-the first delta after it, from the stream's last delta before it or its start), how many of
-those streams moved to the other coordinator from their resume point, and the recovery (from
-the repair, SIGCONT or the new process listening, to every agent under no fault healthy in
-that coordinator's view, in an answer to a poll sent after the repair).
+kind: how many, the stall (of the streams in flight when the fault began, the longest wait
+from the injection to the stream's first delta after it; a stream that failed over between
+nodes meanwhile without leaving its coordinator is left out, its wait is an agent fault's),
+how many of those streams moved to the other coordinator from their resume point, and the
+recovery (from the repair, SIGCONT or the new process listening, to every agent under no fault
+healthy in that coordinator's view, in an answer to a poll sent after the repair).
 
 The schedule of decisions (kinds, targets, durations) is a function of the run's seed; the exact
 moments depend on the machine, so two runs of one seed differ in detail, not in kind.
@@ -276,8 +277,10 @@ class RequestRecord:
     request_id: str = ""
     # Fault kinds behind each failed attempt, in order (from the coordinator's log).
     causes: list[str] = field(default_factory=list)
-    # Wall-clock arrival of each delta (for the stall across a coordinator fault).
+    # Wall-clock arrival of each delta and its attempt number (for the stall across a
+    # coordinator fault).
     arrivals: list[float] = field(default_factory=list, repr=False)
+    arrival_attempts: list[int] = field(default_factory=list, repr=False)
     # With several coordinators: when the attempt numbers started again from a lower one
     # (wall clock), i.e. the stream went on through another coordinator.
     coordinator_switches: list[float] = field(default_factory=list)
@@ -448,8 +451,8 @@ class FaultRecord:
     # The repair itself failed (a restart that raised).
     error: str = ""
     # Coordinator faults: the streams in flight when it began, the longest wait of one of them
-    # for its first delta after it (from its last delta before it, or its start), and how many
-    # of them went on through another coordinator from their resume point.
+    # from the injection to its first delta after it, and how many of them went on through
+    # another coordinator from their resume point.
     in_flight: int = 0
     stall_s: float | None = None
     moved: int = 0
@@ -679,12 +682,15 @@ class FaultDriver:
 
     async def _wait_coordinator_recovered(self, fault: FaultRecord) -> float | None:
         """When the repaired coordinator reports every agent under no fault healthy, in an
-        answer to a poll sent after the repair."""
+        answer to a poll sent after the repair (a restart: the new process listens; a thaw:
+        0.1 s after SIGCONT, for the thawed process first catches up with what broke while it
+        was frozen: agents gave up its sessions and health streams)."""
         deadline = time.monotonic() + self.cfg.recovery_timeout_s
         repaired_at = fault.repaired_at or time.time()
+        asked_after = repaired_at + (0.1 if fault.kind == "coordinator_stop" else 0.0)
         monitor = self.monitors[fault.index]
         while time.monotonic() < deadline:
-            if monitor.last_sample_sent_at() > repaired_at:
+            if monitor.last_sample_sent_at() > asked_after:
                 latest = monitor.latest()
                 if all(
                     (view := latest.get(f"node-{i}")) is not None and view.state == HEALTHY
@@ -782,8 +788,12 @@ def measure_coordinator_faults(
     faults: Sequence[FaultRecord], records: Sequence[RequestRecord]
 ) -> None:
     """Fill in each coordinator fault's streams in flight, the longest stall one of them saw
-    across it (its first delta after the injection, from its last delta before it or its
-    start) and how many of them went on through another coordinator."""
+    across it (the wait from the injection to its first delta after it) and how many of them
+    went on through another coordinator. Measured from the injection, not from the stream's
+    last delta: a stream already stuck on a frozen agent is not charged to the coordinator. A
+    stream that stayed on its coordinator and whose first delta after the injection came from
+    a later attempt failed over between nodes across it (an agent fault, under way meanwhile):
+    its wait is the agent fault's, not counted here."""
     for fault in faults:
         if not fault.on_coordinator:
             continue
@@ -794,10 +804,15 @@ def measure_coordinator_faults(
             if not r.started_at < at < r.ended_at:
                 continue
             fault.in_flight += 1
-            fault.moved += r.resumed_by_client or bool(r.coordinator_switches)
+            moved = r.resumed_by_client or bool(r.coordinator_switches)
+            fault.moved += moved
             k = bisect.bisect_right(r.arrivals, at)
-            if k < len(r.arrivals):
-                stalls.append(r.arrivals[k] - (r.arrivals[k - 1] if k else r.started_at))
+            if k == len(r.arrivals):
+                continue
+            before = r.arrival_attempts[k - 1] if k else 1
+            if not moved and r.arrival_attempts[k] > before:
+                continue  # a failover between nodes
+            stalls.append(r.arrivals[k] - at)
         fault.stall_s = max(stalls) if stalls else None
 
 
@@ -1113,7 +1128,11 @@ class ChaosReport:
             ],
             "bad_requests": [
                 {
-                    **{k: v for k, v in dataclasses.asdict(r).items() if k != "arrivals"},
+                    **{
+                        k: v
+                        for k, v in dataclasses.asdict(r).items()
+                        if k not in ("arrivals", "arrival_attempts")
+                    },
                     "spec": dataclasses.asdict(r.spec),
                 }
                 for r in self.records
@@ -1210,7 +1229,8 @@ class ChaosReport:
         out.append(
             f"Faults cut short by the end of the run (not counted as undetected): "
             f"{sum(f.cut_short for f in self.faults)}. "
-            f"Ejections of a node under no fault: {len(self.spurious)}. Coordinator counters: "
+            f"Ejections of a node under no fault: {len(self.spurious)}. Coordinator counters"
+            + (": " if self.coordinators == 1 else " (summed, each since its last start): ")
             + ", ".join(f"{k} {v}" for k, v in self.coordinator_stats.items())
             + "."
         )
@@ -1267,6 +1287,7 @@ async def _one_request(
         ):
             now = time.monotonic()
             record.arrivals.append(time.time())
+            record.arrival_attempts.append(delta.attempt)
             if delta.attempt < attempt:
                 if cfg.coordinators > 1:  # another coordinator's part of the stream
                     record.coordinator_switches.append(record.arrivals[-1])
