@@ -1,8 +1,8 @@
 """The agent's coordinators: one membership per coordinator, kept up independently.
 
-``--coordinator`` names one coordinator, a list, or ``dns:///NAME:PORT`` (every address the
-name resolves to, as a Kubernetes headless Service gives one per coordinator pod; see
-``omni_rpc.targets``). Each coordinator keeps its own registry: the agent joins every one,
+``--coordinator`` names one coordinator, a list, or ``dns:///NAME:PORT``; a name stands for
+every address it resolves to, as a Kubernetes headless Service gives one per coordinator pod
+(see ``omni_rpc.targets``). Each coordinator keeps its own registry: the agent joins every one,
 a coordinator that is down costs only its own membership's retries, and the agent serves
 whichever coordinators dial it. Names are resolved again every ``resolve_interval_s``: a
 coordinator that appears is joined, one whose address is gone is let go.
@@ -42,8 +42,9 @@ class Coordinators:
 
     def _security_for(self, target: targets.CoordinatorTarget) -> ChannelSecurity:
         """A resolved address is dialed by IP: with TLS, the coordinator's certificate is
-        checked against the name that was resolved (unless a server name is set already)."""
-        if target.every_address and self._security.tls.enabled and not self._security.server_name:
+        checked against the name that was resolved (unless a server name is set already; an
+        IP literal is checked as itself)."""
+        if self._security.tls.enabled and not self._security.server_name:
             return dataclasses.replace(self._security, server_name=target.host)
         return self._security
 
@@ -69,8 +70,7 @@ class Coordinators:
         membership = Membership(address, self.join_request, self._security_for(target))
         task = asyncio.create_task(membership.run(), name=f"membership {address}")
         self.memberships[address] = (membership, task)
-        if len(self.targets) > 1 or target.every_address:
-            log.info("coordinator found", coordinator=address, target=str(target))
+        log.info("coordinator found", coordinator=address, target=str(target))
 
     async def _stop(self, address: str) -> None:
         membership, task = self.memberships.pop(address)
@@ -91,8 +91,8 @@ class Coordinators:
                             self._start(address, target)
                     for address in [a for a in self.memberships if a not in found]:
                         await self._stop(address)
-                if not any(t.every_address for t in self.targets):
-                    # Fixed addresses: nothing to re-resolve.
+                if all(targets.is_ip(t.host) for t in self.targets):
+                    # IP addresses only: nothing to re-resolve.
                     await asyncio.Event().wait()
                 # Until a name resolves at all, try again soon.
                 await asyncio.sleep(self.resolve_interval_s if self.memberships else 1.0)

@@ -41,15 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--coordinator",
         help="the coordinators to join (required): HOST:PORT, a comma-separated list of them, "
-        "or dns:///NAME:PORT for every address NAME resolves to (a Kubernetes headless "
-        "Service); the agent joins and serves each",
+        "or dns:///NAME:PORT; a name stands for every address it resolves to (IPv4 ones when "
+        "it has any), as a Kubernetes headless Service has one per coordinator pod; the agent "
+        "joins and serves each",
     )
     p.add_argument(
         "--coordinator-resolve-interval",
         type=argtypes.positive_float,
         default=DEFAULT_RESOLVE_INTERVAL_S,
         metavar="S",
-        help="resolve a dns:/// coordinator name again every S seconds: coordinators that "
+        help="resolve the coordinators' names again every S seconds: coordinators that "
         "appear are joined, those gone are let go",
     )
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: any)")

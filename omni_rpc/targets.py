@@ -3,15 +3,17 @@
 The forms, the same for ``omni-agent --coordinator``, the SDK's ``coordinator=`` and the
 ``omni`` CLI's ``--coordinator``:
 
-- ``HOST:PORT``: one coordinator (a name is resolved by gRPC, which uses the first address
-  that answers);
+- ``HOST:PORT``: a coordinator;
 - ``HOST:PORT,HOST:PORT``: several coordinators (a list in Python works too);
 - ``dns:///NAME:PORT``: every address ``NAME`` resolves to is a coordinator, as a Kubernetes
-  headless Service gives one per coordinator pod. Re-resolved as it changes: by the agents
-  every ``--coordinator-resolve-interval``, by clients through gRPC's DNS resolver.
+  headless Service gives one per coordinator pod.
 
+Agents join every coordinator: every address of every name they are given (IPv4 ones when a
+name has any), resolved again every ``--coordinator-resolve-interval`` (``resolve_every_address``).
 Clients balance their calls over several coordinators with gRPC's own ``round_robin`` policy
-(``client_channel_target``); agents join every coordinator (``resolve_all``).
+(``client_channel_target``): a list, or a ``dns:///`` name, which gRPC's DNS resolver re-resolves
+as connections break; a plain ``HOST:PORT`` is one connection (gRPC uses the first address that
+answers).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def parse_targets(given: str | Sequence[str]) -> list[CoordinatorTarget]:
     return targets
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -104,7 +106,7 @@ def _is_ip(host: str) -> bool:
 def _first_address(host: str, port: int) -> str:
     """The address a client dials for one list item: an IP literal as is, a name resolved now
     (IPv4 preferred: gRPC's ipv4:/ipv6: targets take literals of one family)."""
-    if _is_ip(host):
+    if is_ip(host):
         return host
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -156,14 +158,23 @@ def describe(given: str | Sequence[str]) -> str:
         return given if isinstance(given, str) else ",".join(map(str, given))
 
 
+def _one_family(addresses: list[str]) -> list[str]:
+    """The IPv4 addresses when there are any, else the IPv6 ones, sorted: a dual-stack name
+    (``localhost``, a dual-stack headless Service) lists each coordinator once per family, and
+    a server listening on IPv4 only must not be dialed at its IPv6 address forever."""
+    v4 = sorted({a for a in addresses if ":" not in a})
+    return v4 or sorted(set(addresses))
+
+
 async def resolve_every_address(target: CoordinatorTarget) -> list[str]:
-    """The HOST:PORT of every coordinator ``target`` stands for: itself, or (``dns:///``) one
-    per address its name resolves to, sorted. OSError when the name does not resolve."""
-    if not target.every_address or _is_ip(target.host):
+    """The HOST:PORT of every coordinator ``target`` stands for, as an agent joins them: an IP
+    literal itself, a name one per address it resolves to (of one family, see
+    ``_one_family``), sorted. OSError when the name does not resolve."""
+    if is_ip(target.host):
         return [target.address]
     loop = asyncio.get_running_loop()
     found = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-    return sorted({join_host_port(str(info[4][0]), target.port) for info in found})
+    return [join_host_port(a, target.port) for a in _one_family([str(i[4][0]) for i in found])]
 
 
 def every_coordinator(given: str | Sequence[str]) -> list[str]:
@@ -172,10 +183,11 @@ def every_coordinator(given: str | Sequence[str]) -> list[str]:
     when a name does not resolve."""
     found: list[str] = []
     for target in parse_targets(given):
-        if not target.every_address or _is_ip(target.host):
+        if is_ip(target.host):
             addresses = [target.address]
         else:
             infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            addresses = sorted({join_host_port(str(i[4][0]), target.port) for i in infos})
+            ips = _one_family([str(i[4][0]) for i in infos])
+            addresses = [join_host_port(ip, target.port) for ip in ips]
         found += [a for a in addresses if a not in found]
     return found

@@ -58,6 +58,18 @@ def test_malformed_addresses_are_refused_naming_the_problem(given: str, problem:
         targets.client_channel_target(given)
 
 
+async def test_an_agent_joins_each_address_of_a_name_once() -> None:
+    """localhost has an IPv4 and an IPv6 address: one coordinator, joined once (IPv4)."""
+    target = targets.parse_targets("localhost:50051")[0]
+    assert await targets.resolve_every_address(target) == ["127.0.0.1:50051"]
+    assert targets.every_coordinator("localhost:1,127.0.0.1:2") == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert targets._one_family(["10.0.0.2", "fd00::1", "10.0.0.1", "10.0.0.2"]) == [
+        "10.0.0.1",
+        "10.0.0.2",
+    ]
+    assert targets._one_family(["fd00::2", "fd00::1"]) == ["fd00::1", "fd00::2"]
+
+
 def test_duplicates_are_dropped_and_the_order_kept() -> None:
     assert targets.describe_checked("b:2, a:1,b:2") == "b:2,a:1"
 
@@ -203,13 +215,13 @@ async def test_a_fixed_list_is_joined_once_each_without_resolving(
 ) -> None:
     monkeypatch.setattr(agent_coordinators, "Membership", FakeMembership)
     FakeMembership.joins = asyncio.Event()
-    agent = Coordinators("a:1,b:2", registry_pb2.JoinRequest(node_id="n"))
+    agent = Coordinators("10.0.0.1:1,[fd00::2]:2", registry_pb2.JoinRequest(node_id="n"))
     task = asyncio.create_task(agent.run())
     try:
         async with asyncio.timeout(5):
             while len(agent.joined) < 2:
                 await joins()
-        assert sorted(agent.memberships) == ["a:1", "b:2"]
+        assert sorted(agent.memberships) == ["10.0.0.1:1", "[fd00::2]:2"]
     finally:
         task.cancel()
         await agent.close()
