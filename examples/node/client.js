@@ -93,15 +93,19 @@ function generateOnce(client, request, deadline, received) {
       }
       last = response;
     });
-    call.on("error", reject);
+    // An error after the message with the finish_reason: the output is whole (the
+    // coordinator went away before its status); nothing to continue.
+    call.on("error", (err) => (last && last.finish_reason ? resolve(last) : reject(err)));
     call.on("end", () => resolve(last));
   });
 }
 
-// A failure a new attempt may get past: the coordinator (or the connection to it) went away.
-// Errors the coordinator itself decided carry the omni-final trailer and are never retried.
+// A failure a new attempt may get past: the coordinator (or the connection to it) went away:
+// UNAVAILABLE, or CANCELLED (a server shutting down as the call arrived; this client never
+// cancels its own calls). Errors the coordinator itself decided carry the omni-final trailer
+// and are never retried.
 function retriable(err) {
-  if (err.code !== grpc.status.UNAVAILABLE) {
+  if (err.code !== grpc.status.UNAVAILABLE && err.code !== grpc.status.CANCELLED) {
     return false;
   }
   return !(err.metadata && err.metadata.get(FINAL_ERROR_METADATA).length > 0);

@@ -152,6 +152,8 @@ class Received:
         self.text: list[str] = [request.resume.text] if request.resume.text else []
         self.media_items = request.resume.media_items_delivered
         self.any = False
+        # The message with the finish_reason arrived: the output is whole.
+        self.finished = False
 
     def add(self, response: generate_pb2.GenerateResponse) -> None:
         self.any = True
@@ -162,6 +164,7 @@ class Received:
         if response.text:
             self.text.append(response.text)
         self.media_items += sum(1 for piece in response.outputs if piece.last_chunk)
+        self.finished = self.finished or bool(response.finish_reason)
 
     def resume(self, request: generate_pb2.GenerateRequest) -> None:
         """Make ``request`` continue after everything received."""
@@ -185,10 +188,16 @@ def _engine_flags(engine: str, memory_buffer_gb: float | None) -> list[str]:
     return []
 
 
+# How a call ends when its coordinator went away rather than answered: the transport broke
+# (UNAVAILABLE), or the server shut down while the call was being accepted (CANCELLED: the
+# caller's own cancellation is asyncio's CancelledError here, never a status).
+_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 def _coordinator_unreachable(exc: grpc.aio.AioRpcError) -> bool:
-    """UNAVAILABLE from the transport, not a verdict of the coordinator (which marks its
-    own errors with trailing metadata)."""
-    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+    """The coordinator went away, not a verdict of it (which marks its own errors with
+    trailing metadata, omni-final)."""
+    if exc.code() not in _GONE:
         return False
     trailing = exc.trailing_metadata() or ()
     return config.FINAL_ERROR_METADATA not in {str(item[0]) for item in trailing}  # type: ignore[index]
@@ -514,7 +523,8 @@ class DistributedOrchestrator:
         # What this call has received: where a continuation on another coordinator starts.
         received = Received(request)
         while True:
-            call = self._stub().Generate(
+            channel, stub = self._aio_channel()[1:]
+            call = stub.Generate(
                 request, timeout=max(0.0, deadline - time.monotonic()), wait_for_ready=True
             )
             try:
@@ -533,9 +543,15 @@ class DistributedOrchestrator:
                     )
                 return
             except grpc.aio.AioRpcError as exc:
+                if received.finished:
+                    # The whole output is here; the coordinator went away before its status
+                    # (frozen, say): nothing to continue, nothing to report.
+                    return
                 # The coordinator went away (not its verdict): any coordinator continues the
-                # stream from what was received, each token exactly once.
-                if not _coordinator_unreachable(exc) or time.monotonic() >= deadline:
+                # stream from what was received, each token exactly once. Unless the channel
+                # went away: closed by aclose() or close(), the call must end.
+                closed = self._aio is None or self._aio[1] is not channel
+                if closed or not _coordinator_unreachable(exc) or time.monotonic() >= deadline:
                     raise GenerationError(
                         exc.code(), exc.details() or "", request.request_id
                     ) from None
