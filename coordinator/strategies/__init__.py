@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from coordinator.strategies.base import Candidate, Strategy
+from coordinator.strategies.cache_aware import CacheAware
+from coordinator.strategies.consistent_hash import ConsistentHash
 from coordinator.strategies.least_loaded import LeastLoaded
 from coordinator.strategies.power_of_two import PowerOfTwo
 from coordinator.strategies.round_robin import RoundRobin
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RoundRobin, LeastLoaded, PowerOfTwo)
+    cls.name: cls for cls in (RoundRobin, LeastLoaded, PowerOfTwo, CacheAware, ConsistentHash)
 }
 
 
@@ -23,7 +25,9 @@ def make_strategy(name: str) -> Strategy:
 
 __all__ = [
     "STRATEGIES",
+    "CacheAware",
     "Candidate",
+    "ConsistentHash",
     "LeastLoaded",
     "PowerOfTwo",
     "RoundRobin",

@@ -10,6 +10,8 @@ import abc
 from collections.abc import Sequence
 from typing import Protocol
 
+from coordinator.prefix import RequestPrefix
+
 
 class Candidate(Protocol):
     """What a strategy may look at on a node."""
@@ -38,14 +40,35 @@ class Candidate(Protocol):
         """Share of the engine's KV cache in use, as the agent last reported it (0..1)."""
         ...
 
+    @property
+    def cache_block_tokens(self) -> int:
+        """Block size of the engine's prefix cache, in tokens (0: unknown)."""
+        ...
+
+    @property
+    def cache_capacity_tokens(self) -> int:
+        """Size of the engine's prefix cache, in tokens (0: unknown)."""
+        ...
+
+
+def load(c: Candidate) -> int:
+    """Requests on the node: this process's and, as last reported, everyone else's."""
+    return c.in_flight + c.others_in_flight
+
 
 class Strategy(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def pick(self, candidates: Sequence[Candidate], key: str = "") -> Candidate:
-        """Choose one of ``candidates`` (never empty) for a request with affinity ``key``.
+    def pick(
+        self, candidates: Sequence[Candidate], key: str = "", prefix: RequestPrefix | None = None
+    ) -> Candidate:
+        """Choose one of ``candidates`` (never empty) for a request with affinity ``key``
+        (GenerateRequest.affinity_key) and prompt ``prefix`` (None: not known, as in a plan).
 
         ``candidates`` come in node id order (the registry keeps its dispatchable set so), so a
         strategy's rotation is stable as nodes come and go without sorting on every request.
         """
+
+    def forget(self, node_id: str) -> None:
+        """The node left (or was replaced by a new process): drop what is kept about it."""

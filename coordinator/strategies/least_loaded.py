@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coordinator.strategies.base import Candidate, Strategy
+from coordinator.prefix import RequestPrefix
+from coordinator.strategies.base import Candidate, Strategy, load
 
 
 def utilization(c: Candidate) -> float:
-    return (c.in_flight + c.others_in_flight) / max(1, c.capacity)
+    return load(c) / max(1, c.capacity)
 
 
 class LeastLoaded(Strategy):
@@ -25,7 +26,9 @@ class LeastLoaded(Strategy):
     def __init__(self) -> None:
         self._turn = 0
 
-    def pick(self, candidates: Sequence[Candidate], key: str = "") -> Candidate:
+    def pick(
+        self, candidates: Sequence[Candidate], key: str = "", prefix: RequestPrefix | None = None
+    ) -> Candidate:
         n = len(candidates)
         start = self._turn % n
         self._turn += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from coordinator.prefix import RequestPrefix
 from coordinator.strategies.base import Candidate, Strategy
 from coordinator.strategies.least_loaded import utilization
 
@@ -19,7 +20,9 @@ class PowerOfTwo(Strategy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def pick(self, candidates: Sequence[Candidate], key: str = "") -> Candidate:
+    def pick(
+        self, candidates: Sequence[Candidate], key: str = "", prefix: RequestPrefix | None = None
+    ) -> Candidate:
         if len(candidates) == 1:
             return candidates[0]
         a, b = self._rng.sample(list(candidates), 2)

@@ -26,7 +26,7 @@ from omni_rpc.v1 import generate_pb2 as omni_dot_v1_dot_generate__pb2
 from omni_rpc.v1 import node_pb2 as omni_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19omni/v1/coordinator.proto\x12\x07omni.v1\x1a\x16omni/v1/generate.proto\x1a\x12omni/v1/node.proto\"\xe6\x04\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12!\n\x05state\x18\x05 \x01(\x0e\x32\x12.omni.v1.NodeState\x12\x14\n\x0cstate_reason\x18\x06 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x1d\n\x03gpu\x18\x08 \x01(\x0b\x32\x10.omni.v1.GpuInfo\x12\x0f\n\x07version\x18\t \x01(\t\x12\x11\n\tin_flight\x18\n \x01(\x05\x12\x12\n\ndispatched\x18\x0b \x01(\x03\x12\x0e\n\x06served\x18\x0c \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\r \x01(\x03\x12\x1c\n\x14\x63onsecutive_failures\x18\x0e \x01(\x05\x12\x12\n\nlast_error\x18\x0f \x01(\t\x12\x1f\n\x04load\x18\x10 \x01(\x0b\x32\x11.omni.v1.NodeLoad\x12\x11\n\tjoined_at\x18\x11 \x01(\x01\x12\x13\n\x0bstate_since\x18\x12 \x01(\x01\x12\x1c\n\x14last_health_check_at\x18\x13 \x01(\x01\x12\x1f\n\x17health_check_latency_ms\x18\x14 \x01(\x01\x12\x11\n\tejections\x18\x15 \x01(\x05\x12\x15\n\rejected_until\x18\x16 \x01(\x01\x12%\n\tplacement\x18\x17 \x01(\x0b\x32\x12.omni.v1.Placement\x12\x15\n\rmodel_aliases\x18\x18 \x03(\t\x12\x18\n\x10input_modalities\x18\x19 \x03(\t\x12\x19\n\x11output_modalities\x18\x1a \x03(\t\"\x11\n\x0fGetStatsRequest\"\xf3\x04\n\x0c\x43lusterStats\x12\x11\n\tnum_nodes\x18\x01 \x01(\x05\x12\x15\n\rhealthy_nodes\x18\x02 \x03(\t\x12\x17\n\x0funhealthy_nodes\x18\x03 \x03(\t\x12\x46\n\x11load_distribution\x18\x04 \x03(\x0b\x32+.omni.v1.ClusterStats.LoadDistributionEntry\x12<\n\x0chealth_stats\x18\x05 \x03(\x0b\x32&.omni.v1.ClusterStats.HealthStatsEntry\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12\x1f\n\x17health_check_interval_s\x18\x07 \x01(\x01\x12\x13\n\x0bmax_retries\x18\x08 \x01(\x05\x12\x16\n\x0erequests_total\x18\t \x01(\x03\x12\x1a\n\x12requests_succeeded\x18\n \x01(\x03\x12\x17\n\x0frequests_failed\x18\x0b \x01(\x03\x12\x15\n\rretries_total\x18\x0c \x01(\x03\x12\x11\n\tin_flight\x18\r \x01(\x05\x12\x16\n\x0e\x63oordinator_id\x18\x0e \x01(\t\x12\x10\n\x08uptime_s\x18\x0f \x01(\x01\x12\x15\n\rresumes_total\x18\x10 \x01(\x03\x12\x1a\n\x12requests_cancelled\x18\x11 \x01(\x03\x1a\x37\n\x15LoadDistributionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x45\n\x10HealthStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.omni.v1.NodeInfo:\x02\x38\x01\"\x12\n\x10ListNodesRequest\"5\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.omni.v1.NodeInfo\"4\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07undrain\x18\x02 \x01(\x08\"E\n\x11\x44rainNodeResponse\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.omni.v1.NodeInfo\x12\x0f\n\x07\x64rained\x18\x02 \x01(\x08*\x9f\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_JOINING\x10\x01\x12\x16\n\x12NODE_STATE_HEALTHY\x10\x02\x12\x18\n\x14NODE_STATE_UNHEALTHY\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x13\n\x0fNODE_STATE_LEFT\x10\x05\x32\x95\x02\n\x0b\x43oordinator\x12\x41\n\x08Generate\x12\x18.omni.v1.GenerateRequest\x1a\x19.omni.v1.GenerateResponse0\x01\x12;\n\x08GetStats\x12\x18.omni.v1.GetStatsRequest\x1a\x15.omni.v1.ClusterStats\x12\x42\n\tListNodes\x12\x19.omni.v1.ListNodesRequest\x1a\x1a.omni.v1.ListNodesResponse\x12\x42\n\tDrainNode\x12\x19.omni.v1.DrainNodeRequest\x1a\x1a.omni.v1.DrainNodeResponseBb\n\x0e\x64\x65v.omnirpc.v1B\x10\x43oordinatorProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19omni/v1/coordinator.proto\x12\x07omni.v1\x1a\x16omni/v1/generate.proto\x1a\x12omni/v1/node.proto\"\xa1\x05\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12!\n\x05state\x18\x05 \x01(\x0e\x32\x12.omni.v1.NodeState\x12\x14\n\x0cstate_reason\x18\x06 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x1d\n\x03gpu\x18\x08 \x01(\x0b\x32\x10.omni.v1.GpuInfo\x12\x0f\n\x07version\x18\t \x01(\t\x12\x11\n\tin_flight\x18\n \x01(\x05\x12\x12\n\ndispatched\x18\x0b \x01(\x03\x12\x0e\n\x06served\x18\x0c \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\r \x01(\x03\x12\x1c\n\x14\x63onsecutive_failures\x18\x0e \x01(\x05\x12\x12\n\nlast_error\x18\x0f \x01(\t\x12\x1f\n\x04load\x18\x10 \x01(\x0b\x32\x11.omni.v1.NodeLoad\x12\x11\n\tjoined_at\x18\x11 \x01(\x01\x12\x13\n\x0bstate_since\x18\x12 \x01(\x01\x12\x1c\n\x14last_health_check_at\x18\x13 \x01(\x01\x12\x1f\n\x17health_check_latency_ms\x18\x14 \x01(\x01\x12\x11\n\tejections\x18\x15 \x01(\x05\x12\x15\n\rejected_until\x18\x16 \x01(\x01\x12%\n\tplacement\x18\x17 \x01(\x0b\x32\x12.omni.v1.Placement\x12\x15\n\rmodel_aliases\x18\x18 \x03(\t\x12\x18\n\x10input_modalities\x18\x19 \x03(\t\x12\x19\n\x11output_modalities\x18\x1a \x03(\t\x12\x1a\n\x12\x63\x61\x63he_block_tokens\x18\x1b \x01(\x05\x12\x1d\n\x15\x63\x61\x63he_capacity_tokens\x18\x1c \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xf3\x04\n\x0c\x43lusterStats\x12\x11\n\tnum_nodes\x18\x01 \x01(\x05\x12\x15\n\rhealthy_nodes\x18\x02 \x03(\t\x12\x17\n\x0funhealthy_nodes\x18\x03 \x03(\t\x12\x46\n\x11load_distribution\x18\x04 \x03(\x0b\x32+.omni.v1.ClusterStats.LoadDistributionEntry\x12<\n\x0chealth_stats\x18\x05 \x03(\x0b\x32&.omni.v1.ClusterStats.HealthStatsEntry\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12\x1f\n\x17health_check_interval_s\x18\x07 \x01(\x01\x12\x13\n\x0bmax_retries\x18\x08 \x01(\x05\x12\x16\n\x0erequests_total\x18\t \x01(\x03\x12\x1a\n\x12requests_succeeded\x18\n \x01(\x03\x12\x17\n\x0frequests_failed\x18\x0b \x01(\x03\x12\x15\n\rretries_total\x18\x0c \x01(\x03\x12\x11\n\tin_flight\x18\r \x01(\x05\x12\x16\n\x0e\x63oordinator_id\x18\x0e \x01(\t\x12\x10\n\x08uptime_s\x18\x0f \x01(\x01\x12\x15\n\rresumes_total\x18\x10 \x01(\x03\x12\x1a\n\x12requests_cancelled\x18\x11 \x01(\x03\x1a\x37\n\x15LoadDistributionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x45\n\x10HealthStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.omni.v1.NodeInfo:\x02\x38\x01\"\x12\n\x10ListNodesRequest\"5\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.omni.v1.NodeInfo\"4\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07undrain\x18\x02 \x01(\x08\"E\n\x11\x44rainNodeResponse\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.omni.v1.NodeInfo\x12\x0f\n\x07\x64rained\x18\x02 \x01(\x08*\x9f\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_JOINING\x10\x01\x12\x16\n\x12NODE_STATE_HEALTHY\x10\x02\x12\x18\n\x14NODE_STATE_UNHEALTHY\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x13\n\x0fNODE_STATE_LEFT\x10\x05\x32\x95\x02\n\x0b\x43oordinator\x12\x41\n\x08Generate\x12\x18.omni.v1.GenerateRequest\x1a\x19.omni.v1.GenerateResponse0\x01\x12;\n\x08GetStats\x12\x18.omni.v1.GetStatsRequest\x1a\x15.omni.v1.ClusterStats\x12\x42\n\tListNodes\x12\x19.omni.v1.ListNodesRequest\x1a\x1a.omni.v1.ListNodesResponse\x12\x42\n\tDrainNode\x12\x19.omni.v1.DrainNodeRequest\x1a\x1a.omni.v1.DrainNodeResponseBb\n\x0e\x64\x65v.omnirpc.v1B\x10\x43oordinatorProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,26 +38,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERSTATS_LOADDISTRIBUTIONENTRY']._serialized_options = b'8\001'
   _globals['_CLUSTERSTATS_HEALTHSTATSENTRY']._loaded_options = None
   _globals['_CLUSTERSTATS_HEALTHSTATSENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=1549
-  _globals['_NODESTATE']._serialized_end=1708
+  _globals['_NODESTATE']._serialized_start=1608
+  _globals['_NODESTATE']._serialized_end=1767
   _globals['_NODEINFO']._serialized_start=83
-  _globals['_NODEINFO']._serialized_end=697
-  _globals['_GETSTATSREQUEST']._serialized_start=699
-  _globals['_GETSTATSREQUEST']._serialized_end=716
-  _globals['_CLUSTERSTATS']._serialized_start=719
-  _globals['_CLUSTERSTATS']._serialized_end=1346
-  _globals['_CLUSTERSTATS_LOADDISTRIBUTIONENTRY']._serialized_start=1220
-  _globals['_CLUSTERSTATS_LOADDISTRIBUTIONENTRY']._serialized_end=1275
-  _globals['_CLUSTERSTATS_HEALTHSTATSENTRY']._serialized_start=1277
-  _globals['_CLUSTERSTATS_HEALTHSTATSENTRY']._serialized_end=1346
-  _globals['_LISTNODESREQUEST']._serialized_start=1348
-  _globals['_LISTNODESREQUEST']._serialized_end=1366
-  _globals['_LISTNODESRESPONSE']._serialized_start=1368
-  _globals['_LISTNODESRESPONSE']._serialized_end=1421
-  _globals['_DRAINNODEREQUEST']._serialized_start=1423
-  _globals['_DRAINNODEREQUEST']._serialized_end=1475
-  _globals['_DRAINNODERESPONSE']._serialized_start=1477
-  _globals['_DRAINNODERESPONSE']._serialized_end=1546
-  _globals['_COORDINATOR']._serialized_start=1711
-  _globals['_COORDINATOR']._serialized_end=1988
+  _globals['_NODEINFO']._serialized_end=756
+  _globals['_GETSTATSREQUEST']._serialized_start=758
+  _globals['_GETSTATSREQUEST']._serialized_end=775
+  _globals['_CLUSTERSTATS']._serialized_start=778
+  _globals['_CLUSTERSTATS']._serialized_end=1405
+  _globals['_CLUSTERSTATS_LOADDISTRIBUTIONENTRY']._serialized_start=1279
+  _globals['_CLUSTERSTATS_LOADDISTRIBUTIONENTRY']._serialized_end=1334
+  _globals['_CLUSTERSTATS_HEALTHSTATSENTRY']._serialized_start=1336
+  _globals['_CLUSTERSTATS_HEALTHSTATSENTRY']._serialized_end=1405
+  _globals['_LISTNODESREQUEST']._serialized_start=1407
+  _globals['_LISTNODESREQUEST']._serialized_end=1425
+  _globals['_LISTNODESRESPONSE']._serialized_start=1427
+  _globals['_LISTNODESRESPONSE']._serialized_end=1480
+  _globals['_DRAINNODEREQUEST']._serialized_start=1482
+  _globals['_DRAINNODEREQUEST']._serialized_end=1534
+  _globals['_DRAINNODERESPONSE']._serialized_start=1536
+  _globals['_DRAINNODERESPONSE']._serialized_end=1605
+  _globals['_COORDINATOR']._serialized_start=1770
+  _globals['_COORDINATOR']._serialized_end=2047
 # @@protoc_insertion_point(module_scope)

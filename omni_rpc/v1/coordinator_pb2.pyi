@@ -79,6 +79,8 @@ class NodeInfo(_message.Message):
     MODEL_ALIASES_FIELD_NUMBER: _builtins.int
     INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
     OUTPUT_MODALITIES_FIELD_NUMBER: _builtins.int
+    CACHE_BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CAPACITY_TOKENS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     model: _builtins.str
@@ -105,6 +107,9 @@ class NodeInfo(_message.Message):
     ejections: _builtins.int
     """Times the circuit breaker ejected the node, and until when (Unix seconds; 0: not ejected)."""
     ejected_until: _builtins.float
+    cache_block_tokens: _builtins.int
+    """JoinRequest.cache_block_tokens and cache_capacity_tokens."""
+    cache_capacity_tokens: _builtins.int
     @_builtins.property
     def gpu(self) -> _node_pb2.GpuInfo: ...
     @_builtins.property
@@ -152,10 +157,12 @@ class NodeInfo(_message.Message):
         model_aliases: _abc.Iterable[_builtins.str] | None = ...,
         input_modalities: _abc.Iterable[_builtins.str] | None = ...,
         output_modalities: _abc.Iterable[_builtins.str] | None = ...,
+        cache_block_tokens: _builtins.int = ...,
+        cache_capacity_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "load", b"load", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "consecutive_failures", b"consecutive_failures", "dispatched", b"dispatched", "ejected_until", b"ejected_until", "ejections", b"ejections", "engine", b"engine", "failures", b"failures", "gpu", b"gpu", "health_check_latency_ms", b"health_check_latency_ms", "in_flight", b"in_flight", "input_modalities", b"input_modalities", "joined_at", b"joined_at", "last_error", b"last_error", "last_health_check_at", b"last_health_check_at", "load", b"load", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "output_modalities", b"output_modalities", "placement", b"placement", "served", b"served", "state", b"state", "state_reason", b"state_reason", "state_since", b"state_since", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cache_block_tokens", b"cache_block_tokens", "cache_capacity_tokens", b"cache_capacity_tokens", "capacity", b"capacity", "consecutive_failures", b"consecutive_failures", "dispatched", b"dispatched", "ejected_until", b"ejected_until", "ejections", b"ejections", "engine", b"engine", "failures", b"failures", "gpu", b"gpu", "health_check_latency_ms", b"health_check_latency_ms", "in_flight", b"in_flight", "input_modalities", b"input_modalities", "joined_at", b"joined_at", "last_error", b"last_error", "last_health_check_at", b"last_health_check_at", "load", b"load", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "output_modalities", b"output_modalities", "placement", b"placement", "served", b"served", "state", b"state", "state_reason", b"state_reason", "state_since", b"state_since", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

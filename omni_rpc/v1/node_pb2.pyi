@@ -130,6 +130,8 @@ class NodeLoad(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     running: _builtins.int
     """Requests generating now and requests queued behind the concurrency limit."""
@@ -153,6 +155,11 @@ class NodeLoad(_message.Message):
     (each knows only its own), direct callers. A coordinator counts the others' share of a
     node by this, less its own.
     """
+    prompt_tokens: _builtins.int
+    """Lifetime prompt tokens of the requests the engine finished, and those of them it found in
+    its prefix cache: the node's cache hit rate.
+    """
+    cached_prompt_tokens: _builtins.int
     def __init__(
         self,
         *,
@@ -170,10 +177,12 @@ class NodeLoad(_message.Message):
         generated_tokens: _builtins.int = ...,
         rejected: _builtins.int = ...,
         requests: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        cached_prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted", b"aborted", "capacity", b"capacity", "draining", b"draining", "engine_healthy", b"engine_healthy", "failed", b"failed", "finished", b"finished", "generated_tokens", b"generated_tokens", "kv_cache_usage", b"kv_cache_usage", "node_id", b"node_id", "rejected", b"rejected", "requests", b"requests", "running", b"running", "started", b"started", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted", b"aborted", "cached_prompt_tokens", b"cached_prompt_tokens", "capacity", b"capacity", "draining", b"draining", "engine_healthy", b"engine_healthy", "failed", b"failed", "finished", b"finished", "generated_tokens", b"generated_tokens", "kv_cache_usage", b"kv_cache_usage", "node_id", b"node_id", "prompt_tokens", b"prompt_tokens", "rejected", b"rejected", "requests", b"requests", "running", b"running", "started", b"started", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from omni_rpc.v1 import node_pb2 as omni_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16omni/v1/registry.proto\x12\x07omni.v1\x1a\x12omni/v1/node.proto\"\x98\x02\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x1d\n\x03gpu\x18\x06 \x01(\x0b\x32\x10.omni.v1.GpuInfo\x12\x0f\n\x07version\x18\x07 \x01(\t\x12%\n\tplacement\x18\x08 \x01(\x0b\x32\x12.omni.v1.Placement\x12\x13\n\x0bincarnation\x18\t \x01(\t\x12\x15\n\rmodel_aliases\x18\n \x03(\t\x12\x18\n\x10input_modalities\x18\x0b \x03(\t\x12\x19\n\x11output_modalities\x18\x0c \x03(\t\"d\n\x0cJoinResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x03 \x01(\t\x12\x1a\n\x12refresh_interval_s\x18\x04 \x01(\x01\"@\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\x0f\n\rLeaveResponse2w\n\x08Registry\x12\x33\n\x04Join\x12\x14.omni.v1.JoinRequest\x1a\x15.omni.v1.JoinResponse\x12\x36\n\x05Leave\x12\x15.omni.v1.LeaveRequest\x1a\x16.omni.v1.LeaveResponseB_\n\x0e\x64\x65v.omnirpc.v1B\rRegistryProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16omni/v1/registry.proto\x12\x07omni.v1\x1a\x12omni/v1/node.proto\"\xd3\x02\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x1d\n\x03gpu\x18\x06 \x01(\x0b\x32\x10.omni.v1.GpuInfo\x12\x0f\n\x07version\x18\x07 \x01(\t\x12%\n\tplacement\x18\x08 \x01(\x0b\x32\x12.omni.v1.Placement\x12\x13\n\x0bincarnation\x18\t \x01(\t\x12\x15\n\rmodel_aliases\x18\n \x03(\t\x12\x18\n\x10input_modalities\x18\x0b \x03(\t\x12\x19\n\x11output_modalities\x18\x0c \x03(\t\x12\x1a\n\x12\x63\x61\x63he_block_tokens\x18\r \x01(\x05\x12\x1d\n\x15\x63\x61\x63he_capacity_tokens\x18\x0e \x01(\x03\"d\n\x0cJoinResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x03 \x01(\t\x12\x1a\n\x12refresh_interval_s\x18\x04 \x01(\x01\"@\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\x0f\n\rLeaveResponse2w\n\x08Registry\x12\x33\n\x04Join\x12\x14.omni.v1.JoinRequest\x1a\x15.omni.v1.JoinResponse\x12\x36\n\x05Leave\x12\x15.omni.v1.LeaveRequest\x1a\x16.omni.v1.LeaveResponseB_\n\x0e\x64\x65v.omnirpc.v1B\rRegistryProtoP\x01Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\xaa\x02\x07Omni.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.omnirpc.v1B\rRegistryProtoP\001Z2github.com/omni-rpc/omni-rpc/gen/go/omni/v1;omniv1\252\002\007Omni.V1'
   _globals['_JOINREQUEST']._serialized_start=56
-  _globals['_JOINREQUEST']._serialized_end=336
-  _globals['_JOINRESPONSE']._serialized_start=338
-  _globals['_JOINRESPONSE']._serialized_end=438
-  _globals['_LEAVEREQUEST']._serialized_start=440
-  _globals['_LEAVEREQUEST']._serialized_end=504
-  _globals['_LEAVERESPONSE']._serialized_start=506
-  _globals['_LEAVERESPONSE']._serialized_end=521
-  _globals['_REGISTRY']._serialized_start=523
-  _globals['_REGISTRY']._serialized_end=642
+  _globals['_JOINREQUEST']._serialized_end=395
+  _globals['_JOINRESPONSE']._serialized_start=397
+  _globals['_JOINRESPONSE']._serialized_end=497
+  _globals['_LEAVEREQUEST']._serialized_start=499
+  _globals['_LEAVEREQUEST']._serialized_end=563
+  _globals['_LEAVERESPONSE']._serialized_start=565
+  _globals['_LEAVERESPONSE']._serialized_end=580
+  _globals['_REGISTRY']._serialized_start=582
+  _globals['_REGISTRY']._serialized_end=701
 # @@protoc_insertion_point(module_scope)

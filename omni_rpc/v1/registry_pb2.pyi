@@ -37,6 +37,8 @@ class JoinRequest(_message.Message):
     MODEL_ALIASES_FIELD_NUMBER: _builtins.int
     INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
     OUTPUT_MODALITIES_FIELD_NUMBER: _builtins.int
+    CACHE_BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CAPACITY_TOKENS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     """host:port where the coordinator reaches the agent's NodeAgent service."""
@@ -54,6 +56,12 @@ class JoinRequest(_message.Message):
     the "omni-node-incarnation" call metadata, and the agent refuses a call meant for another
     incarnation with FAILED_PRECONDITION. Empty from agents that predate it.
     """
+    cache_block_tokens: _builtins.int
+    """The engine's prefix cache: its block size in tokens (a prefix is reused in whole blocks)
+    and its capacity in tokens (0: unknown, or no prefix cache). The coordinator's
+    cache_aware strategy keeps its index of what the node holds at this granularity and size.
+    """
+    cache_capacity_tokens: _builtins.int
     @_builtins.property
     def gpu(self) -> _node_pb2.GpuInfo: ...
     @_builtins.property
@@ -88,10 +96,12 @@ class JoinRequest(_message.Message):
         model_aliases: _abc.Iterable[_builtins.str] | None = ...,
         input_modalities: _abc.Iterable[_builtins.str] | None = ...,
         output_modalities: _abc.Iterable[_builtins.str] | None = ...,
+        cache_block_tokens: _builtins.int = ...,
+        cache_capacity_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "input_modalities", b"input_modalities", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "output_modalities", b"output_modalities", "placement", b"placement", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cache_block_tokens", b"cache_block_tokens", "cache_capacity_tokens", b"cache_capacity_tokens", "capacity", b"capacity", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "input_modalities", b"input_modalities", "model", b"model", "model_aliases", b"model_aliases", "node_id", b"node_id", "output_modalities", b"output_modalities", "placement", b"placement", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
