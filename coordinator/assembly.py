@@ -56,7 +56,14 @@ def data_plane(
     """What serves Generate from ``registry``: the dispatcher and the admission limits."""
     dispatcher = Dispatcher(
         registry,
-        Balancer(registry, make_strategy(args.strategy)),
+        Balancer(
+            registry,
+            make_strategy(
+                args.strategy,
+                balance_abs_threshold=args.cache_balance_abs_threshold,
+                balance_rel_threshold=args.cache_balance_rel_threshold,
+            ),
+        ),
         args.max_retries,
         no_node_wait_s=args.no_node_wait,
         metrics=metrics,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from coordinator.prefix import RequestPrefix
 from coordinator.registry import Node, Registry
 from coordinator.strategies import Strategy
 
@@ -12,6 +13,9 @@ class Balancer:
     def __init__(self, registry: Registry, strategy: Strategy) -> None:
         self.registry = registry
         self.strategy = strategy
+        # A node gone (left, forgotten, replaced by a new process): what a strategy kept about
+        # it (cache_aware's index of its prefixes, consistent_hash's ring) goes too.
+        registry.on_removed.append(lambda node: strategy.forget(node.node_id))
 
     def pick(
         self,
@@ -20,10 +24,11 @@ class Balancer:
         model: str = "",
         inputs: frozenset[str] = frozenset(),
         outputs: frozenset[str] = frozenset(),
+        prefix: RequestPrefix | None = None,
     ) -> Node | None:
         """A dispatchable node (serving ``model``, when given, and taking the media
         modalities ``inputs`` and producing ``outputs``), preferring those not in ``avoid``
-        (nodes already tried)."""
+        (nodes already tried), for a request with affinity ``key`` and prompt ``prefix``."""
         nodes = self.registry.dispatchable(model, inputs, outputs)
         if avoid:
             fresh = [n for n in nodes if n.node_id not in avoid]
@@ -32,6 +37,6 @@ class Balancer:
             candidates = nodes
         if not candidates:
             return None
-        chosen = self.strategy.pick(candidates, key)
+        chosen = self.strategy.pick(candidates, key, prefix)
         assert isinstance(chosen, Node)
         return chosen

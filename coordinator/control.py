@@ -53,7 +53,14 @@ from coordinator.stats import sum_node_counters as sum_nodes
 from omni_rpc import config, security, servers
 from omni_rpc.backoff import Backoff
 from omni_rpc.logging import get_logger
-from omni_rpc.metrics import CoordinatorMetrics, merge_exposition, node_families, serve_metrics
+from omni_rpc.metrics import (
+    CoordinatorMetrics,
+    cache_counts,
+    cache_families,
+    merge_exposition,
+    node_families,
+    serve_metrics,
+)
 from omni_rpc.v1 import (
     control_pb2,
     control_pb2_grpc,
@@ -344,6 +351,7 @@ class ClusterCollector(Collector):
             )
             for n in nodes
         )
+        yield from cache_families(cache_counts(nodes))
 
 
 def _counters(answer: control_pb2.WorkerStats) -> DispatchCounters:

@@ -23,6 +23,7 @@ from coordinator import clock
 from coordinator.balancer import Balancer
 from coordinator.node_client import NodeCallError, OutputOverflow
 from coordinator.outliers import LATENCY_OUTLIER, LatencyOutliers
+from coordinator.prefix import RequestPrefix
 from coordinator.registry import HEALTHY, Node, Registry
 from coordinator.stalls import StallPolicy, StallWatch, learn
 from omni_rpc import config
@@ -324,13 +325,15 @@ class Dispatcher:
         """A node for the next attempt (serving the route's model and modalities), waiting
         with backoff while there is none."""
         give_up = clock.now() + self.no_node_wait_s
+        # The prompt's prefix blocks, cut only if the strategy asks (cache_aware does).
+        prefix = RequestPrefix(request)
         if deadline is not None:
             # Answer a little before the caller's deadline so the reason reaches it.
             give_up = min(give_up, deadline - min(0.05, 0.1 * (deadline - clock.now())))
         backoff = Backoff(config.NO_NODE_BACKOFF_BASE_S, config.NO_NODE_BACKOFF_CAP_S)
         while True:
             node = self.balancer.pick(
-                request.affinity_key, tried, route.model, route.inputs, route.outputs
+                request.affinity_key, tried, route.model, route.inputs, route.outputs, prefix
             )
             if node is not None:
                 return node

@@ -16,9 +16,13 @@ from coordinator.http.server import http_address, start_front_door
 from coordinator.registry import state_name
 from coordinator.service import CoordinatorService, RegistryService
 from coordinator.strategies import STRATEGIES
+from coordinator.strategies.cache_aware import (
+    DEFAULT_BALANCE_ABS_THRESHOLD,
+    DEFAULT_BALANCE_REL_THRESHOLD,
+)
 from omni_rpc import argtypes, config, security, servers, settings
 from omni_rpc.logging import configure_logging, get_logger
-from omni_rpc.metrics import CoordinatorMetrics, serve_metrics
+from omni_rpc.metrics import CoordinatorMetrics, cache_counts, serve_metrics
 from omni_rpc.v1 import coordinator_pb2_grpc, registry_pb2_grpc
 
 log = get_logger("coordinator")
@@ -57,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy",
         default=config.DEFAULT_STRATEGY,
         help=f"load balancing strategy: {', '.join(sorted(STRATEGIES))}",
+    )
+    p.add_argument(
+        "--cache-balance-abs-threshold",
+        type=argtypes.non_negative_int,
+        default=DEFAULT_BALANCE_ABS_THRESHOLD,
+        metavar="N",
+        help="cache_aware: load wins over a cached prefix when the node holding it has more "
+        "than N requests more than the least loaded node, and (--cache-balance-rel-threshold) "
+        "more than R times as many",
+    )
+    p.add_argument(
+        "--cache-balance-rel-threshold",
+        type=argtypes.positive_float,
+        default=DEFAULT_BALANCE_REL_THRESHOLD,
+        metavar="R",
+        help="cache_aware: see --cache-balance-abs-threshold",
     )
     p.add_argument(
         "--health-check-interval",
@@ -215,6 +235,7 @@ async def serve(args: argparse.Namespace, guard: security.ServerSecurity) -> int
             (n.node_id, state_name(n.state), n.in_flight) for n in list(registry.nodes.values())
         ]
     )
+    metrics.watch_cache(lambda: cache_counts(registry.nodes.values()))
     dispatcher, admission = assembly.data_plane(args, registry, metrics)
     coordinator = CoordinatorService(
         registry,

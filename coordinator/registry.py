@@ -122,6 +122,14 @@ class Node:
         return self.load.kv_cache_usage if self.load is not None else 0.0
 
     @property
+    def cache_block_tokens(self) -> int:
+        return self.info.cache_block_tokens
+
+    @property
+    def cache_capacity_tokens(self) -> int:
+        return self.info.cache_capacity_tokens
+
+    @property
     def others_in_flight(self) -> int:
         """Requests others (other coordinators, other workers) had on the node at its last
         load report: what least-loaded balancing adds to this process's own."""
@@ -175,6 +183,8 @@ class Node:
             model_aliases=self.info.model_aliases,
             input_modalities=self.info.input_modalities,
             output_modalities=self.info.output_modalities,
+            cache_block_tokens=self.info.cache_block_tokens,
+            cache_capacity_tokens=self.info.cache_capacity_tokens,
         )
         if self.load is not None:
             info.load.CopyFrom(self.load)

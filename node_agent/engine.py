@@ -93,6 +93,8 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens found in the engine's prefix cache (set with finish_reason).
+    cached_prompt_tokens: int = 0
     # Media output pieces, in order (they come after the text of the same delta).
     outputs: list[MediaPiece] = field(default_factory=list)
 
@@ -104,6 +106,7 @@ class Delta:
         self.finish_reason = later.finish_reason
         self.prompt_tokens = later.prompt_tokens
         self.completion_tokens = later.completion_tokens
+        self.cached_prompt_tokens = later.cached_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,9 @@ class EngineLoad:
     failed: int = 0
     rejected: int = 0
     generated_tokens: int = 0
+    # Prompt tokens of the requests that finished, and those of them found in the prefix cache.
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 HealthListener = Callable[[bool], None]
@@ -172,6 +178,11 @@ class Engine(abc.ABC):
     #: modality), and the agent refuses media requests beyond them.
     input_modalities: tuple[str, ...] = ()
     output_modalities: tuple[str, ...] = ()
+    #: The engine's prefix cache: block size and capacity, in tokens (0: none or unknown),
+    #: advertised when the agent joins (the coordinator's cache_aware index follows them).
+    #: Known once ``start`` has returned.
+    cache_block_tokens: int = 0
+    cache_capacity_tokens: int = 0
     #: Failure modes ``set_fault`` accepts (an engine without fault injection has none).
     faults: tuple[str, ...] = ()
     #: The failure mode switched on now.

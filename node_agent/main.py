@@ -413,6 +413,8 @@ async def serve(
             model_aliases=args.model_alias,
             input_modalities=engine.input_modalities,
             output_modalities=engine.output_modalities,
+            cache_block_tokens=engine.cache_block_tokens,
+            cache_capacity_tokens=engine.cache_capacity_tokens,
         ),
         guard.outgoing,
         args.coordinator_resolve_interval,

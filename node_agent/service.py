@@ -174,6 +174,7 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
                         finished = True
                         response.finish_reason = delta.finish_reason
                         response.usage.prompt_tokens = delta.prompt_tokens
+                        response.usage.cached_prompt_tokens = delta.cached_prompt_tokens
                         response.usage.completion_tokens = delta.completion_tokens
                     yield response
         except InvalidRequest as exc:
@@ -222,6 +223,8 @@ class NodeAgentService(node_agent_pb2_grpc.NodeAgentServicer):
             generated_tokens=load.generated_tokens,
             rejected=load.rejected,
             requests=self.in_flight,
+            prompt_tokens=load.prompt_tokens,
+            cached_prompt_tokens=load.cached_prompt_tokens,
         )
 
 

@@ -421,6 +421,7 @@ class CoordinatorSession:
                 if delta.finish_reason is not None:
                     output.finish_reason = delta.finish_reason
                     output.usage.prompt_tokens = delta.prompt_tokens
+                    output.usage.cached_prompt_tokens = delta.cached_prompt_tokens
                     output.usage.completion_tokens = delta.completion_tokens
                     finals.append(stream)
             if stream.error is not None:

@@ -76,8 +76,21 @@ class CoordinatorMetrics:
         """Export per-node gauges from ``nodes()``: (node_id, state, in_flight) tuples."""
         self.registry.register(_NodeCollector(nodes))
 
+    def watch_cache(self, nodes: Callable[[], Iterable[CacheCounts]]) -> None:
+        """Export the nodes' prefix-cache counters and the cluster hit rate from ``nodes()``."""
+        self.registry.register(_CacheCollector(nodes))
+
 
 NODE_STATES = ("joining", "healthy", "unhealthy", "draining", "left")
+
+
+def cache_counts(nodes: Iterable[Any]) -> list[CacheCounts]:
+    """``cache_families``' input from registry nodes (``node_id`` and the last ``load``)."""
+    return [
+        (n.node_id, n.load.prompt_tokens, n.load.cached_prompt_tokens)
+        for n in list(nodes)
+        if n.load is not None
+    ]
 
 
 def node_families(nodes: Iterable[tuple[str, str, int]]) -> list[Metric]:
@@ -93,6 +106,47 @@ def node_families(nodes: Iterable[tuple[str, str, int]]) -> list[Metric]:
         for name in NODE_STATES:
             state.add_metric([node_id, name], 1.0 if name == current else 0.0)
     return [in_flight, state]
+
+
+# (node_id, lifetime prompt tokens, of them found in the prefix cache), as the agents report.
+CacheCounts = tuple[str, int, int]
+
+
+def cache_families(nodes: Iterable[CacheCounts]) -> list[Metric]:
+    """Each node's prompt tokens and cached prompt tokens (its agent's lifetime counters, all
+    coordinators' requests together), and the cluster's prefix-cache hit rate: cached over
+    prompt tokens, summed over the nodes known now."""
+    prompt = CounterMetricFamily(
+        "omni_node_prompt_tokens",
+        "Prompt tokens of the requests each node's engine finished.",
+        labels=["node_id"],
+    )
+    cached = CounterMetricFamily(
+        "omni_node_cached_prompt_tokens",
+        "Of those, the tokens found in the engine's prefix cache.",
+        labels=["node_id"],
+    )
+    total_prompt = total_cached = 0
+    for node_id, prompt_tokens, cached_tokens in list(nodes):
+        prompt.add_metric([node_id], prompt_tokens)
+        cached.add_metric([node_id], cached_tokens)
+        total_prompt += prompt_tokens
+        total_cached += cached_tokens
+    rate = GaugeMetricFamily(
+        "omni_prefix_cache_hit_rate",
+        "Prompt tokens found in the engines' prefix caches over all prompt tokens, cluster-wide "
+        "(the nodes' lifetime counters).",
+        value=total_cached / total_prompt if total_prompt else 0.0,
+    )
+    return [prompt, cached, rate]
+
+
+class _CacheCollector(Collector):
+    def __init__(self, nodes: Callable[[], Iterable[CacheCounts]]) -> None:
+        self.nodes = nodes
+
+    def collect(self) -> Iterable[Metric]:
+        yield from cache_families(self.nodes())
 
 
 class _NodeCollector(Collector):

@@ -49,7 +49,11 @@ async def test_round_robin_60_requests_exact_output_20_per_node(make_cluster: Ma
         assert result.token_ids == expected.token_ids
         assert result.finish_reason == "length"
         assert result.attempts == 1
-        assert result.usage == {"prompt_tokens": 3, "completion_tokens": 16}
+        assert result.usage == {
+            "prompt_tokens": 3,
+            "completion_tokens": 16,
+            "cached_prompt_tokens": 0,
+        }
     served = collections.Counter(r.node_id for r in results)
     assert served == {"node-0": 20, "node-1": 20, "node-2": 20}
     stats = orch.get_stats()

@@ -77,6 +77,7 @@ class Stream:
         assert self.usage == {
             "prompt_tokens": expected.prompt_tokens,
             "completion_tokens": MAX_TOKENS,
+            "cached_prompt_tokens": 0,
         }
 
 

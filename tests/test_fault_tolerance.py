@@ -109,7 +109,11 @@ def assert_undisturbed(out: Collected, prompt: str, max_tokens: int) -> None:
     assert out.token_ids == expected.token_ids  # each token exactly once, in order
     assert out.text == expected.text
     assert out.finish_reason == "length"
-    assert out.usage == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": max_tokens}
+    assert out.usage == {
+        "prompt_tokens": expected.prompt_tokens,
+        "completion_tokens": max_tokens,
+        "cached_prompt_tokens": 0,
+    }
 
 
 def wait_state(cluster: LocalCluster, node_id: str, state: str, timeout: float) -> float:

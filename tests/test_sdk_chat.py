@@ -46,6 +46,7 @@ async def test_chat_and_stream_chat_on_a_cluster_the_sdk_started() -> None:
         assert result.usage == {
             "prompt_tokens": len(render_chat(TURNS).split()),
             "completion_tokens": 12,
+            "cached_prompt_tokens": 0,
         }
         deltas = [
             d

@@ -588,14 +588,17 @@ def response_id(call: Call) -> str:
     return ("chatcmpl-" if call.chat else "cmpl-") + call.request.request_id
 
 
-def usage_of(response: generate_pb2.GenerateResponse) -> dict[str, int]:
-    """OpenAI's usage from the last GenerateResponse's (the gRPC path's figures)."""
+def usage_of(response: generate_pb2.GenerateResponse) -> dict[str, Any]:
+    """OpenAI's usage from the last GenerateResponse's (the gRPC path's figures), with the
+    prompt tokens found in the engine's prefix cache as ``prompt_tokens_details.cached_tokens``
+    (as vLLM's server reports them)."""
     prompt = response.usage.prompt_tokens
     completion = response.usage.completion_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": response.usage.cached_prompt_tokens},
     }
 
 

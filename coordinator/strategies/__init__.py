@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from coordinator.strategies.base import Candidate, Strategy
-from coordinator.strategies.cache_aware import CacheAware
+from coordinator.strategies.cache_aware import (
+    DEFAULT_BALANCE_ABS_THRESHOLD,
+    DEFAULT_BALANCE_REL_THRESHOLD,
+    CacheAware,
+)
 from coordinator.strategies.consistent_hash import ConsistentHash
 from coordinator.strategies.least_loaded import LeastLoaded
 from coordinator.strategies.power_of_two import PowerOfTwo
@@ -14,13 +18,20 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str) -> Strategy:
-    """The strategy called ``name``; ValueError listing the known ones otherwise."""
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
+def make_strategy(
+    name: str,
+    *,
+    balance_abs_threshold: int = DEFAULT_BALANCE_ABS_THRESHOLD,
+    balance_rel_threshold: float = DEFAULT_BALANCE_REL_THRESHOLD,
+) -> Strategy:
+    """The strategy called ``name`` (the balance thresholds are cache_aware's); ValueError
+    listing the known ones otherwise."""
+    if name not in STRATEGIES:
         known = ", ".join(sorted(STRATEGIES))
-        raise ValueError(f"unknown load balancing strategy {name!r} (known: {known})") from None
+        raise ValueError(f"unknown load balancing strategy {name!r} (known: {known})")
+    if name == CacheAware.name:
+        return CacheAware(balance_abs_threshold, balance_rel_threshold)
+    return STRATEGIES[name]()
 
 
 __all__ = [

@@ -70,5 +70,5 @@ class Strategy(abc.ABC):
         strategy's rotation is stable as nodes come and go without sorting on every request.
         """
 
-    def forget(self, node_id: str) -> None:
+    def forget(self, node_id: str) -> None:  # noqa: B027  # most strategies keep nothing
         """The node left (or was replaced by a new process): drop what is kept about it."""

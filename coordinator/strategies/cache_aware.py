@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from coordinator.prefix import PrefixIndex, RequestPrefix
+from coordinator.prefix import NodePrefixes, PrefixIndex, RequestPrefix
 from coordinator.strategies.base import Candidate, Strategy, load
 from coordinator.strategies.least_loaded import utilization
 
@@ -45,10 +45,7 @@ class CacheAware(Strategy):
     def too_busy(self, chosen: Candidate, least: Candidate) -> bool:
         """Whether ``chosen`` is out of balance with the least loaded node."""
         busy, idle = load(chosen), load(least)
-        return (
-            busy - idle > self.balance_abs_threshold
-            and busy > self.balance_rel_threshold * idle
-        )
+        return busy - idle > self.balance_abs_threshold and busy > self.balance_rel_threshold * idle
 
     def pick(
         self, candidates: Sequence[Candidate], key: str = "", prefix: RequestPrefix | None = None
@@ -85,7 +82,7 @@ class CacheAware(Strategy):
                 self.sessions.popitem(last=False)
         return chosen
 
-    def _entry(self, candidate: Candidate):  # type: ignore[no-untyped-def]
+    def _entry(self, candidate: Candidate) -> NodePrefixes:
         return self.index.node(
             candidate.node_id, candidate.cache_block_tokens, candidate.cache_capacity_tokens
         )

@@ -38,7 +38,9 @@ class Ring:
 
     def __init__(self, node_ids: Sequence[str]) -> None:
         points = sorted(
-            (_point(f"{node_id}#{v}"), node_id) for node_id in node_ids for v in range(VIRTUAL_NODES)
+            (_point(f"{node_id}#{v}"), node_id)
+            for node_id in node_ids
+            for v in range(VIRTUAL_NODES)
         )
         self.points = [p for p, _ in points]
         self.owners = [o for _, o in points]

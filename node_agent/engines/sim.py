@@ -35,12 +35,45 @@ Output is a pure function, so a test can compute what any request must return:
   at position ``len(resume_token_ids)``: the concatenation is exactly the undisturbed output.
 
 ``simulate(...)`` computes the whole completion; the engine streams the same thing with time to
-first token ``ttft_ms`` and an inter-token latency of ``itl_ms * (1 + itl_growth * (running -
-1))``, so a busier engine is slower, as a batching engine is. Like vLLM, it runs in steps: every
-running request past its first token advances one token at the end of the engine's current
-step, so the requests' outputs come out together, once per step, as vLLM's do (and a node agent
-sends them in one message). At most ``max_concurrency`` requests run; the rest wait in FIFO
-order.
+first token ``ttft_ms`` (plus the prefill of the prompt tokens not in its prefix cache, see
+below) and an inter-token latency of ``itl_ms * (1 + itl_growth * (running - 1))``, so a busier
+engine is slower, as a batching engine is. Like vLLM, it runs in steps: every running request
+past its first token advances one token at the end of the engine's current step, so the
+requests' outputs come out together, once per step, as vLLM's do (and a node agent sends them in
+one message). At most ``max_concurrency`` requests run; the rest wait in FIFO order.
+
+Prefix cache (``--sim-prefix-cache-tokens N``, default 0: none; ``--sim-cache-block-tokens B``,
+default 16; ``--sim-prefill-us-per-token X``, default 0), modelled on vLLM's automatic prefix
+caching. Caching changes when output comes, never what it is:
+
+* The engine's prompt of a request (``cache_tokens``) is its prompt tokens: the token ids of a
+  token-id prompt, else the whitespace-separated words of the text prompt (a chat rendered
+  first); a resumed request's prompt is followed by its resumed tokens, as vLLM sees it (ids for
+  a token-id prompt, else their words, ``word(t)`` without its space). ``n``, its length, is
+  ``prompt_tokens`` (at least 1) plus the resumed tokens.
+* It is cut into whole blocks of B tokens (a partial last block is never cached). Block ``k``
+  is identified by the chain hash ``h_k = blake2b(h_{k-1} + block, digest_size=16)``, ``block``
+  being its words joined by single spaces (UTF-8), or its ids in decimal joined by commas;
+  ``h_{-1}`` (the seed) is ``blake2b(b"ids" or b"text" + the request's media digests, in
+  order, digest_size=16)`` (``prompt_block_hashes``). So a block is shared only when the whole
+  prefix up to it is, text prompts never share with token-id prompts, and a media-bearing
+  prompt shares blocks only with prompts carrying the very same media (same bytes, same order):
+  its media is folded into the seed, not placed in the token sequence, so it shares nothing with
+  a prompt without media, not even the text before the media.
+* The cache is an LRU of block hashes holding ``N // B`` blocks (none: nothing is ever cached,
+  and the engine advertises block size and capacity 0; else B and N). When a request starts
+  running (it has its slot), its leading blocks found in the cache are counted, stopping at the
+  first miss: ``cached = min(matched * B, n - 1)`` (vLLM always computes the last prompt token
+  again). Then all its whole blocks are inserted or touched, its last block first and its first
+  block last (the most recently used), evicting the least recently used beyond capacity: as in
+  vLLM, a prompt's tail blocks are evicted before its head. A request refused, or failed before
+  it runs, touches nothing; the ``dead`` fault empties the cache (a restarted engine is cold).
+* Its time to first token is ``ttft_ms + (n - cached) * prefill_us_per_token / 1000`` ms.
+* ``cached`` is reported on its finishing delta (``cached_prompt_tokens``, whatever the finish
+  reason; ``prompt_tokens`` stays the original prompt's, so a resumed request's cached tokens
+  may exceed it). ``load()`` adds ``n`` and ``cached`` to its lifetime ``prompt_tokens`` and
+  ``cached_prompt_tokens`` for each request that finishes (stop or length), so their ratio is the
+  engine's hit rate.
 
 Media outputs: a request whose ``modalities`` include "audio" and/or "image" gets, after its
 text (and before its finish), one media item per requested modality, in the order audio, image
@@ -78,6 +111,7 @@ import sys
 import wave
 import zlib
 from array import array
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -250,6 +284,69 @@ def prompt_token_count(prompt: str, prompt_token_ids: Sequence[int]) -> int:
     return len(prompt_token_ids) if prompt_token_ids else max(1, len(prompt.split()))
 
 
+def cache_tokens(request: EngineRequest) -> list[str] | list[int]:
+    """The engine's prompt of ``request`` for prefix caching (see the module docstring): its
+    prompt token ids or words, followed by its resumed tokens."""
+    if request.prompt_token_ids:
+        return [*request.prompt_token_ids, *request.resume_token_ids]
+    return [*request_prompt(request).split(), *(word(t)[1:] for t in request.resume_token_ids)]
+
+
+def prompt_block_hashes(request: EngineRequest, block_tokens: int) -> list[bytes]:
+    """The chain hashes of the whole blocks of ``request``'s engine prompt (``cache_tokens``),
+    in order (see the module docstring)."""
+    tokens = cache_tokens(request)
+    ids = bool(request.prompt_token_ids)
+    seed = b"ids" if ids else b"text"
+    current = hashlib.blake2b(
+        seed + b"".join(media_key(m) for m in request_media(request)), digest_size=16
+    ).digest()
+    hashes = []
+    for at in range(0, len(tokens) - block_tokens + 1, block_tokens):
+        block = tokens[at : at + block_tokens]
+        material = ",".join(map(str, block)) if ids else " ".join(map(str, block))
+        current = hashlib.blake2b(current + material.encode(), digest_size=16).digest()
+        hashes.append(current)
+    return hashes
+
+
+class PrefixCache:
+    """An LRU of block hashes holding ``capacity_blocks`` blocks (see the module docstring)."""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity_blocks = capacity_blocks
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, block: bytes) -> bool:
+        return block in self._blocks
+
+    def match(self, blocks: Sequence[bytes]) -> int:
+        """How many of ``blocks``, from the first, are cached (up to the first miss)."""
+        matched = 0
+        for block in blocks:
+            if block not in self._blocks:
+                break
+            matched += 1
+        return matched
+
+    def touch(self, blocks: Sequence[bytes]) -> None:
+        """Insert or refresh ``blocks``, the first the most recently used, evicting the least
+        recently used beyond capacity."""
+        if self.capacity_blocks <= 0:
+            return
+        for block in reversed(blocks):
+            self._blocks[block] = None
+            self._blocks.move_to_end(block)
+            if len(self._blocks) > self.capacity_blocks:
+                self._blocks.popitem(last=False)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -308,6 +405,11 @@ class SimConfig:
     # Media outputs (see the module docstring): audio length and image side.
     media_seconds: float = DEFAULT_MEDIA_SECONDS
     image_size: int = DEFAULT_IMAGE_SIZE
+    # The prefix cache (see the module docstring): capacity in tokens (0: none), block size,
+    # and the prefill cost of each prompt token not found in it (0: ttft_ms whatever the prompt).
+    prefix_cache_tokens: int = 0
+    cache_block_tokens: int = 16
+    prefill_us_per_token: float = 0.0
 
 
 FAULTS = ("none", "dead", "fail_requests")
@@ -330,6 +432,13 @@ class SimEngine(Engine):
         self.model = self.cfg.model
         self.input_modalities = self.cfg.input_modalities
         self.output_modalities = self.cfg.output_modalities
+        if self.cfg.cache_block_tokens < 1:
+            raise ValueError(f"cache_block_tokens must be >= 1, got {self.cfg.cache_block_tokens}")
+        self._cache = PrefixCache(self.cfg.prefix_cache_tokens // self.cfg.cache_block_tokens)
+        if self._cache.capacity_blocks > 0:
+            self.cache_block_tokens = self.cfg.cache_block_tokens
+            self.cache_capacity_tokens = self.cfg.prefix_cache_tokens
+        self._prompt_tokens = self._cached_prompt_tokens = 0
         self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
         self._running = 0
         self._waiting = 0
@@ -361,6 +470,8 @@ class SimEngine(Engine):
         if mode not in FAULTS:
             raise ValueError(f"unknown fault {mode!r} (known: {', '.join(FAULTS)})")
         self.fault = mode
+        if mode == "dead":
+            self._cache.clear()  # a crashed engine restarts cold
         self._set_healthy(mode != "dead")
 
     async def stop(self) -> None:
@@ -385,6 +496,8 @@ class SimEngine(Engine):
             failed=self._failed,
             rejected=self._rejected,
             generated_tokens=self._generated_tokens,
+            prompt_tokens=self._prompt_tokens,
+            cached_prompt_tokens=self._cached_prompt_tokens,
         )
 
     def _inter_token_s(self) -> float:
@@ -429,9 +542,16 @@ class SimEngine(Engine):
                 self._waiting -= 1
             self._running += 1
             try:
-                async for delta in self._stream(request, prompt, max_tokens, flag):
+                engine_prompt, cached = self._prefill(request, prompt_tokens)
+                prefill_s = (engine_prompt - cached) * self.cfg.prefill_us_per_token / 1e6
+                ttft_s = self.cfg.ttft_ms / 1000.0 + prefill_s
+                async for delta in self._stream(request, prompt, max_tokens, flag, ttft_s):
                     if delta.finish_reason is not None:
+                        delta.cached_prompt_tokens = cached
                         outcome = "aborted" if delta.finish_reason == "abort" else "finished"
+                        if outcome == "finished":
+                            self._prompt_tokens += engine_prompt
+                            self._cached_prompt_tokens += cached
                     yield delta
             finally:
                 self._running -= 1
@@ -449,6 +569,18 @@ class SimEngine(Engine):
             if not flags:
                 del self._active[request.request_id]
 
+    def _prefill(self, request: EngineRequest, prompt_tokens: int) -> tuple[int, int]:
+        """A request starts running: its engine prompt's length and the tokens of it found in
+        the prefix cache, whose blocks it then holds (see the module docstring)."""
+        engine_prompt = prompt_tokens + len(request.resume_token_ids)
+        if self._cache.capacity_blocks <= 0:
+            return engine_prompt, 0
+        block = self.cfg.cache_block_tokens
+        blocks = prompt_block_hashes(request, block)
+        cached = max(0, min(self._cache.match(blocks) * block, engine_prompt - 1))
+        self._cache.touch(blocks)
+        return engine_prompt, cached
+
     def _count(self, outcome: str) -> None:
         if outcome == "finished":
             self._finished += 1
@@ -460,7 +592,12 @@ class SimEngine(Engine):
             self._aborted += 1
 
     async def _stream(
-        self, request: EngineRequest, prompt: str, max_tokens: int, aborted: _Aborted
+        self,
+        request: EngineRequest,
+        prompt: str,
+        max_tokens: int,
+        aborted: _Aborted,
+        ttft_s: float,
     ) -> AsyncIterator[Delta]:
         s = request.sampling
         digest = _prompt_digest(prompt, request.prompt_token_ids, request_media(request))
@@ -471,7 +608,7 @@ class SimEngine(Engine):
         start = len(request.resume_token_ids)
         text = "".join(word(t) for t in request.resume_token_ids)
         emitted = len(request.resume_text)
-        await asyncio.sleep(self.cfg.ttft_ms / 1000.0)
+        await asyncio.sleep(ttft_s)
         cut = _find_stop(text, s.stop) if s.stop and start else -1
         if start >= max_tokens or cut >= 0:
             # The previous node died just before saying it was done (or in its media).

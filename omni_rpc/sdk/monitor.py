@@ -35,8 +35,10 @@ class _Planned:
     in_flight: int
     capacity: int
     kv_cache_usage: float = 0.0
-    # A plan counts only the requests it places.
+    # A plan counts only the requests it places, and knows no prompts (no prefix cache).
     others_in_flight: int = 0
+    cache_block_tokens: int = 0
+    cache_capacity_tokens: int = 0
 
 
 class LoadBalancer:

@@ -178,6 +178,8 @@ def _usage(response: generate_pb2.GenerateResponse) -> dict[str, int]:
     return {
         "prompt_tokens": response.usage.prompt_tokens,
         "completion_tokens": response.usage.completion_tokens,
+        # Of the prompt, the tokens the engine found in its prefix cache.
+        "cached_prompt_tokens": response.usage.cached_prompt_tokens,
     }
 
 

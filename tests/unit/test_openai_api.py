@@ -250,7 +250,12 @@ def test_non_streamed_answers() -> None:
         "created": 5,
         "model": "m",
         "choices": [{"index": 0, "text": " a b", "logprobs": None, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+        "usage": {
+            "prompt_tokens": 2,
+            "completion_tokens": 2,
+            "total_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
     }
     chat = chat_call({"messages": [{"role": "user", "content": "x"}]})
     chat.request.request_id = "r2"

@@ -42,6 +42,8 @@ class Node:
     capacity: int = 4
     kv_cache_usage: float = 0.0
     others_in_flight: int = 0
+    cache_block_tokens: int = 16
+    cache_capacity_tokens: int = 0
 
 
 def test_least_loaded_counts_what_other_coordinators_have_on_a_node() -> None:

@@ -26,6 +26,7 @@ from coordinator.node_client import IDENTITY_MISMATCH, NodeCallError
 from coordinator.outliers import LatencyOutliers
 from coordinator.registry import HEALTHY, JOINING, LEFT, UNHEALTHY, Node, Registry
 from coordinator.stalls import StallPolicy
+from coordinator.prefix import RequestPrefix
 from coordinator.strategies import RoundRobin, Strategy
 from coordinator.strategies.base import Candidate
 from omni_rpc import config
@@ -136,7 +137,9 @@ class FirstById(Strategy):
 
     name = "first"
 
-    def pick(self, candidates: Sequence[Candidate], key: str = "") -> Candidate:
+    def pick(
+        self, candidates: Sequence[Candidate], key: str = "", prefix: RequestPrefix | None = None
+    ) -> Candidate:
         return candidates[0]
 
 
