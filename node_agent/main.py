@@ -175,6 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="side in pixels of the simulated image output (a request with modalities image)",
     )
     p.add_argument(
+        "--sim-prefix-cache-tokens",
+        type=argtypes.non_negative_int,
+        default=SimConfig.prefix_cache_tokens,
+        metavar="N",
+        help="capacity in tokens of the simulated prefix cache, an LRU of whole blocks of "
+        "prompt tokens (0: no prefix cache, nothing is ever cached)",
+    )
+    p.add_argument(
+        "--sim-cache-block-tokens",
+        type=argtypes.positive_int,
+        default=SimConfig.cache_block_tokens,
+        metavar="B",
+        help="block size in tokens of the simulated prefix cache (a prefix is reused in whole "
+        "blocks)",
+    )
+    p.add_argument(
+        "--sim-prefill-us-per-token",
+        type=argtypes.non_negative_float,
+        default=SimConfig.prefill_us_per_token,
+        metavar="X",
+        help="microseconds of prefill each prompt token not found in the prefix cache adds to "
+        "the time to first token (0: --sim-ttft-ms whatever the prompt)",
+    )
+    p.add_argument(
         "--sim-fault",
         choices=FAULTS,
         default="none",
@@ -289,6 +313,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
             image_size=args.sim_image_size,
             input_modalities=args.sim_input_modalities,
             output_modalities=args.sim_output_modalities,
+            prefix_cache_tokens=args.sim_prefix_cache_tokens,
+            cache_block_tokens=args.sim_cache_block_tokens,
+            prefill_us_per_token=args.sim_prefill_us_per_token,
         )
     )
 

@@ -29,7 +29,13 @@ from node_agent.cpus import parse_cpu_list
 from node_agent.models import prepare
 from omni_rpc import DistributedOrchestrator, GenerationError
 from omni_rpc.launchers.local import LocalCluster
-from omni_rpc.v1 import coordinator_pb2, coordinator_pb2_grpc, generate_pb2
+from omni_rpc.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    generate_pb2,
+    node_agent_pb2,
+    node_agent_pb2_grpc,
+)
 from tests.conftest import agent_load, async_wait_until, node_address, wait_healthy, wait_until
 
 pytestmark = [pytest.mark.timeout(1200)]
@@ -49,6 +55,12 @@ RESUME_PROMPT = "Tell me a short story about a robot who learns to paint."
 RESUME_TOKENS = 40
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 CHAT_TOKENS = 16
+# 242 tokens: one whole 128-token block (vLLM's block size on CPU) to find in the prefix cache
+# (the module's context of 256 tokens leaves no room for more). Unlike any other prompt here.
+CACHED_PROMPT = (
+    " ".join(f"Shelf {i} of the archive holds {i * 7 % 13} maps of river {i}." for i in range(14))
+    + " Which shelf holds the most maps?"
+)
 
 REFERENCE = """
 import json, sys
@@ -71,7 +83,11 @@ def main():
     chat_out = llm.chat(chat, SamplingParams(max_tokens=chat_tokens, temperature=0.0))
     tokenizer = llm.get_tokenizer()
     rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    cache = llm.llm_engine.vllm_config.cache_config
     print("REFERENCE " + json.dumps({
+        "prefix_caching": bool(cache.enable_prefix_caching),
+        "block_size": cache.block_size,
+        "num_gpu_blocks": cache.num_gpu_blocks,
         "chat_text": chat_out[0].outputs[0].text,
         "chat_ids": list(chat_out[0].outputs[0].token_ids),
         "chat_prompt_ids": list(chat_out[0].prompt_token_ids),
@@ -297,6 +313,79 @@ async def test_the_official_openai_client_gets_what_the_grpc_path_gets(
         assert "".join(pieces) == reference["chat_text"]
     finally:
         await client.close()
+
+
+async def generate_on(address: str, prompt: str, max_tokens: int) -> generate_pb2.GenerateResponse:
+    """The last response of ``prompt`` sent to the agent at ``address`` itself (NodeAgent)."""
+    request = generate_pb2.GenerateRequest(
+        prompt=prompt, sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = node_agent_pb2_grpc.NodeAgentStub(channel)
+        first = node_agent_pb2.AgentRequest(generate=request, attempt=1)
+        responses = [r async for r in stub.Generate(iter([first]), timeout=300)]
+    assert responses and responses[-1].finish_reason, responses
+    return responses[-1]
+
+
+async def test_a_repeated_prefix_is_found_in_vllms_prefix_cache(
+    cluster: LocalCluster, reference: dict[str, Any]
+) -> None:
+    """Each node advertises vLLM's prefix-cache block size and capacity; a prompt sent again to
+    the same node reports its whole blocks as cached (gRPC usage, HTTP's
+    prompt_tokens_details.cached_tokens), and GetLoad counts them."""
+    from openai import AsyncOpenAI
+
+    assert reference["prefix_caching"]  # vLLM's default
+    block = reference["block_size"]
+    assert block == 128  # vLLM's default on CPU
+    async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        nodes = (await stub.ListNodes(coordinator_pb2.ListNodesRequest())).nodes
+        assert len(nodes) == 2
+        for node in nodes:
+            assert node.cache_block_tokens == block, node
+            assert node.cache_capacity_tokens == block * reference["num_gpu_blocks"] > 0, node
+        addresses = [n.address for n in nodes]
+        before = [await agent_load(a) for a in addresses]
+
+        # Twice to each node itself: nothing cached the first time, the whole blocks the second
+        # (vLLM computes the last prompt token again, so a prompt of k blocks exactly gets k-1).
+        first = [await generate_on(a, CACHED_PROMPT, 4) for a in addresses]
+        prompt_tokens = first[0].usage.prompt_tokens
+        assert 2 * block > prompt_tokens > block
+        expected = (prompt_tokens - 1) // block * block
+        assert [r.usage.cached_prompt_tokens for r in first] == [0, 0]
+        second = [await generate_on(a, CACHED_PROMPT, 4) for a in addresses]
+        assert [r.usage.cached_prompt_tokens for r in second] == [expected, expected]
+        assert [r.token_ids for r in second] == [r.token_ids for r in first]
+
+        # Through the coordinator (both nodes hold the prefix now): gRPC and HTTP.
+        request = generate_pb2.GenerateRequest(
+            prompt=CACHED_PROMPT,
+            sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0.0),
+        )
+        responses = [r async for r in stub.Generate(request, timeout=300)]
+        assert responses[-1].usage.cached_prompt_tokens == expected
+        assert responses[-1].usage.prompt_tokens == prompt_tokens
+    client = AsyncOpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0)
+    try:
+        completion = await client.completions.create(
+            model=MODEL, prompt=CACHED_PROMPT, max_tokens=4, temperature=0.0
+        )
+    finally:
+        await client.close()
+    assert completion.usage is not None and completion.usage.prompt_tokens == prompt_tokens
+    details = completion.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == expected
+
+    # GetLoad's lifetime counters: the prompt vLLM saw and its cached tokens, per request.
+    after = [await agent_load(a) for a in addresses]
+    prompt_sum = sum(a.prompt_tokens - b.prompt_tokens for a, b in zip(after, before, strict=True))
+    cached_sum = sum(
+        a.cached_prompt_tokens - b.cached_prompt_tokens for a, b in zip(after, before, strict=True)
+    )
+    assert (prompt_sum, cached_sum) == (6 * prompt_tokens, 4 * expected)
 
 
 def one_second_of_silence() -> bytes:

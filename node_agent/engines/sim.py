@@ -333,15 +333,13 @@ class PrefixCache:
         return matched
 
     def touch(self, blocks: Sequence[bytes]) -> None:
-        """Insert or refresh ``blocks``, the first the most recently used, evicting the least
-        recently used beyond capacity."""
-        if self.capacity_blocks <= 0:
-            return
+        """Insert or refresh ``blocks``, the last first and the first last (the most recently
+        used), then evict the least recently used beyond capacity."""
         for block in reversed(blocks):
             self._blocks[block] = None
             self._blocks.move_to_end(block)
-            if len(self._blocks) > self.capacity_blocks:
-                self._blocks.popitem(last=False)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
 
     def clear(self) -> None:
         self._blocks.clear()

@@ -28,6 +28,18 @@ delivered tokens (ids with the placeholders already expanded would be expanded a
 modalities the model takes (``input_modalities``: those its vLLM class has a placeholder for)
 are advertised when the agent joins; other media is refused (INVALID_ARGUMENT).
 
+Prefix caching (vLLM's default in v1: ``enable_prefix_caching``): the finishing ``Delta``
+carries vLLM's ``RequestOutput.num_cached_tokens`` (the prompt tokens found in the prefix cache,
+whole blocks, never the last prompt token; vLLM sets it once prefill is done and repeats it on
+every output of the request) as ``cached_prompt_tokens``: on a resumed attempt that of the prompt
+vLLM saw, the delivered tokens included, so it may exceed ``prompt_tokens``. ``load()`` adds the
+prompt vLLM saw and its cached tokens, for each request that finishes (stop or length), to its
+lifetime ``prompt_tokens`` and ``cached_prompt_tokens`` (their ratio: the hit rate). Once the
+engine has started, ``cache_block_tokens`` is vLLM's block size (``cache_config.block_size``,
+synced from the engine core: 128 on CPU, 16 on GPU) and ``cache_capacity_tokens`` its KV cache
+blocks times that (``cache_config.num_gpu_blocks``, from the engine core's ready reply); both
+stay 0 with prefix caching off.
+
 ``--dtype auto`` means float32 on a host without CUDA (``resolve_dtype``): vLLM's own ``auto``
 picks bfloat16 there, in which small models such as SmolLM2 answer with nonsense on CPU.
 """
@@ -190,6 +202,8 @@ class VllmEngine(Engine):
         self._health_task: asyncio.Task[None] | None = None
         self._started = self._finished = self._aborted = self._failed = 0
         self._generated_tokens = 0
+        # Prompt tokens vLLM saw of the requests that finished, and those of them it had cached.
+        self._prompt_tokens = self._cached_prompt_tokens = 0
         self._aborting: set[str] = set()
         # The model's context length (vLLM's max_model_len), known once the engine started.
         self.max_model_len: int | None = None
@@ -247,13 +261,29 @@ class VllmEngine(Engine):
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.model_config.max_model_len)
         self._find_modalities(self._llm.model_config)
+        self._find_cache(self._llm.vllm_config.cache_config)
         log.info(
             "vLLM engine started",
             dtype=str(self._llm.model_config.dtype),
             max_model_len=self.max_model_len,
+            prefix_caching=bool(self.cache_block_tokens),
+            cache_block_tokens=self.cache_block_tokens,
+            cache_capacity_tokens=self.cache_capacity_tokens,
         )
         self._set_healthy(True)
         self._health_task = asyncio.create_task(self._watch_health())
+
+    def _find_cache(self, cache_config: Any) -> None:
+        """The prefix cache's block size and capacity in tokens, from the front end's copy of
+        vLLM's cache config: the engine core's ready reply has set ``block_size`` (it may have
+        changed it) and ``num_gpu_blocks`` (its KV cache blocks, CPU ones too) by the time
+        ``AsyncLLM`` is built. Both 0 without prefix caching: nothing to route by."""
+        if not getattr(cache_config, "enable_prefix_caching", False):
+            return
+        block = int(getattr(cache_config, "block_size", 0) or 0)
+        blocks = int(getattr(cache_config, "num_gpu_blocks", 0) or 0)
+        self.cache_block_tokens = block
+        self.cache_capacity_tokens = block * blocks
 
     def _find_modalities(self, model_config: Any) -> None:
         """The media the model takes: those its vLLM class has a placeholder for (none for a
@@ -324,6 +354,8 @@ class VllmEngine(Engine):
             aborted=self._aborted,
             failed=self._failed,
             generated_tokens=self._generated_tokens,
+            prompt_tokens=self._prompt_tokens,
+            cached_prompt_tokens=self._cached_prompt_tokens,
         )
 
     async def abort(self, request_id: str) -> None:
@@ -465,18 +497,27 @@ class VllmEngine(Engine):
                 prompt["multi_modal_data"] = mm_data
             params = self._sampling_params(request, remaining)
             completion = resumed
+            cached = 0
             try:
                 async for output in self._llm.generate(prompt, params, request.request_id):
                     piece = output.outputs[0]
                     completion += len(piece.token_ids)
                     self._generated_tokens += len(piece.token_ids)
+                    # Known once prefill is done, then on every output (kept, should one omit it).
+                    cached = max(cached, int(output.num_cached_tokens or 0))
                     delta = Delta(text=piece.text, token_ids=list(piece.token_ids))
                     if output.finished:
                         delta.finish_reason = _finish_reason(piece.finish_reason)
                         # With media, vLLM's count: the placeholders expanded.
-                        expanded = len(output.prompt_token_ids or ()) - resumed
+                        seen = len(output.prompt_token_ids or ())
+                        expanded = seen - resumed
                         delta.prompt_tokens = expanded if mm_data and expanded > 0 else prompt_len
                         delta.completion_tokens = completion
+                        # Of the prompt vLLM saw (a resumed one's delivered tokens included).
+                        delta.cached_prompt_tokens = cached
+                        if delta.finish_reason != "abort":
+                            self._prompt_tokens += seen or prompt_len + resumed
+                            self._cached_prompt_tokens += cached
                         outcome = "finished"
                     yield delta
             except (VLLMValidationError, ValueError) as exc:

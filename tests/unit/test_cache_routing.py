@@ -32,7 +32,7 @@ class Node:
 
 
 def nodes(count: int, **fields: int) -> list[Node]:
-    return [Node(f"node-{i}", **fields) for i in range(count)]  # type: ignore[arg-type]
+    return [Node(f"node-{i}", **fields) for i in range(count)]
 
 
 SYSTEM = "You are a careful assistant for the accounting team. " * 20  # ~1100 bytes
@@ -131,8 +131,9 @@ def test_prompts_with_nothing_cached_are_spread_by_load() -> None:
     counts: collections.Counter[str] = collections.Counter()
     for i in range(40):
         chosen = strategy.pick(pool, prefix=text(f"unrelated prompt {i} " * 10))
+        assert isinstance(chosen, Node)
         counts[chosen.node_id] += 1
-        chosen.in_flight += 1  # type: ignore[attr-defined]
+        chosen.in_flight += 1
     assert sorted(counts.values()) == [10, 10, 10, 10]
 
 
