@@ -53,13 +53,16 @@ def _new_request(max_retries: int | None, sampling: dict[str, Any]) -> generate_
     modalities = sampling.pop("modalities", None)
     # Nor this: media inputs, Media(mime_type, data) or (mime_type, data) tuples.
     inputs = sampling.pop("inputs", None)
+    # Nor this: requests with one key prefer one node (GenerateRequest.affinity_key: a user or
+    # chat session; the consistent_hash strategy routes by it, cache_aware takes it as a hint).
+    affinity_key = sampling.pop("affinity_key", None)
     unknown = set(sampling) - set(SAMPLING_KEYS)
     if unknown:
         raise TypeError(
             f"unknown sampling argument(s) {', '.join(sorted(unknown))}; "
-            f"known: model, {', '.join(SAMPLING_KEYS)}, modalities, inputs"
+            f"known: model, {', '.join(SAMPLING_KEYS)}, modalities, inputs, affinity_key"
         )
-    request = generate_pb2.GenerateRequest(model=model or "")
+    request = generate_pb2.GenerateRequest(model=model or "", affinity_key=affinity_key or "")
     if inputs is not None:
         request.inputs.extend(media_inputs(inputs))
     if modalities:
@@ -478,6 +481,9 @@ class DistributedOrchestrator:
         ``modalities``: the outputs asked for, e.g. ``["text", "audio"]`` (any call takes it):
         media items arrive whole, once each even across a failover, in
         ``GenerationDelta.outputs`` and ``GenerationResult.outputs`` (``MediaOutput``).
+        ``affinity_key``: requests with the same key prefer the same node (any call takes it;
+        a user or chat session id): ``consistent_hash`` routes by it, ``cache_aware`` takes
+        it as a hint.
 
         While the coordinator is unreachable (restarting, say), a call that has received
         nothing yet waits and is retried with backoff until its deadline; failover between
