@@ -227,3 +227,12 @@ def test_requests_without_a_key_are_spread_by_load() -> None:
 @pytest.mark.parametrize("name", ["cache_aware", "consistent_hash"])
 def test_the_new_strategies_are_known_by_name(name: str) -> None:
     assert make_strategy(name).name == name
+
+
+def test_the_sdk_sends_the_affinity_key() -> None:
+    from omni_rpc.sdk.orchestrator import build_chat_request, build_request
+
+    assert build_request("hi", None, {"affinity_key": "user-7"}).affinity_key == "user-7"
+    chat = build_chat_request([{"role": "user", "content": "hi"}], None, {"affinity_key": "s"})
+    assert chat.affinity_key == "s"
+    assert build_request("hi", None, {}).affinity_key == ""

@@ -247,12 +247,3 @@ async def test_a_node_counts_the_requests_others_had_at_its_last_report(
     # A report that lags this coordinator's own starts never counts negative others.
     listener(node_pb2.NodeLoad(node_id="n1", requests=1))
     assert node.others_in_flight == 0
-
-
-def test_the_sdk_sends_the_affinity_key() -> None:
-    from omni_rpc.sdk.orchestrator import build_chat_request, build_request
-
-    assert build_request("hi", None, {"affinity_key": "user-7"}).affinity_key == "user-7"
-    chat = build_chat_request([{"role": "user", "content": "hi"}], None, {"affinity_key": "s"})
-    assert chat.affinity_key == "s"
-    assert build_request("hi", None, {}).affinity_key == ""
