@@ -24,9 +24,9 @@ from coordinator.dispatch import Dispatcher, DispatchError
 from coordinator.health import HealthMonitor
 from coordinator.node_client import IDENTITY_MISMATCH, NodeCallError
 from coordinator.outliers import LatencyOutliers
+from coordinator.prefix import RequestPrefix
 from coordinator.registry import HEALTHY, JOINING, LEFT, UNHEALTHY, Node, Registry
 from coordinator.stalls import StallPolicy
-from coordinator.prefix import RequestPrefix
 from coordinator.strategies import RoundRobin, Strategy
 from coordinator.strategies.base import Candidate
 from omni_rpc import config
