@@ -54,11 +54,11 @@ caching. Caching changes when output comes, never what it is:
 * It is cut into whole blocks of B tokens (a partial last block is never cached). Block ``k``
   is identified by the chain hash ``h_k = blake2b(h_{k-1} + block, digest_size=16)``, ``block``
   being its words joined by single spaces (UTF-8), or its ids in decimal joined by commas;
-  ``h_{-1}`` (the seed) is ``blake2b(b"ids" or b"text" + the request's media digests, in
+  ``h_{-1}`` (the chain's start) is ``blake2b(b"ids" or b"text" + the request's media digests, in
   order, digest_size=16)`` (``prompt_block_hashes``). So a block is shared only when the whole
   prefix up to it is, text prompts never share with token-id prompts, and a media-bearing
   prompt shares blocks only with prompts carrying the very same media (same bytes, same order):
-  its media is folded into the seed, not placed in the token sequence, so it shares nothing with
+  its media is folded into the chain's start, not placed in the token sequence, so it shares nothing with
   a prompt without media, not even the text before the media.
 * The cache is an LRU of block hashes holding ``N // B`` blocks (none: nothing is ever cached,
   and the engine advertises block size and capacity 0; else B and N). When a request starts
