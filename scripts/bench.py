@@ -656,10 +656,11 @@ target (three agents, one coordinator) and a semaphore holding the concurrency.
 
 
 SECTIONS = ("sim", "vllm")
-# Written by scripts/bench_peers.py (`make bench-peers`) and scripts/bench_ha.py (`make
-# bench-ha`); this script only keeps them.
+# Written by scripts/bench_peers.py (`make bench-peers`), scripts/bench_ha.py (`make
+# bench-ha`) and scripts/bench_cache.py (`make bench-cache`); this script only keeps them.
 PEERS_SECTION = "peers"
 HA_SECTION = "ha"
+CACHE_SECTION = "cache"
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -688,9 +689,9 @@ def write_doc(path: Path, sections: dict[str, str], duration_s: float) -> None:
         start, end = _markers(name)
         parts.append(f"{start}\n{body.rstrip()}\n{end}")
     ran = " and ".join(f"`{n}`" for n in SECTIONS if n in sections)
-    # `make bench-peers` and `make bench-ha` own sections of their own (scripts/bench_peers.py,
-    # scripts/bench_ha.py): kept as they are.
-    for owned in (PEERS_SECTION, HA_SECTION):
+    # `make bench-peers`, `make bench-ha` and `make bench-cache` own sections of their own
+    # (scripts/bench_peers.py, scripts/bench_ha.py, scripts/bench_cache.py): kept as they are.
+    for owned in (PEERS_SECTION, HA_SECTION, CACHE_SECTION):
         kept = kept_section(path, owned)
         if kept is not None:
             start, end = _markers(owned)
