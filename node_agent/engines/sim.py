@@ -58,8 +58,8 @@ caching. Caching changes when output comes, never what it is:
   order, digest_size=16)`` (``prompt_block_hashes``). So a block is shared only when the whole
   prefix up to it is, text prompts never share with token-id prompts, and a media-bearing
   prompt shares blocks only with prompts carrying the very same media (same bytes, same order):
-  its media is folded into the chain's start, not placed in the token sequence, so it shares nothing with
-  a prompt without media, not even the text before the media.
+  its media is folded into the chain's start, not placed in the token sequence, so it shares
+  nothing with a prompt without media, not even the text before the media.
 * The cache is an LRU of block hashes holding ``N // B`` blocks (none: nothing is ever cached,
   and the engine advertises block size and capacity 0; else B and N). When a request starts
   running (it has its slot), its leading blocks found in the cache are counted, stopping at the
