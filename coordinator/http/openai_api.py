@@ -200,7 +200,7 @@ NEUTRAL: Mapping[str, Callable[[object], bool]] = {
     "continue_final_message": _false,
 }
 # Accepted and ignored: they never change the result.
-IGNORED = frozenset({"user", "metadata", "service_tier"})
+IGNORED = frozenset({"metadata", "service_tier"})
 COMMON = frozenset(
     {
         "model",
@@ -214,6 +214,8 @@ COMMON = frozenset(
         "stream_options",
         "ignore_eos",
         "n",
+        # OpenAI's end-user id: the request's affinity_key (consistent_hash routes by it).
+        "user",
     }
 )
 COMPLETION_FIELDS = COMMON | {"prompt"}
@@ -350,7 +352,10 @@ def _base(body: object, chat: bool) -> tuple[Mapping[str, Any], Call]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("model", f"must be a string, got {model!r}")
-    request = generate_pb2.GenerateRequest(model=model or "")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user", f"must be a string, got {user!r}")
+    request = generate_pb2.GenerateRequest(model=model or "", affinity_key=user or "")
     _sampling(body, request.sampling)
     max_tokens = _max_tokens(body, chat)
     if max_tokens is not None:

@@ -38,7 +38,7 @@ def test_a_completion_request_carries_every_supported_parameter() -> None:
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "user": "ignored",
+            "user": "user-42",
             "n": 1,
             "echo": False,
             "logprobs": None,
@@ -50,6 +50,7 @@ def test_a_completion_request_carries_every_supported_parameter() -> None:
     )
     request, sampling = call.request, call.request.sampling
     assert (request.model, request.prompt) == ("m", "hello")
+    assert request.affinity_key == "user-42"  # OpenAI's end-user id routes the session
     assert sampling.max_tokens == 7
     assert sampling.HasField("temperature") and sampling.temperature == 0
     assert sampling.top_p == 0.5 and sampling.top_k == 3 and sampling.seed == -(2**40)
