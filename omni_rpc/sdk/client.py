@@ -41,6 +41,9 @@ def load_dict(load: node_pb2.NodeLoad) -> dict[str, Any]:
         "generated_tokens": load.generated_tokens,
         "engine_healthy": load.engine_healthy,
         "draining": load.draining,
+        "requests": load.requests,
+        "prompt_tokens": load.prompt_tokens,
+        "cached_prompt_tokens": load.cached_prompt_tokens,
     }
 
 
@@ -52,6 +55,8 @@ def node_dict(node: coordinator_pb2.NodeInfo) -> dict[str, Any]:
         "model_aliases": list(node.model_aliases),
         "input_modalities": list(node.input_modalities),
         "output_modalities": list(node.output_modalities),
+        "cache_block_tokens": node.cache_block_tokens,
+        "cache_capacity_tokens": node.cache_capacity_tokens,
         "engine": node.engine,
         "state": state_name(node.state),
         "state_reason": node.state_reason,
