@@ -7,7 +7,7 @@ SEED ?= 42
 REQUESTS ?= 5000
 CONCURRENCY ?= 64
 
-.PHONY: install proto proto-check lint go-toolchain netns-tools test demo bench bench-peers bench-ha chaos fuzz buf-lint buf-breaking clean
+.PHONY: install proto proto-check lint go-toolchain netns-tools test demo bench bench-peers bench-ha bench-cache chaos fuzz buf-lint buf-breaking clean
 
 install:
 	@bash scripts/install.sh
@@ -55,6 +55,14 @@ bench-peers: install
 # A smoke run: make bench-ha BENCH_HA_ARGS=--quick
 bench-ha: install
 	$(PY) scripts/bench_ha.py $(BENCH_HA_ARGS)
+
+# Cache-aware routing: a multi-tenant chat workload per strategy on 8, 16 and 32 simulated
+# agents with prefix caches (hit rate against the ideal, TTFT, balance), and with --vllm on two
+# real CPU vLLM agents (SmolLM2); writes its section of docs/benchmarks.md (~TIME minutes).
+# A smoke run: make bench-cache BENCH_CACHE_ARGS=--quick
+BENCH_CACHE_ARGS ?= --vllm
+bench-cache: install
+	$(PY) scripts/bench_cache.py $(BENCH_CACHE_ARGS)
 
 # A long chaos run: make chaos SEED=7 REQUESTS=20000
 # Then the same with two coordinators, killed, frozen and restarted too (one at a time);
