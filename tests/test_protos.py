@@ -82,8 +82,9 @@ def test_moved_messages_keep_their_names_and_numbers() -> None:
         "visible_devices": 4,
     }
     assert fields(node_pb2.Placement) == {"launcher": 1, "host": 2, "labels": 3}
-    assert fields(node_pb2.NodeLoad)["rejected"] == 13 and len(fields(node_pb2.NodeLoad)) == 14
+    assert fields(node_pb2.NodeLoad)["rejected"] == 13 and len(fields(node_pb2.NodeLoad)) == 16
     assert fields(node_pb2.NodeLoad)["requests"] == 14
+    assert fields(node_pb2.NodeLoad)["cached_prompt_tokens"] == 16
     # Resume moved to generate.proto (GenerateRequest.resume, public) within omni.v1: the same
     # full name and numbers on the agents' AgentRequest.resume.
     from omni_rpc.v1 import generate_pb2
