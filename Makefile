@@ -58,7 +58,7 @@ bench-ha: install
 
 # Cache-aware routing: a multi-tenant chat workload per strategy on 8, 16 and 32 simulated
 # agents with prefix caches (hit rate against the ideal, TTFT, balance), and with --vllm on two
-# real CPU vLLM agents (SmolLM2); writes its section of docs/benchmarks.md (~TIME minutes).
+# real CPU vLLM agents (SmolLM2); writes its section of docs/benchmarks.md (~25 minutes).
 # A smoke run: make bench-cache BENCH_CACHE_ARGS=--quick
 BENCH_CACHE_ARGS ?= --vllm
 bench-cache: install
