@@ -62,7 +62,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from bench_ha import (
+
+# This checkout's packages first: the environment's editable install may point at another
+# checkout of the project (the processes started here get the same, see main).
+ROOT = Path(__file__).resolve().parent.parent
+if sys.path[:1] != [str(ROOT)]:
+    sys.path.insert(0, str(ROOT))
+
+from bench_ha import (  # noqa: E402
     fmt,
     machine_busy_cpu_s,
     machine_info,
@@ -71,11 +78,12 @@ from bench_ha import (
     tree_cpu_s,
 )
 
-from node_agent.engine import ChatTurn, EngineRequest
-from node_agent.engines import sim
-from omni_rpc import config
-from omni_rpc.launchers.local import LocalCluster
-from omni_rpc.v1 import (
+from node_agent.engine import ChatTurn, EngineRequest  # noqa: E402
+from node_agent.engines import sim  # noqa: E402
+from node_agent.models import prepare  # noqa: E402
+from omni_rpc import config  # noqa: E402
+from omni_rpc.launchers.local import LocalCluster  # noqa: E402
+from omni_rpc.v1 import (  # noqa: E402
     coordinator_pb2,
     coordinator_pb2_grpc,
     generate_pb2,
@@ -83,9 +91,8 @@ from omni_rpc.v1 import (
     node_agent_pb2_grpc,
     node_pb2,
 )
-from omni_rpc.validation import Sampling
+from omni_rpc.validation import Sampling  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "benchmarks.md"
 SECTION_START = "<!-- bench:cache:start -->"
 SECTION_END = "<!-- bench:cache:end -->"
@@ -920,8 +927,6 @@ def engine_facts(cluster: LocalCluster) -> str:
 
 
 def run_vllm(args: argparse.Namespace, log_dir: Path) -> VllmPart:
-    from node_agent.models import prepare
-
     work = VLLM_QUICK if args.quick else VLLM_FULL
     settings = kv_settings(work)
     if args.vllm_kv:
@@ -1589,20 +1594,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # SIGTERM: unwind through the finally blocks that stop every child.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # The coordinators and agents started here run this checkout's code too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
     stored = None if args.no_doc else previous_results(args.out)
     res = Results(
         command=" ".join(shlex.quote(a) for a in ["scripts/bench_cache.py", *sys.argv[1:]]),
         machine=machine_info(),
     )
     log_dir = Path(tempfile.mkdtemp(prefix="omni-bench-cache-"))
+    failures = (RuntimeError, OSError, ImportError, grpc.aio.AioRpcError)
     try:
         res.sim = None if args.no_sim else run_sim(args, log_dir)
-        res.vllm = run_vllm(args, log_dir) if args.vllm else None
-    except BaseException as exc:
+    except failures as exc:
         print(f"bench-cache failed: {exc}; logs kept in {log_dir}", file=sys.stderr)
-        if isinstance(exc, RuntimeError | OSError | grpc.aio.AioRpcError):
-            return 1
-        raise
+        return 1
+    vllm_failed = False
+    if args.vllm:
+        # A failure here keeps what the simulated part measured (and the stored vLLM results).
+        try:
+            res.vllm = run_vllm(args, log_dir)
+        except failures as exc:
+            print(
+                f"bench-cache: the vLLM part failed: {exc}; logs kept in {log_dir}", file=sys.stderr
+            )
+            vllm_failed = True
     # A part not run keeps its stored results (and their date), unless this is a smoke run.
     if stored is not None and not args.quick:
         if res.sim is None and stored.sim is not None and not stored.sim.quick:
@@ -1613,13 +1630,13 @@ def main(argv: list[str] | None = None) -> int:
         res.machine["load_after"] = load_average()
     errors = sum(r.errors for r in res.sim.runs) if res.sim is not None else 0
     errors += sum(r.errors for r in res.vllm.runs) if res.vllm is not None else 0
-    if not errors:
+    if not errors and not vllm_failed:
         shutil.rmtree(log_dir, ignore_errors=True)
     print_report(res)
     if not args.no_doc:
         write_section(args.out, res)
         print(f"\nwrote {args.out}")
-    return 1 if errors else 0
+    return 1 if errors or vllm_failed else 0
 
 
 if __name__ == "__main__":
