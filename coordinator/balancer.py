@@ -40,3 +40,7 @@ class Balancer:
         chosen = self.strategy.pick(candidates, key, prefix)
         assert isinstance(chosen, Node)
         return chosen
+
+    def observe(self, node: Node, prefix: RequestPrefix, prompt_tokens: int) -> None:
+        """``node`` answered the request of ``prefix`` with ``prompt_tokens`` in its usage."""
+        self.strategy.observe(node.node_id, prefix, prompt_tokens)

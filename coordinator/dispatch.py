@@ -190,9 +190,11 @@ class Dispatcher:
         status = "CANCELLED"  # unless it ends otherwise: the client went away
         cancelled = True
         error = ""  # why it failed, for the log
+        # The prompt's prefix blocks, cut only if the strategy asks (cache_aware does).
+        prefix = RequestPrefix(request)
         try:
             for attempt in range(1, max_retries + 2):
-                node = await self._wait_for_node(request, route, tried, deadline)
+                node = await self._wait_for_node(request, route, tried, deadline, prefix)
                 tried.append(node.node_id)
                 # Closed here, not when collected: a client that goes away stops the attempt now.
                 relay = contextlib.aclosing(
@@ -204,6 +206,8 @@ class Dispatcher:
                             if not first_token and response.token_ids:
                                 first_token = True
                                 metrics.time_to_first_token.observe(clock.now() - started)
+                            if response.HasField("usage"):
+                                self.balancer.observe(node, prefix, response.usage.prompt_tokens)
                             yield response
                     ok, status = True, "OK"
                     return
@@ -321,12 +325,11 @@ class Dispatcher:
         route: Route,
         tried: list[str],
         deadline: float | None,
+        prefix: RequestPrefix,
     ) -> Node:
         """A node for the next attempt (serving the route's model and modalities), waiting
         with backoff while there is none."""
         give_up = clock.now() + self.no_node_wait_s
-        # The prompt's prefix blocks, cut only if the strategy asks (cache_aware does).
-        prefix = RequestPrefix(request)
         if deadline is not None:
             # Answer a little before the caller's deadline so the reason reaches it.
             give_up = min(give_up, deadline - min(0.05, 0.1 * (deadline - clock.now())))
@@ -386,6 +389,8 @@ class Dispatcher:
             node, _prompt_tokens(request) + len(delivered.token_ids), on_stall
         )
         finished = False
+        # When the first tokens arrived, and the tokens delivered then: the decode's start.
+        decode_from: tuple[float, int] | None = None
         # The pieces of the media item in progress, not relayed until it completes.
         held: list[generate_pb2.Media] = []
         held_bytes = 0
@@ -422,6 +427,11 @@ class Dispatcher:
                         f"the node finished with media item {held[0].index} incomplete",
                     )
                 if not aborted or response.token_ids or response.text or complete:
+                    if response.token_ids and decode_from is None:
+                        decode_from = (
+                            clock.now(),
+                            len(delivered.token_ids) + len(response.token_ids),
+                        )
                     delivered.token_ids.extend(response.token_ids)
                     delivered.text.append(response.text)
                     finished = bool(response.finish_reason)
@@ -450,10 +460,17 @@ class Dispatcher:
                 )
             self.registry.record_success(node)
             learn(node, watched)
-            if self.outliers is not None:
+            if self.outliers is not None and decode_from is not None:
+                # The node's pace is its decode: time per token after the first ones. The
+                # time to them is the prefill of whatever of the prompt was not cached, which
+                # prefix caching (and cache_aware, by design) makes differ from node to node:
+                # the node computing the cold prompts is not a slow node. A node silent before
+                # its first token is the stall watch's business.
                 now = clock.now()
-                produced = max(1, len(delivered.token_ids) - len(first.resume.token_ids))
-                self.outliers.record(node.node_id, (now - watched.started) / produced, now)
+                began, tokens_then = decode_from
+                later = len(delivered.token_ids) - tokens_then
+                if later > 0:
+                    self.outliers.record(node.node_id, (now - began) / later, now)
         except OutputOverflow as exc:
             # The client's doing, not the node's: the request ends here.
             raise DispatchError(exc.code, exc.details) from None

@@ -1,8 +1,10 @@
 """Latency outlier detection: eject a node that answers health checks but is far slower than
 its peers, as Envoy's outlier detection does for success rate.
 
-Dispatch records each finished attempt's latency per output token (time to first token
-included); every few seconds the health loop asks which of the healthy nodes to eject. A
+Dispatch records each finished attempt's decode pace: the time per output token after the
+first ones (the time to them is the prefill of the uncached part of the prompt, which prefix
+caching makes differ from node to node by design; a node that never starts is the stall watch's
+business); every few seconds the health loop asks which of the healthy nodes to eject. A
 node's typical latency is the median of its samples in the last ``window_s`` seconds; it is
 *judged* once it has ``min_samples`` of them. A judged node is an outlier when its typical
 latency exceeds both ``factor`` times and ``min_floor_s`` more than the median of the

@@ -252,9 +252,10 @@ STALL_BLAME_MIN_S = 1.0
 STALL_HISTORY_WEIGHT = 0.2
 
 # Latency outlier ejection (coordinator/outliers.py): every OUTLIER_INTERVAL_S, a healthy node
-# whose typical latency per output token (the median of its last OUTLIER_MAX_SAMPLES attempts
-# within OUTLIER_WINDOW_S, once it has OUTLIER_MIN_SAMPLES) is more than OUTLIER_LATENCY_FACTOR
-# times, and OUTLIER_MIN_FLOOR_S more than, its peers' median is ejected like a breaker
+# whose typical decode pace, time per output token after the first (the median of its last
+# OUTLIER_MAX_SAMPLES attempts within OUTLIER_WINDOW_S, once it has OUTLIER_MIN_SAMPLES), is
+# more than OUTLIER_LATENCY_FACTOR times, and OUTLIER_MIN_FLOOR_S more than, its peers' median
+# is ejected like a breaker
 # ejection (--breaker-base-ejection times its ejections); never more than
 # OUTLIER_MAX_EJECTED_FRACTION of the nodes at once.
 OUTLIER_INTERVAL_S = 5.0

@@ -122,7 +122,7 @@ TARGET_MAX_LOAD = 1.5
 TARGET_TTFT_RATIO = 1 / 3
 
 VLLM_MODEL = "smollm2-135m-instruct"
-VLLM_MAX_MODEL_LEN = 1536
+VLLM_MAX_MODEL_LEN = 2048
 VLLM_MAX_NUM_SEQS = 4
 # KV cache bytes per token of SmolLM2-135M in float32 (30 layers x K and V x 3 KV heads x 64 x 4
 # bytes); vLLM's own log said 11,648 tokens for the agents' default 512 MiB.
@@ -198,14 +198,26 @@ QUICK_AGENTS = (4,)
 class VllmWorkload:
     tenants: int
     system_words: int
-    questions: int
+    users_per_tenant: int
+    turns: int
+    question_words: int
     max_tokens: int
     concurrency: int
     seed: int = 11
 
+    @property
+    def requests(self) -> int:
+        return self.tenants * self.users_per_tenant * self.turns
 
-VLLM_FULL = VllmWorkload(tenants=4, system_words=640, questions=7, max_tokens=16, concurrency=2)
-VLLM_QUICK = VllmWorkload(tenants=2, system_words=200, questions=2, max_tokens=4, concurrency=2)
+
+VLLM_FULL = VllmWorkload(
+    tenants=4, system_words=1400, users_per_tenant=8, turns=3, question_words=6, max_tokens=8,
+    concurrency=2,
+)  # fmt: skip
+VLLM_QUICK = VllmWorkload(
+    tenants=2, system_words=200, users_per_tenant=1, turns=2, question_words=8, max_tokens=4,
+    concurrency=2,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -216,20 +228,32 @@ class KvSetting:
     kv_bytes: int
 
 
-def kv_settings(work: VllmWorkload) -> list[KvSetting]:
-    """The agents' default KV cache, and one that holds about half the system prompts."""
-    # About 1.2 tokens per word of the prompts below, in whole 128-token blocks, plus one
-    # block for the question; never below one request of the whole context (vLLM refuses to
-    # start), and a block more than that for vLLM's own rounding.
-    prompt_blocks = -(-int(work.system_words * 1.25) // VLLM_BLOCK_TOKENS) + 1
-    blocks = max(VLLM_MAX_MODEL_LEN // VLLM_BLOCK_TOKENS, (work.tenants // 2) * prompt_blocks)
-    small_tokens = (blocks + 1) * VLLM_BLOCK_TOKENS
+def kv_settings(work: VllmWorkload, system_tokens: int) -> list[KvSetting]:
+    """The agents' default KV cache, and one that holds half the tenants' system prompts (what
+    ``cache_aware`` puts on each agent) besides the requests running there, and no more.
+
+    ``system_tokens``: the longest system prompt's tokens (its whole blocks are what a request
+    finds cached). Each running request also holds blocks of its own: the rest of its prompt
+    (the system prompt's last partial block, the conversation, the question) and its answer.
+    """
+    shared_blocks = system_tokens // VLLM_BLOCK_TOKENS
+    own_tokens = (
+        system_tokens % VLLM_BLOCK_TOKENS
+        + work.turns * (2 * work.question_words + work.max_tokens + 16)
+        + work.max_tokens
+    )
+    own_blocks = -(-own_tokens // VLLM_BLOCK_TOKENS) + 1
+    blocks = (work.tenants // 2) * shared_blocks + work.concurrency * own_blocks + 1
+    # Never below one request of the whole context (vLLM refuses to start).
+    blocks = max(blocks, VLLM_MAX_MODEL_LEN // VLLM_BLOCK_TOKENS + 1)
+    small_tokens = blocks * VLLM_BLOCK_TOKENS
     return [
         KvSetting("default", "default KV cache (512 MiB: every prompt fits on every agent)", 0),
         KvSetting(
             "small",
-            f"small KV cache ({small_tokens} tokens: about {work.tenants // 2} of the "
-            f"{work.tenants} system prompts per agent)",
+            f"KV cache of {small_tokens} tokens: {work.tenants // 2} of the {work.tenants} "
+            f"system prompts ({shared_blocks} cached blocks each) and the {work.concurrency} "
+            "running requests per agent",
             small_tokens * VLLM_KV_BYTES_PER_TOKEN,
         ),
     ]
@@ -390,6 +414,8 @@ class VllmRun:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     served: list[int] = field(default_factory=list)
+    # How many agents served a tenant's requests, the mean over the tenants.
+    nodes_per_tenant: float = 0.0
     ours_cpu: float = 0.0
     other_cpu: float = 0.0
     discarded_other_cpu: list[float] = field(default_factory=list)
@@ -789,31 +815,53 @@ def run_sim(args: argparse.Namespace, log_dir: Path) -> SimPart:
 # --- the vLLM part -------------------------------------------------------------------------------
 
 
-def vllm_requests(
-    work: VllmWorkload, strategy_index: int
-) -> tuple[list[str], list[tuple[int, str]]]:
-    """A strategy's own system prompts, and its (tenant, question) requests, interleaved."""
+def vllm_users(work: VllmWorkload, strategy_index: int) -> tuple[list[str], list[User]]:
+    """A strategy's own system prompts, and its users (each with all its questions) in the
+    queue's first order (a seeded shuffle)."""
     rng = random.Random(work.seed * 1000 + strategy_index)
     systems = [
         f"You are the support assistant of company number {strategy_index * 100 + t}. "
         + english(rng, work.system_words)
         for t in range(work.tenants)
     ]
-    requests = [
-        (t, f"Question {q} for company {strategy_index * 100 + t}: " + english(rng, 12))
-        for t in range(work.tenants)
-        for q in range(work.questions)
-    ]
-    rng.shuffle(requests)
-    return systems, requests
+    users = []
+    for t in range(work.tenants):
+        for u in range(work.users_per_tenant):
+            uid = f"c{strategy_index * 100 + t}-u{u}"
+            questions = tuple(
+                f"Question {k} of user {uid}: " + english(rng, work.question_words)
+                for k in range(work.turns)
+            )
+            users.append(User(uid, t, questions))
+    rng.shuffle(users)
+    return systems, users
+
+
+def system_prompt_tokens(model_path: Path, work: VllmWorkload, indexes: Sequence[int]) -> int:
+    """The longest of the strategies' system prompts in the model's tokens, as its chat
+    template renders it (with an empty user turn)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    longest = 0
+    for index in indexes:
+        for system in vllm_users(work, index)[0]:
+            text = tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}], tokenize=False
+            )
+            longest = max(longest, len(tokenizer.encode(text, add_special_tokens=False)))
+    return longest
 
 
 async def measure_vllm(
     address: str, nodes: list[str], work: VllmWorkload, setting: str, strategy: str, index: int
 ) -> VllmRun:
     run = VllmRun(setting, strategy)
-    systems, requests = vllm_requests(work, index)
-    queue = deque(enumerate(requests))
+    systems, users = vllm_users(work, index)
+    queue = deque(users)
+    history: dict[str, list[ChatTurn]] = {
+        u.uid: [ChatTurn("system", systems[u.tenant])] for u in users
+    }
     sent: list[Sent] = []
     async with grpc.aio.insecure_channel(address, options=config.GRPC_MESSAGE_OPTIONS) as ch:
         stub = coordinator_pb2_grpc.CoordinatorStub(ch)
@@ -822,15 +870,16 @@ async def measure_vllm(
 
         async def client() -> None:
             while queue:
-                k, (tenant, question) = queue.popleft()
-                record = Sent(f"q{k}", tenant, 0, time.perf_counter())
+                user = queue.popleft()
+                turns = history[user.uid]
+                turn = (len(turns) - 1) // 2
+                turns.append(ChatTurn("user", user.questions[turn]))
+                record = Sent(user.uid, user.tenant, turn, time.perf_counter())
                 sent.append(record)
                 request = generate_pb2.GenerateRequest(
-                    request_id=f"{tag}-{k}",
-                    messages=chat(
-                        [ChatTurn("system", systems[tenant]), ChatTurn("user", question)]
-                    ),
-                    affinity_key=f"{tag}-user-{k}",
+                    request_id=f"{tag}-{user.uid}-{turn}",
+                    messages=chat(turns),
+                    affinity_key=user.uid,
                     sampling=generate_pb2.SamplingParams(
                         max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True
                     ),
@@ -841,8 +890,11 @@ async def measure_vllm(
                     run.errors += 1
                     if len(run.error_samples) < 5:
                         run.error_samples.append(error_text(exc))
-                else:
-                    run.requests += 1
+                    continue  # the user's chat ends here
+                run.requests += 1
+                turns.append(ChatTurn("assistant", record.text.strip()))
+                if turn + 1 < work.turns:
+                    queue.append(user)
 
         ours_before, machine_before = tree_cpu_s(os.getpid()), machine_busy_cpu_s()
         started = time.perf_counter()
@@ -862,6 +914,10 @@ async def measure_vllm(
     run.prompt_tokens = sum(s.prompt_tokens for s in ok)
     run.cached_tokens = sum(s.cached_tokens for s in ok)
     run.served = [sum(1 for s in ok if s.node == n) for n in nodes]
+    by_tenant: dict[int, set[str]] = {}
+    for s in ok:
+        by_tenant.setdefault(s.tenant, set()).add(s.node)
+    run.nodes_per_tenant = statistics.fmean(len(v) for v in by_tenant.values()) if ok else 0.0
     return run
 
 
@@ -928,7 +984,14 @@ def engine_facts(cluster: LocalCluster) -> str:
 
 def run_vllm(args: argparse.Namespace, log_dir: Path) -> VllmPart:
     work = VLLM_QUICK if args.quick else VLLM_FULL
-    settings = kv_settings(work)
+    model_path = prepare(VLLM_MODEL)
+    indexes = [
+        STRATEGIES.index(s) + 10 * k + 100 * attempt
+        for s in args.strategies
+        for k in range(2)
+        for attempt in range(MAX_ATTEMPTS)
+    ]
+    settings = kv_settings(work, system_prompt_tokens(model_path, work, indexes))
     if args.vllm_kv:
         settings = [s for s in settings if s.name in args.vllm_kv]
     part = VllmPart(
@@ -938,7 +1001,6 @@ def run_vllm(args: argparse.Namespace, log_dir: Path) -> VllmPart:
         settings=[asdict(s) for s in settings],
         load_before=load_average(),
     )
-    prepare(VLLM_MODEL)
     started = time.perf_counter()
     strategies = list(args.strategies)
     for kv in settings:
@@ -1275,10 +1337,13 @@ def render_vllm(part: VllmPart | None) -> list[str]:
         "per strategy (`--coordinator a,b,c,d,e`); the strategies run one after the other. Each "
         f"strategy has its own {w.tenants} system prompts (about {w.system_words} English "
         "words, the token counts below), so that no strategy profits from what another left "
-        f"in the caches, and {w.questions} questions per system prompt: {w.tenants * w.questions}"
-        " single-turn chats (system prompt + question), interleaved in a seeded shuffle, "
-        f"{w.concurrency} in flight in a closed loop, greedy, {w.max_tokens} tokens each "
-        "(`ignore_eos`), `affinity_key` one per request. Two KV cache sizes, each with its own "
+        f"in the caches, {w.users_per_tenant} users per tenant, each user's chat of {w.turns} "
+        f"turns ({w.requests} requests): every turn is sent as chat `messages` (the system "
+        f"prompt, the conversation so far with the previous answers, a new question of "
+        f"{w.question_words} words) with `affinity_key` = the user id; closed loop, "
+        f"{w.concurrency} in flight, each taking the next user from a queue (seeded shuffle) "
+        "and putting the user back at its end after the answer; greedy, "
+        f"{w.max_tokens} tokens each (`ignore_eos`). Two KV cache sizes, each with its own "
         f"pair of agents: {settings}. Hit rate is vLLM's own (`num_cached_tokens` over the "
         "prompt tokens, as usage reports them). A run during which other work took more than "
         f"{DISTURBED_OTHER_CPU:g} % of a core was run again (new system prompts, up to "
@@ -1384,7 +1449,7 @@ def reading(res: Results) -> list[str]:
             "On vLLM the caches decide. With the default KV cache every agent ends up holding "
             "every system prompt, so `round_robin` pays each prompt once per agent (two cold "
             "prefills per prompt) and `cache_aware` once: with "
-            f"{w.tenants} prompts and {w.questions} questions each, the first, uncached "
+            f"{w.tenants} prompts and {w.users_per_tenant * w.turns} requests each, the first, uncached "
             "requests (a whole prefill, about 2 s on one core here, against about 0.4 s for "
             "a hit) weigh on every strategy's mean alike, and the ratio of the means cannot "
             "come near 1/3: it would take many more questions per prompt, or a cache where "

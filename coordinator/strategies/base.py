@@ -72,3 +72,9 @@ class Strategy(abc.ABC):
 
     def forget(self, node_id: str) -> None:  # noqa: B027  # most strategies keep nothing
         """The node left (or was replaced by a new process): drop what is kept about it."""
+
+    def observe(  # noqa: B027  # most strategies learn nothing from answers
+        self, node_id: str, prefix: RequestPrefix, prompt_tokens: int
+    ) -> None:
+        """The node answered a request with prompt ``prefix``: its usage counted
+        ``prompt_tokens`` prompt tokens."""

@@ -83,8 +83,40 @@ def test_a_node_evicts_least_recently_used_blocks_at_its_capacity() -> None:
     held.add([7])
     held.add([1, 2])  # used again: most recent
     held.add([9])  # over capacity: 7 goes
-    assert list(held.blocks) == [1, 2, 9]
+    assert set(held.blocks) == {1, 2, 9}
     assert held.matched([1, 2, 3]) == 2 and held.matched([7]) == 0
+
+
+def test_over_capacity_a_prompts_tail_goes_before_its_shared_head() -> None:
+    held = NodePrefixes(block_tokens=16, capacity_tokens=16 * 4)
+    held.add([1, 2, 3])  # a system prompt (1, 2) and a turn (3)
+    held.add([8, 9])  # another prompt: one block must go
+    # The engine frees a request's tail first: the shared head is still there.
+    assert held.matched([1, 2, 5]) == 2
+    assert held.matched([1, 2, 3]) == 2 and held.matched([8, 9]) == 2
+
+
+def test_a_nodes_capacity_follows_the_bytes_per_token_its_answers_show() -> None:
+    strategy = CacheAware()
+    pool = nodes(1, cache_capacity_tokens=16 * 100)
+    prompt = text(SYSTEM + "question")
+    strategy.pick(pool, prefix=prompt)
+    entry = strategy.index.nodes["node-0"]
+    assert entry.capacity_blocks == 100
+    # Its tokenizer makes 8 bytes a token: the engine's 1600 tokens hold twice the text.
+    for _ in range(100):
+        strategy.observe("node-0", prompt, prompt.text_bytes // 8)
+    assert 195 <= entry.capacity_blocks <= 200
+    # 2 bytes a token: half; what no longer fits is forgotten, least recently used first.
+    for _ in range(200):
+        strategy.observe("node-0", prompt, prompt.text_bytes // 2)
+    assert 50 <= entry.capacity_blocks <= 51
+    # Token-id prompts and prompts shorter than a block teach nothing.
+    strategy.observe(
+        "node-0", RequestPrefix(generate_pb2.GenerateRequest(prompt_token_ids=[1] * 64)), 64
+    )
+    strategy.observe("node-0", text("hi"), 1)
+    assert 50 <= entry.capacity_blocks <= 51
 
 
 def test_the_index_stays_within_its_bound_under_100k_distinct_prompts() -> None:
@@ -135,6 +167,28 @@ def test_prompts_with_nothing_cached_are_spread_by_load() -> None:
         counts[chosen.node_id] += 1
         chosen.in_flight += 1
     assert sorted(counts.values()) == [10, 10, 10, 10]
+
+
+def test_new_prefixes_go_to_the_emptiest_cache_not_the_idlest_node() -> None:
+    strategy = CacheAware()
+    pool = nodes(4)
+    for node in pool[1:]:
+        node.in_flight = 2  # busier, yet well within the balance thresholds
+    homes = [
+        strategy.pick(pool, prefix=text(f"tenant {t} system prompt " * 30)).node_id
+        for t in range(8)
+    ]
+    # Two tenants per cache, not all on the idle node-0.
+    assert sorted(collections.Counter(homes).values()) == [2, 2, 2, 2]
+
+
+def test_prompts_shorter_than_a_block_go_by_load() -> None:
+    strategy = CacheAware()
+    pool = nodes(3)
+    pool[0].in_flight = pool[2].in_flight = 1
+    strategy.pick(pool, prefix=text("tenant 0 system prompt " * 30))  # something cached somewhere
+    for i in range(5):
+        assert strategy.pick(pool, prefix=text(f"hi {i}")) is pool[1]
 
 
 def test_a_node_leaving_moves_only_its_own_prefixes() -> None:

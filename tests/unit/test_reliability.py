@@ -584,6 +584,23 @@ async def test_a_much_slower_node_is_ejected_as_a_latency_outlier(
     assert sum(n.state == UNHEALTHY for n in registry.nodes.values()) <= len(registry.nodes) // 2
 
 
+async def test_a_node_slow_to_its_first_token_but_decoding_at_pace_is_not_an_outlier(
+    registry: Registry, fleet: FakeFleet
+) -> None:
+    # n4 computes the long uncached prompts (with prefix caching, or cache_aware routing,
+    # its peers find theirs cached): 50x their time to the first token, the same decode pace.
+    nodes = [add(registry, fleet, f"n{i}", ttft_s=0.01, itl_s=0.01)[0] for i in (1, 2, 3)]
+    cold, _ = add(registry, fleet, "n4", ttft_s=0.5, itl_s=0.01)
+    outliers = TimedOutliers()
+    d = dispatcher(registry, outliers=outliers)
+    ejected: list[str] = []
+    registry.on_ejected.append(lambda n: ejected.append(n.node_id))
+    await run_requests_for(d, 30.0)
+    assert all(len(times) >= config.OUTLIER_MIN_SAMPLES for times in outliers.times.values())
+    assert ejected == []
+    assert all(n.state == HEALTHY for n in [*nodes, cold])
+
+
 async def test_outlier_ejection_never_takes_out_more_than_half_the_nodes(
     registry: Registry, fleet: FakeFleet
 ) -> None:
