@@ -20,6 +20,8 @@ from coordinator.node_client import SERVING, NodeCallError
 from omni_rpc.v1 import generate_pb2, node_agent_pb2, node_pb2, registry_pb2
 
 DEFAULT_MAX_TOKENS = 16
+# The fake tokenizer: a prompt's tokens are its UTF-8 bytes over this.
+FAKE_BYTES_PER_TOKEN = 8
 
 
 def token_at(prompt: str, position: int) -> int:
@@ -132,6 +134,9 @@ class FakeAttempt:
                 if position == wanted - 1:
                     response.finish_reason = "length"
                     response.usage.completion_tokens = wanted
+                    response.usage.prompt_tokens = (
+                        len(request.prompt.encode()) // FAKE_BYTES_PER_TOKEN
+                    )
                 yield response
                 node.tokens_sent += 1
                 if position < wanted - 1:

@@ -16,11 +16,19 @@ import pytest
 from coordinator.balancer import Balancer
 from coordinator.dispatch import AttemptError, Dispatcher, DispatchError, Failure, classify
 from coordinator.registry import HEALTHY, UNHEALTHY, Node, Registry
-from coordinator.strategies import LeastLoaded, RoundRobin
+from coordinator.strategies import CacheAware, LeastLoaded, RoundRobin
 from omni_rpc.metrics import CoordinatorMetrics
 from omni_rpc.v1 import generate_pb2
 from tests.unit.clock import VirtualClock
-from tests.unit.fakes import FakeFleet, FakeNode, Fault, expected_tokens, join_request, text_of
+from tests.unit.fakes import (
+    FAKE_BYTES_PER_TOKEN,
+    FakeFleet,
+    FakeNode,
+    Fault,
+    expected_tokens,
+    join_request,
+    text_of,
+)
 
 PROMPT = "the capital of France is"
 
@@ -360,3 +368,16 @@ async def test_least_loaded_sends_fewer_requests_to_a_slow_node(
     ]
     even = collections.Counter(served_by)
     assert even == {"n1": 20, "n2": 20, "n3": 20}
+
+
+async def test_cache_aware_learns_a_nodes_bytes_per_token_from_its_answers(
+    registry: Registry, fleet: FakeFleet
+) -> None:
+    healthy(registry, fleet, "n1")
+    strategy = CacheAware()
+    d = Dispatcher(registry, Balancer(registry, strategy), 2, metrics=CoordinatorMetrics())
+    for i in range(40):
+        await collect(d.generate(request(f"tenant {i % 3} system prompt " * 40, 4), None))
+    learned = strategy.index.nodes["n1"].bytes_per_token
+    # The fake's usage counts 8 bytes a token: the index moved from its 4 toward it.
+    assert FAKE_BYTES_PER_TOKEN - 0.2 < learned <= FAKE_BYTES_PER_TOKEN
