@@ -1418,16 +1418,14 @@ def reading(res: Results) -> list[str]:
                 "",
                 f"**`cache_aware`'s balance at {n} agents ({fmt(load)} requests served "
                 f"max/mean{f', {idle} agent(s) serving nothing' if idle else ''}):** a "
-                "tenant's first request goes to the least loaded agent of that moment, which "
-                "counts the requests in flight but not the tenants an agent already holds, so "
-                "some agents draw several tenants and others none; the tenant then stays "
-                f"({spread_:.1f} agents per tenant here) until its agent has more than "
-                "`--cache-balance-abs-threshold` (8) requests more **and** "
+                "new tenant goes to the agent whose cache holds the least, so the tenants "
+                "spread evenly over the caches, but tenants differ in traffic over a run and "
+                f"a tenant stays ({spread_:.1f} agents per tenant here) until its agent has "
+                "more than `--cache-balance-abs-threshold` (8) requests more **and** "
                 "`--cache-balance-rel-threshold` (1.5) times as many as the least loaded one. "
                 f"With {sw.concurrency} streams over {n} agents the mean is "
-                f"{sw.concurrency / n:g} in flight per agent, so an agent with two or three "
-                "tenants stays below the absolute threshold against an idle one and nothing "
-                "moves: the absolute threshold does not scale with the load per agent.",
+                f"{sw.concurrency / n:g} in flight per agent: the absolute threshold does not "
+                "scale with the load per agent, and a lower one trades hit rate for balance.",
             ]
     vpart = res.vllm
     if vpart is not None and vpart.runs:
