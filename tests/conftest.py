@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +24,13 @@ from omni_rpc.security import ChannelSecurity
 from omni_rpc.v1 import coordinator_pb2_grpc, node_agent_pb2, node_agent_pb2_grpc, node_pb2
 
 # Fast simulated nodes: tests check behaviour, not speed.
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, and so
+# would every process it starts (exec keeps an ignored signal ignored), while the tests that
+# press Ctrl-C on a child (omni up, omni top) need it delivered. A handled signal is reset to
+# its default across exec: handling it here gives the children their Ctrl-C back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 FAST_SIM = ["--sim-ttft-ms", "5", "--sim-itl-ms", "2"]
 
 
