@@ -255,9 +255,8 @@ STALL_HISTORY_WEIGHT = 0.2
 # whose typical decode pace, time per output token after the first (the median of its last
 # OUTLIER_MAX_SAMPLES attempts within OUTLIER_WINDOW_S, once it has OUTLIER_MIN_SAMPLES), is
 # more than OUTLIER_LATENCY_FACTOR times, and OUTLIER_MIN_FLOOR_S more than, its peers' median
-# is ejected like a breaker
-# ejection (--breaker-base-ejection times its ejections); never more than
-# OUTLIER_MAX_EJECTED_FRACTION of the nodes at once.
+# is ejected like a breaker ejection (--breaker-base-ejection times its ejections); never more
+# than OUTLIER_MAX_EJECTED_FRACTION of the nodes at once.
 OUTLIER_INTERVAL_S = 5.0
 OUTLIER_LATENCY_FACTOR = 3.0
 OUTLIER_MIN_FLOOR_S = 0.005

@@ -69,11 +69,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if sys.path[:1] != [str(ROOT)]:
     sys.path.insert(0, str(ROOT))
 
+from bench import load_average, percentile  # noqa: E402
 from bench_ha import (  # noqa: E402
+    Verdict,
     fmt,
+    get_loads,
     machine_busy_cpu_s,
     machine_info,
+    put_section,
     render_table,
+    stored_data,
     time_average,
     tree_cpu_s,
 )
@@ -87,7 +92,6 @@ from omni_rpc.v1 import (  # noqa: E402
     coordinator_pb2,
     coordinator_pb2_grpc,
     generate_pb2,
-    node_agent_pb2,
     node_agent_pb2_grpc,
     node_pb2,
 )
@@ -489,24 +493,6 @@ def max_over_mean(values: Sequence[float]) -> float:
     return max(values) / average if average > 0 else float("nan")
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def ideal_cached(sent: Sequence[Sent], messages: dict[int, list[ChatTurn]], block: int) -> int:
     """Cached prompt tokens had every distinct block been computed exactly once: the prompts
     replayed in the order they started through one unbounded cache, cut and counted as the
@@ -559,14 +545,6 @@ async def healthy_nodes(
             await asyncio.sleep(0.2)
 
 
-async def get_loads(stubs: Sequence[Any]) -> list[node_pb2.NodeLoad]:
-    return list(
-        await asyncio.gather(
-            *(s.GetLoad(node_agent_pb2.GetLoadRequest(), timeout=5.0) for s in stubs)
-        )
-    )
-
-
 async def generate(
     stub: coordinator_pb2_grpc.CoordinatorAsyncStub,
     request: generate_pb2.GenerateRequest,
@@ -614,6 +592,72 @@ def chat(turns: Sequence[ChatTurn]) -> list[generate_pb2.ChatMessage]:
     return [generate_pb2.ChatMessage(role=t.role, content=t.content) for t in turns]
 
 
+class ChatLoop:
+    """The closed loop both parts run: each ``client`` takes the next user from the queue,
+    sends that user's next turn as chat ``messages`` (the system prompt, the conversation so
+    far with the previous answers, the new question) with ``affinity_key`` = the user id, and
+    puts the user back at the end of the queue when the answer is in."""
+
+    def __init__(
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorAsyncStub,
+        tag: str,
+        systems: Sequence[str],
+        users: Sequence[User],
+        turns: int,
+        sampling: generate_pb2.SamplingParams,
+        run: SimRun | VllmRun,
+    ) -> None:
+        self.stub, self.tag, self.turns, self.sampling, self.run = stub, tag, turns, sampling, run
+        self.queue = deque(users)
+        self.history = {u.uid: [ChatTurn("system", systems[u.tenant])] for u in users}
+        self.sent: list[Sent] = []
+        # sent[i]'s prompt, as the turns it was made of.
+        self.prompts: list[list[ChatTurn]] = []
+
+    async def client(self) -> None:
+        run = self.run
+        while self.queue:
+            user = self.queue.popleft()
+            turns = self.history[user.uid]
+            turn = (len(turns) - 1) // 2
+            turns.append(ChatTurn("user", user.questions[turn]))
+            record = Sent(user.uid, user.tenant, turn, time.perf_counter())
+            self.sent.append(record)
+            self.prompts.append(list(turns))
+            request = generate_pb2.GenerateRequest(
+                request_id=f"{self.tag}-{user.uid}-{turn}",
+                messages=chat(turns),
+                affinity_key=user.uid,
+                sampling=self.sampling,
+            )
+            try:
+                await generate(self.stub, request, record)
+            except (grpc.aio.AioRpcError, RuntimeError) as exc:
+                run.errors += 1
+                if len(run.error_samples) < 5:
+                    run.error_samples.append(error_text(exc))
+                continue  # the user's chat ends here
+            run.requests += 1
+            turns.append(ChatTurn("assistant", record.text.strip()))
+            if turn + 1 < self.turns:
+                self.queue.append(user)
+
+
+def summarize(run: SimRun | VllmRun, sent: Sequence[Sent], max_tokens: int) -> list[Sent]:
+    """Fill in the figures both parts report; return the requests answered in full."""
+    ok = [s for s in sent if s.tokens == max_tokens]
+    ttfts = [s.ttft_s * 1000.0 for s in ok]
+    run.ttft_mean_ms = statistics.fmean(ttfts) if ttfts else float("nan")
+    run.ttft_p50_ms = percentile(ttfts, 50)
+    run.ttft_p99_ms = percentile(ttfts, 99)
+    run.tokens = sum(s.tokens for s in sent)
+    run.tokens_per_s = run.tokens / run.wall_s
+    run.prompt_tokens = sum(s.prompt_tokens for s in ok)
+    run.cached_tokens = sum(s.cached_tokens for s in ok)
+    return ok
+
+
 # --- the simulated part --------------------------------------------------------------------------
 
 
@@ -627,48 +671,15 @@ async def measure_sim(
         cluster.coordinator_address, options=config.GRPC_MESSAGE_OPTIONS
     )
     agent_channels = [grpc.aio.insecure_channel(a) for a in agents.values()]
-    sent: list[Sent] = []
-    prompts: dict[int, list[ChatTurn]] = {}
     try:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         agent_stubs = [node_agent_pb2_grpc.NodeAgentStub(ch) for ch in agent_channels]
         tag = f"cache-{strategy}-{len(agents)}-{round_}-{time.monotonic_ns()}"
         await warm_up(stub, len(agents), tag)
-
-        queue = deque(users)
-        history: dict[str, list[ChatTurn]] = {
-            u.uid: [ChatTurn("system", systems[u.tenant])] for u in users
-        }
+        sampling = generate_pb2.SamplingParams(max_tokens=work.max_tokens)
+        chats = ChatLoop(stub, tag, systems, users, work.turns, sampling, run)
         done = asyncio.Event()
         samples: list[tuple[float, list[node_pb2.NodeLoad]]] = []
-
-        async def client() -> None:
-            while queue:
-                user = queue.popleft()
-                turns = history[user.uid]
-                turn = (len(turns) - 1) // 2
-                turns.append(ChatTurn("user", user.questions[turn]))
-                index = len(sent)
-                record = Sent(user.uid, user.tenant, turn, time.perf_counter())
-                sent.append(record)
-                prompts[index] = list(turns)
-                request = generate_pb2.GenerateRequest(
-                    request_id=f"{tag}-{user.uid}-{turn}",
-                    messages=chat(turns),
-                    affinity_key=user.uid,
-                    sampling=generate_pb2.SamplingParams(max_tokens=work.max_tokens),
-                )
-                try:
-                    await generate(stub, request, record)
-                except (grpc.aio.AioRpcError, RuntimeError) as exc:
-                    run.errors += 1
-                    if len(run.error_samples) < 5:
-                        run.error_samples.append(error_text(exc))
-                    continue  # the user's chat ends here
-                run.requests += 1
-                turns.append(ChatTurn("assistant", record.text.strip()))
-                if turn + 1 < work.turns:
-                    queue.append(user)
 
         async def sample() -> None:
             start = time.perf_counter()
@@ -692,7 +703,7 @@ async def measure_sim(
         sampler = asyncio.create_task(sample())
         await asyncio.sleep(0)
         started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(work.concurrency)))
+        await asyncio.gather(*(chats.client() for _ in range(work.concurrency)))
         run.wall_s = time.perf_counter() - started
         ours = tree_cpu_s(os.getpid()) - ours_before
         machine = machine_busy_cpu_s() - machine_before
@@ -705,18 +716,12 @@ async def measure_sim(
         for ch in (channel, *agent_channels):
             await ch.close(None)
 
-    ok = [s for s in sent if s.tokens == work.max_tokens]
-    ttfts = [s.ttft_s * 1000.0 for s in ok]
-    run.ttft_mean_ms = statistics.fmean(ttfts) if ttfts else float("nan")
-    run.ttft_p50_ms = percentile(ttfts, 50)
-    run.ttft_p99_ms = percentile(ttfts, 99)
-    run.tokens = sum(s.tokens for s in sent)
-    run.tokens_per_s = run.tokens / run.wall_s
-    run.prompt_tokens = sum(s.prompt_tokens for s in ok)
-    run.cached_tokens = sum(s.cached_tokens for s in ok)
-    kept = [i for i, s in enumerate(sent) if s.tokens == work.max_tokens]
+    ok = summarize(run, chats.sent, work.max_tokens)
+    kept = [i for i, s in enumerate(chats.sent) if s.tokens == work.max_tokens]
     run.ideal_cached_tokens = ideal_cached(
-        [sent[i] for i in kept], {k: prompts[i] for k, i in enumerate(kept)}, work.block_tokens
+        [chats.sent[i] for i in kept],
+        {k: chats.prompts[i] for k, i in enumerate(kept)},
+        work.block_tokens,
     )
     for i in range(len(node_ids)):
         run.served.append(after[i].finished - before[i].finished)
@@ -858,61 +863,23 @@ async def measure_vllm(
 ) -> VllmRun:
     run = VllmRun(setting, strategy)
     systems, users = vllm_users(work, index)
-    queue = deque(users)
-    history: dict[str, list[ChatTurn]] = {
-        u.uid: [ChatTurn("system", systems[u.tenant])] for u in users
-    }
-    sent: list[Sent] = []
     async with grpc.aio.insecure_channel(address, options=config.GRPC_MESSAGE_OPTIONS) as ch:
         stub = coordinator_pb2_grpc.CoordinatorStub(ch)
         tag = f"cache-vllm-{setting}-{strategy}-{time.monotonic_ns()}"
         await warm_up(stub, len(nodes), tag)
-
-        async def client() -> None:
-            while queue:
-                user = queue.popleft()
-                turns = history[user.uid]
-                turn = (len(turns) - 1) // 2
-                turns.append(ChatTurn("user", user.questions[turn]))
-                record = Sent(user.uid, user.tenant, turn, time.perf_counter())
-                sent.append(record)
-                request = generate_pb2.GenerateRequest(
-                    request_id=f"{tag}-{user.uid}-{turn}",
-                    messages=chat(turns),
-                    affinity_key=user.uid,
-                    sampling=generate_pb2.SamplingParams(
-                        max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True
-                    ),
-                )
-                try:
-                    await generate(stub, request, record)
-                except (grpc.aio.AioRpcError, RuntimeError) as exc:
-                    run.errors += 1
-                    if len(run.error_samples) < 5:
-                        run.error_samples.append(error_text(exc))
-                    continue  # the user's chat ends here
-                run.requests += 1
-                turns.append(ChatTurn("assistant", record.text.strip()))
-                if turn + 1 < work.turns:
-                    queue.append(user)
-
+        sampling = generate_pb2.SamplingParams(
+            max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True
+        )
+        chats = ChatLoop(stub, tag, systems, users, work.turns, sampling, run)
         ours_before, machine_before = tree_cpu_s(os.getpid()), machine_busy_cpu_s()
         started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(work.concurrency)))
+        await asyncio.gather(*(chats.client() for _ in range(work.concurrency)))
         run.wall_s = time.perf_counter() - started
         ours = tree_cpu_s(os.getpid()) - ours_before
         machine = machine_busy_cpu_s() - machine_before
         run.ours_cpu = 100.0 * ours / run.wall_s
         run.other_cpu = 100.0 * max(0.0, machine - ours) / run.wall_s
-    ok = [s for s in sent if s.tokens == work.max_tokens]
-    ttfts = [s.ttft_s * 1000.0 for s in ok]
-    run.ttft_mean_ms = statistics.fmean(ttfts) if ttfts else float("nan")
-    run.ttft_p50_ms = percentile(ttfts, 50)
-    run.ttft_p99_ms = percentile(ttfts, 99)
-    run.tokens = sum(s.tokens for s in sent)
-    run.tokens_per_s = run.tokens / run.wall_s
-    run.prompt_tokens = sum(s.prompt_tokens for s in ok)
-    run.cached_tokens = sum(s.cached_tokens for s in ok)
+    ok = summarize(run, chats.sent, work.max_tokens)
     run.served = [sum(1 for s in ok if s.node == n) for n in nodes]
     by_tenant: dict[int, set[str]] = {}
     for s in ok:
@@ -1154,13 +1121,6 @@ def vllm_table(part: VllmPart) -> str:
         if r.setting == s["name"] and r.strategy == strategy
     ]
     return render_table(headers, rows) if rows else "_Not run._"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    what: str
-    measured: str
-    met: bool | None  # None: not judged
 
 
 def verdict_word(v: Verdict) -> str:
@@ -1537,13 +1497,9 @@ def render_section(res: Results) -> str:
 
 
 def previous_results(path: Path) -> Results | None:
-    try:
-        text = path.read_text()
-    except OSError:
+    data = stored_data(path, DATA_PREFIX)
+    if data is None:
         return None
-    if DATA_PREFIX not in text:
-        return None
-    data = text.split(DATA_PREFIX, 1)[1].split(" -->", 1)[0]
     try:
         return Results.from_json(data)
     except (ValueError, TypeError, KeyError):
@@ -1552,19 +1508,8 @@ def previous_results(path: Path) -> Results | None:
 
 def write_section(path: Path, res: Results) -> None:
     """Put the section into ``path``, replacing its previous version; the rest is kept."""
-    body = f"{SECTION_START}\n{render_section(res)}{DATA_PREFIX}{res.to_json()} -->\n{SECTION_END}"
-    try:
-        text = path.read_text()
-    except OSError:
-        text = "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        tail = rest.split(SECTION_END, 1)[1]
-        text = head + body + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    body = f"{render_section(res)}{DATA_PREFIX}{res.to_json()} -->\n"
+    put_section(path, SECTION_START, SECTION_END, body)
 
 
 def print_report(res: Results) -> None:

@@ -904,14 +904,39 @@ def render_section(res: Results) -> str:
     return "\n".join(parts) + "\n"
 
 
-def previous_results(path: Path) -> Results | None:
+def stored_data(path: Path, prefix: str) -> str | None:
+    """The results a section of ``path`` keeps in its ``prefix ... -->`` comment, if any."""
     try:
         text = path.read_text()
     except OSError:
         return None
-    if DATA_PREFIX not in text:
+    if prefix not in text:
         return None
-    data = text.split(DATA_PREFIX, 1)[1].split(" -->", 1)[0]
+    return text.split(prefix, 1)[1].split(" -->", 1)[0]
+
+
+def put_section(path: Path, start: str, end: str, body: str) -> None:
+    """Put ``start`` + ``body`` + ``end`` into ``path`` in place of the section between those
+    markers (appended when there is none); the rest of the file is kept."""
+    section = f"{start}\n{body}{end}"
+    try:
+        text = path.read_text()
+    except OSError:
+        text = "# Benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def previous_results(path: Path) -> Results | None:
+    data = stored_data(path, DATA_PREFIX)
+    if data is None:
+        return None
     try:
         return Results.from_json(data)
     except (ValueError, TypeError, KeyError):
@@ -920,19 +945,8 @@ def previous_results(path: Path) -> Results | None:
 
 def write_section(path: Path, res: Results) -> None:
     """Put the section into ``path``, replacing its previous version; the rest is kept."""
-    body = f"{SECTION_START}\n{render_section(res)}{DATA_PREFIX}{res.to_json()} -->\n{SECTION_END}"
-    try:
-        text = path.read_text()
-    except OSError:
-        text = "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        tail = rest.split(SECTION_END, 1)[1]
-        text = head + body + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    body = f"{render_section(res)}{DATA_PREFIX}{res.to_json()} -->\n"
+    put_section(path, SECTION_START, SECTION_END, body)
 
 
 def print_report(res: Results) -> None:
