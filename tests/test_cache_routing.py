@@ -12,7 +12,7 @@ from omni_rpc.launchers.local import LocalCluster
 from omni_rpc.sdk import DistributedOrchestrator
 from omni_rpc.sdk.client import CoordinatorClient
 from tests.conftest import wait_until
-from tests.test_metrics import scrape, value
+from tests.test_metrics import Samples, scrape, value
 
 MakeCluster = Callable[..., LocalCluster]
 
@@ -63,10 +63,17 @@ async def test_each_tenant_prefix_is_served_where_it_is_cached(
     # Each tenant's system prompt computed once: the rest was found in the cache.
     assert cached / prompt > 0.7
 
-    def hit_rate() -> float:
-        return value(scrape(metrics_file), "omni_prefix_cache_hit_rate")
+    def caught_up() -> Samples | None:
+        # The agents' counters reach the coordinator with their load reports: wait until every
+        # prompt token above is counted, or the rate is read from a partial report.
+        samples = scrape(metrics_file)
+        counted = sum(
+            v for (name, _), v in samples.items() if name == "omni_node_prompt_tokens_total"
+        )
+        return samples if counted >= prompt else None
 
-    rate = wait_until(hit_rate, 10.0, "the hit rate in the coordinator's metrics")
+    samples = wait_until(caught_up, 10.0, "the agents' prompt tokens in the coordinator's metrics")
+    rate = value(samples, "omni_prefix_cache_hit_rate")
     assert abs(rate - cached / prompt) < 0.1  # the agents' counters (whole prompts, resumes)
     await orch.aclose()
 
