@@ -78,7 +78,7 @@ from bench_ha import (  # noqa: E402
     machine_info,
     put_section,
     render_table,
-    stored_data,
+    stored_results,
     time_average,
     tree_cpu_s,
 )
@@ -1497,13 +1497,7 @@ def render_section(res: Results) -> str:
 
 
 def previous_results(path: Path) -> Results | None:
-    data = stored_data(path, DATA_PREFIX)
-    if data is None:
-        return None
-    try:
-        return Results.from_json(data)
-    except (ValueError, TypeError, KeyError):
-        return None
+    return stored_results(path, DATA_PREFIX, Results.from_json)
 
 
 def write_section(path: Path, res: Results) -> None:

@@ -57,10 +57,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -74,6 +74,8 @@ from omni_rpc.v1 import (
     node_agent_pb2_grpc,
     node_pb2,
 )
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "benchmarks.md"
@@ -904,15 +906,19 @@ def render_section(res: Results) -> str:
     return "\n".join(parts) + "\n"
 
 
-def stored_data(path: Path, prefix: str) -> str | None:
-    """The results a section of ``path`` keeps in its ``prefix ... -->`` comment, if any."""
+def stored_results(path: Path, prefix: str, parse: Callable[[str], T]) -> T | None:
+    """The results a section of ``path`` keeps in its ``prefix ... -->`` comment, read by
+    ``parse``; None when there is none or it no longer parses (an older layout)."""
     try:
         text = path.read_text()
     except OSError:
         return None
     if prefix not in text:
         return None
-    return text.split(prefix, 1)[1].split(" -->", 1)[0]
+    try:
+        return parse(text.split(prefix, 1)[1].split(" -->", 1)[0])
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def put_section(path: Path, start: str, end: str, body: str) -> None:
@@ -934,13 +940,7 @@ def put_section(path: Path, start: str, end: str, body: str) -> None:
 
 
 def previous_results(path: Path) -> Results | None:
-    data = stored_data(path, DATA_PREFIX)
-    if data is None:
-        return None
-    try:
-        return Results.from_json(data)
-    except (ValueError, TypeError, KeyError):
-        return None
+    return stored_results(path, DATA_PREFIX, Results.from_json)
 
 
 def write_section(path: Path, res: Results) -> None:
